@@ -1,0 +1,115 @@
+"""Command line: ``python -m compress {models,validate,run,eval} ...``.
+
+User errors (bad recipe, unknown model, unreachable registry) print one message
+and exit 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from compress.errors import CompressError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m compress", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the model zoo")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    msub.add_parser("list", help="list zoo ids and whether they are fetched")
+    fetch = msub.add_parser("fetch", help="download, verify and convert a zoo model")
+    fetch.add_argument("id")
+
+    val = sub.add_parser("validate", help="check a recipe; exit 0 if valid, 2 otherwise")
+    val.add_argument("recipe")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    run = sub.add_parser("run", help="run a recipe and export the result")
+    run.add_argument("recipe")
+    run.add_argument("--out", required=True, help="output folder (written atomically)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value, e.g. --set stages[0].steps[0].bits=3")
+    run.add_argument("--force", action="store_true", help="replace an existing output folder")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="perplexity, NLL and ECE of a model on a text")
+    ev.add_argument("model", help="a zoo id or a model / export folder")
+    src = ev.add_mutually_exclusive_group()
+    src.add_argument("--text", help="a text file (.txt, or .jsonl with a 'text' field)")
+    src.add_argument("--corpus", help="a named corpus (default: bbc)")
+    ev.add_argument("--split", default="test", help="corpus split (default: test)")
+    ev.add_argument("--seq-len", type=int, default=512)
+    ev.add_argument("--max-windows", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=1)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--dtype", default="float32")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        return _dispatch(args)
+    except CompressError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args) -> int:
+    if args.command == "models":
+        from compress.models import ZOO, fetch_model, zoo_rows
+        if args.models_command == "list":
+            for row in zoo_rows():
+                mark = "fetched" if row["fetched"] else "-"
+                print(f"{row['id']:<20} {row['kind']:<9} {row['bytes'] / 1e6:8.1f} MB  {mark:<7}  {row['description']}")
+            return 0
+        if args.id not in ZOO:
+            raise CompressError(f"unknown zoo id {args.id!r}; known ids: {', '.join(ZOO)}")
+        print(fetch_model(args.id))
+        return 0
+
+    if args.command == "validate":
+        from compress.recipe import load_recipe
+        recipe = load_recipe(args.recipe, args.overrides)
+        steps = sum(len(s.steps) for s in recipe.stages)
+        print(f"{args.recipe}: valid (model {recipe.model.id}, {len(recipe.stages)} stages, {steps} steps)")
+        return 0
+
+    if args.command == "run":
+        from compress.pipeline import run_recipe
+        from compress.recipe import load_recipe
+        from compress.summary import print_summary
+        recipe = load_recipe(args.recipe, args.overrides)
+        result = run_recipe(recipe, out_dir=args.out, force=args.force, progress=not args.quiet)
+        print_summary(result.report, result.out_dir)
+        return 0
+
+    if args.command == "eval":
+        import torch
+
+        from compress.data import corpus_text
+        from compress.evaluate import evaluate_text
+        from compress.models import load_model
+        from compress.pipeline import resolve_device
+        device = resolve_device(args.device)
+        loaded = load_model(args.model, dtype=args.dtype, device=device)
+        if args.text:
+            text = corpus_text(args.text, "all")
+            source = {"text": args.text}
+        else:
+            corpus = args.corpus or "bbc"
+            text = corpus_text(corpus, args.split)
+            source = {"corpus": corpus, "split": args.split}
+        with torch.inference_mode():
+            result = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=args.seq_len,
+                                   max_windows=args.max_windows, batch_size=args.batch_size, device=device)
+        print(json.dumps({"model": args.model, **source, **result}))
+        return 0
+    raise AssertionError(args.command)

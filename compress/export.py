@@ -1,0 +1,91 @@
+"""Exports: written into a temporary folder beside the target, then renamed into place.
+
+Every export carries ``recipe.yaml`` (the fully resolved recipe), ``report.json``
+and ``compress_export.json`` (format, toolkit version). Weights are safetensors
+only; nothing is pickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from compress.errors import CompressError
+
+EXPORT_MARKER = "compress_export.json"
+# format -> writer(model, tokenizer, folder, artifacts, spec); "hf" is built in.
+_WRITERS: dict[str, Callable[..., None]] = {}
+
+
+def register_writer(fmt: str):
+    def deco(fn):
+        _WRITERS[fmt] = fn
+        return fn
+    return deco
+
+
+def check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise CompressError(f"output folder {out} already exists; pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise CompressError(f"output path {out} exists and is not a folder")
+    return out
+
+
+@register_writer("hf")
+def _write_hf(model, tokenizer, folder: Path, artifacts: dict, spec: Any) -> None:
+    dtype = getattr(torch, spec.dtype) if getattr(spec, "dtype", None) else None
+    if dtype is not None and dtype != next(model.parameters()).dtype:
+        model = model.to(dtype)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yaml: str, report: dict,
+                 artifacts: dict | None = None, force: bool = False) -> Path:
+    """Write the export atomically: a crash leaves either the old folder or the new one, never half."""
+    from compress import __version__
+
+    out = check_out_dir(out_dir, force=force).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fmt = spec.format
+    if fmt not in _WRITERS:
+        raise CompressError(f"unknown export format {fmt!r}; known: {', '.join(_WRITERS)}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _WRITERS[fmt](model, tokenizer, tmp, artifacts or {}, spec)
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        write_json_atomic(tmp / "report.json", report)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt, "toolkit": "compress",
+                                                     "version": __version__}, indent=2))
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialize {type(obj).__name__} to JSON")

@@ -1,0 +1,140 @@
+"""Run a recipe: load, calibrate, apply the stages, verify, export. No global state."""
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.algorithms import ALGORITHMS, StepContext
+from compress.export import check_out_dir, write_export, write_json_atomic
+from compress.models import load_model
+from compress.recipe import Recipe, validate_recipe
+
+
+@dataclass
+class RunResult:
+    model: torch.nn.Module
+    tokenizer: Any
+    recipe: Recipe  # fully resolved
+    report: dict
+    out_dir: Path | None = None
+    artifacts: dict = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from compress.errors import CompressError
+        raise CompressError(f"model.device is {name!r} but CUDA is not available here; use auto or cpu")
+    return torch.device(name)
+
+
+def versions() -> dict:
+    import transformers
+
+    from compress import __version__
+    return {"compress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+
+
+class _Timer:
+    def __init__(self):
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, key: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - t0, 3)
+
+
+def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, force: bool = False,
+               progress: bool = True, log=print) -> RunResult:
+    """Run every stage of ``recipe`` and (with ``out_dir``) export; returns the model and the report."""
+    if not isinstance(recipe, Recipe):
+        recipe = validate_recipe(recipe)
+    if out_dir is not None:
+        check_out_dir(out_dir, force=force)  # fail before the work, not after
+    timer = _Timer()
+    device = resolve_device(recipe.model.device)
+    report: dict[str, Any] = {"model": {"source": recipe.model.id}, "stages": [], "versions": versions()}
+
+    with timer("load"):
+        loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
+                            trust_remote_code=recipe.model.trust_remote_code, progress=progress)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    report["model"].update(path=loaded.path, parameters=sum(p.numel() for p in model.parameters()),
+                           dtype=recipe.model.dtype, device=str(device))
+    # Layer-wise algorithms move one block at a time to the device; the rest go whole.
+    if not recipe.needs_calibration():
+        model.to(device)
+
+    calib = None
+    if recipe.calibration is not None or recipe.needs_calibration():
+        from compress.data import build_calibration_set
+        from compress.recipe import CalibrationSpec
+        spec = recipe.calibration or CalibrationSpec()  # defaults when a step needs data but none is given
+        with timer("calibration_set"):
+            calib = build_calibration_set(tokenizer, spec.corpus, split=spec.split, num_samples=spec.num_samples,
+                                          seq_len=spec.seq_len, seed=spec.seed)
+        report["calibration"] = {**calib.fingerprint, "digest": calib.digest}
+        report["calibration"].pop("indices", None)  # long; the digest pins them
+        log(f"calibration set {calib.digest}: {spec.num_samples} x {spec.seq_len} tokens from {spec.corpus}/{spec.split}")
+
+    verify_text = None
+    if recipe.verify is not None:
+        from compress.data import corpus_text
+        from compress.evaluate import window_token_ids
+        v = recipe.verify
+        verify_text = window_token_ids(tokenizer, corpus_text(v.corpus, v.split), v.seq_len, v.max_windows)
+        if v.baseline:
+            with timer("verify_baseline"):
+                report["baseline"] = _verify(model, verify_text, v, device, progress)
+            log(f"baseline: perplexity {report['baseline']['perplexity']:.3f}, ECE {report['baseline']['ece']:.4f}")
+
+    ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
+                      batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
+    for si, stage in enumerate(recipe.stages):
+        stage_report = {"name": stage.name, "steps": []}
+        with timer(f"stage:{stage.name}"):
+            for ki, step in enumerate(stage.steps):
+                ctx.where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
+                t0 = time.perf_counter()
+                log(f"stage {stage.name!r}: {step.algorithm}")
+                result = ALGORITHMS[step.algorithm].apply(model, step, ctx)
+                stage_report["steps"].append({"algorithm": step.algorithm, "config": step.model_dump(mode="json"),
+                                              "seconds": round(time.perf_counter() - t0, 3), **result})
+        report["stages"].append(stage_report)
+    model.to(device)
+
+    if recipe.verify is not None:
+        with timer("verify"):
+            report["verify"] = _verify(model, verify_text, recipe.verify, device, progress)
+        log(f"verify: perplexity {report['verify']['perplexity']:.3f}, ECE {report['verify']['ece']:.4f}")
+    report["timings"] = timer.timings
+
+    written = None
+    if out_dir is not None:
+        with timer("export"):
+            written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
+                                   report=report, artifacts=ctx.artifacts, force=force)
+        report["timings"] = timer.timings
+        write_json_atomic(written / "report.json", report)  # now with the export's own time
+    return RunResult(model, tokenizer, recipe, report, written, ctx.artifacts)
+
+
+def _verify(model, windows, spec, device, progress) -> dict:
+    from compress.evaluate import evaluate_windows
+    out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress)
+    out.update(corpus=spec.corpus, split=spec.split)
+    return out

@@ -1,0 +1,2 @@
+"""Weight-only post-training quantization: grids, solvers (RTN, GPTQ), packing, recipe steps."""
+from compress.quantize import steps  # noqa: F401  (registers the recipe steps)

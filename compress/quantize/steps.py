@@ -1,0 +1,96 @@
+"""Recipe steps for weight-only quantization: ``rtn`` and ``gptq``.
+
+Each step fake-quantizes the targeted linears in place (the weights become the
+dequantized grid values) and leaves the integer levels, scales and zeros in
+``ctx.artifacts["quant"]`` so an export can pack them (GPTQ v1 layout).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from compress.algorithms import StepContext, register_algorithm
+from compress.config import StepConfig
+from compress.errors import CompressError
+from compress.quantize.grid import QuantSpec
+from compress.quantize.solvers import QuantResult, gptq_solve, layer_output_error, rtn_solve
+from compress.runner import HessianAccumulator, run_layerwise
+from compress.targets import match_modules
+
+
+class RTNConfig(StepConfig):
+    algorithm: Literal["rtn"] = "rtn"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Literal[-1, 32, 64, 128] = 128
+    sym: bool = False
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)
+
+
+class GPTQConfig(RTNConfig):
+    algorithm: Literal["gptq"] = "gptq"  # type: ignore[assignment]
+    damp: float = Field(0.01, gt=0, le=1, description="damping as a fraction of mean(diag H)")
+    act_order: bool = False
+    block_size: int = Field(128, ge=1, le=4096)
+
+
+def _store(ctx: StepContext, name: str, module: torch.nn.Module, res: QuantResult) -> None:
+    module.weight.data.copy_(res.weight.to(module.weight.dtype))
+    # Keep only what an export packs; the dequantized weight already lives in the module.
+    ctx.artifacts.setdefault("quant", {})[name] = QuantResult(
+        weight=None, qweight=res.qweight.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(),
+        g_idx=res.g_idx.cpu(), spec=res.spec, error=res.error)
+
+
+def _check_shapes(modules: dict, spec: QuantSpec, where: str) -> None:
+    for name, m in modules.items():
+        if m.weight.dim() != 2:
+            raise CompressError(f"{where}: module {name} has a {m.weight.dim()}-d weight; only linears are quantized")
+
+
+@register_algorithm("rtn", RTNConfig, requires_calibration=False)
+@torch.no_grad()
+def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
+    """Round-to-nearest weight quantization, per group of input columns (data-free baseline)."""
+    modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)
+    spec = cfg.spec()
+    _check_shapes(modules, spec, ctx.where)
+    report = {}
+    for name, m in modules.items():
+        w = m.weight.data.to(ctx.device)
+        res = rtn_solve(w, spec)
+        report[name] = {"bits": spec.bits, "group_size": spec.group_size,
+                        "weight_rel_mse": float(((res.weight - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)))}
+        _store(ctx, name, m, res)
+    return {"modules": report}
+
+
+@register_algorithm("gptq", GPTQConfig, requires_calibration=True)
+def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dict:
+    """GPTQ (Frantar et al. 2022) through the shared layer-wise runner, true-sequential."""
+    modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)
+    spec = cfg.spec()
+    _check_shapes(modules, spec, ctx.where)
+
+    def make_acc(name, module, device):
+        return HessianAccumulator(module.in_features, device)
+
+    def solve(name, module, acc):
+        w = module.weight.data.float()
+        res = gptq_solve(w, acc.H, spec, percdamp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order)
+        rtn_err = layer_output_error(w, rtn_solve(w, spec).weight.float(), acc.H)
+        _store(ctx, name, module, res)
+        return {"bits": spec.bits, "group_size": spec.group_size, "tokens": acc.count,
+                "gptq_error": res.error, "rtn_error": rtn_err}
+
+    result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                           make_accumulator=make_acc, solve=solve, device=ctx.device,
+                           progress=ctx.progress, desc="gptq")
+    reports = result.reports
+    total_g = sum(r["gptq_error"] for r in reports.values())
+    total_r = sum(r["rtn_error"] for r in reports.values())
+    return {"modules": reports, "summary": {"gptq_error_sum": total_g, "rtn_error_sum": total_r,
+                                            "gptq_over_rtn": total_g / total_r if total_r else None}}

@@ -1,0 +1,278 @@
+"""Recipes: one pydantic schema that YAML and Python both describe, 1:1.
+
+    version: 1
+    model: smollm2-135m                 # or {id: ..., dtype: float32, device: auto}
+    calibration: {corpus: bbc, num_samples: 32, seq_len: 512, seed: 0}
+    stages:
+      - name: quantize
+        steps:
+          - {algorithm: gptq, bits: 4, group_size: 128}
+    verify: {corpus: bbc, split: test, seq_len: 512, max_windows: 16}
+    export: {format: hf}
+
+Unknown keys are errors; every error names its YAML path (``stages[0].steps[1].bits``),
+the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
+
+import compress.quantize  # noqa: F401  (registers algorithms before the union is built)
+from compress.algorithms import ALGORITHMS
+from compress.config import StrictModel
+from compress.errors import CompressError, RecipeError
+from compress.models import DEFAULT_MODEL, check_model_source
+
+RECIPE_VERSION = 1
+DTYPES = Literal["float32", "float16", "bfloat16"]
+
+
+def _check_corpus(source: str) -> str:
+    from compress.data import list_corpora
+    if source in list_corpora() or Path(source).expanduser().exists():
+        return source
+    raise ValueError(f"unknown corpus {source!r}; known: {', '.join(list_corpora())}, or a path to a .txt/.jsonl file")
+
+
+class ModelSpec(StrictModel):
+    id: str = DEFAULT_MODEL
+    dtype: DTYPES = "float32"
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
+    trust_remote_code: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        try:
+            check_model_source(v)
+        except CompressError as exc:
+            raise ValueError(str(exc)) from None
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit()):
+            return v
+        raise ValueError(f"unknown device {v!r}; allowed: auto, cpu, cuda, cuda:N")
+
+
+class CalibrationSpec(StrictModel):
+    corpus: str = "bbc"
+    split: Literal["train", "validation"] = "train"  # never the test split: that is for verify
+    num_samples: int = Field(128, ge=1, le=1_000_000)
+    seq_len: int = Field(512, ge=8, le=131_072)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, le=4096)
+
+    _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
+
+
+class VerifySpec(StrictModel):
+    corpus: str = "bbc"
+    split: Literal["validation", "test"] = "test"
+    seq_len: int = Field(512, ge=8, le=131_072)
+    max_windows: int | None = Field(32, ge=1)
+    batch_size: int = Field(1, ge=1, le=4096)
+    baseline: bool = Field(True, description="also evaluate the model before any stage")
+
+    _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
+
+
+class ExportSpec(StrictModel):
+    format: Literal["hf"] = "hf"
+    dtype: DTYPES | None = None  # None keeps the model's dtype
+
+
+def _step_union():
+    if not ALGORITHMS:
+        raise RuntimeError("no algorithm registered")
+    configs = tuple(a.config for a in ALGORITHMS.values())
+    return Annotated[Union[configs], Field(discriminator="algorithm")]  # type: ignore[valid-type]
+
+
+Step = _step_union()
+
+
+class Stage(StrictModel):
+    name: str = Field(min_length=1)
+    steps: list[Step] = Field(min_length=1)  # type: ignore[valid-type]
+
+
+class Recipe(StrictModel):
+    version: Literal[1] = RECIPE_VERSION
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    calibration: CalibrationSpec | None = None
+    stages: list[Stage] = Field(default_factory=list)
+    verify: VerifySpec | None = None
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_shorthand(cls, v: Any) -> Any:
+        return {"id": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _stage_names_unique(self) -> "Recipe":
+        names = [s.name for s in self.stages]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"stage names must be unique; repeated: {dup}")
+        return self
+
+    def needs_calibration(self) -> bool:
+        return any(ALGORITHMS[step.algorithm].requires_calibration for s in self.stages for step in s.steps)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses duplicate keys (PyYAML silently keeps the last)."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_recipe_dict(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+    if b"\x00" in raw:
+        raise RecipeError(f"{path}: not a YAML text file (it contains NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        raise RecipeError(f"{path}: the recipe is empty; it needs at least `model:` (see recipes/default.yaml)")
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the recipe must be a YAML mapping (keys: version, model, calibration, "
+                          f"stages, verify, export), got a {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict, overrides: list[str], *, origin: str = "--set") -> dict:
+    """Apply ``a.b[0].c=value`` overrides (value parsed as YAML) to a recipe dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"{origin} {item!r}: expected KEY=VALUE, e.g. stages[0].steps[0].bits=3")
+        key, _, raw_value = item.partition("=")
+        try:
+            value = yaml.safe_load(raw_value) if raw_value.strip() else None
+        except yaml.YAMLError:
+            value = raw_value
+        parts = _split_path(key.strip(), origin, item)
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            nxt_is_index = isinstance(parts[i + 1], int)
+            node = _descend(node, part, create=[] if nxt_is_index else {}, origin=origin, item=item)
+        last = parts[-1]
+        if isinstance(last, int):
+            if not isinstance(node, list) or not -len(node) <= last < len(node):
+                raise RecipeError(f"{origin} {item!r}: index {last} is out of range")
+            node[last] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise RecipeError(f"{origin} {item!r}: {key!r} does not lead to a mapping")
+    return data
+
+
+def _split_path(key: str, origin: str, item: str) -> list:
+    parts: list = []
+    for token in key.replace("[", ".").replace("]", "").split("."):
+        if token == "":
+            raise RecipeError(f"{origin} {item!r}: empty path segment in {key!r}")
+        parts.append(int(token) if token.lstrip("-").isdigit() else token)
+    return parts
+
+
+def _descend(node: Any, part: Any, *, create: Any, origin: str, item: str) -> Any:
+    if isinstance(part, int):
+        if not isinstance(node, list) or not -len(node) <= part < len(node):
+            raise RecipeError(f"{origin} {item!r}: index {part} is out of range")
+        return node[part]
+    if not isinstance(node, dict):
+        raise RecipeError(f"{origin} {item!r}: {part!r} is not under a mapping")
+    if node.get(part) is None:
+        node[part] = create
+    return node[part]
+
+
+def format_loc(loc: tuple) -> str:
+    """('stages', 0, 'steps', 1, 'gptq', 'bits') -> 'stages[0].steps[1].bits'."""
+    out = ""
+    parts = list(loc)
+    for i, p in enumerate(parts):
+        if isinstance(p, int):
+            out += f"[{p}]"
+            continue
+        # Drop the discriminator tag pydantic inserts after a step's index.
+        if i >= 2 and isinstance(parts[i - 1], int) and parts[i - 2] == "steps" and p in ALGORITHMS:
+            continue
+        if p in ("function-after", "function-before") or p.startswith("function-"):
+            continue
+        out += ("." if out else "") + str(p)
+    return out or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    path = format_loc(err["loc"])
+    msg = err["msg"]
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        return (f"{path}.algorithm: unknown algorithm {ctx.get('tag')!r}; "
+                f"known: {', '.join(sorted(ALGORITHMS))}")
+    if err["type"] == "union_tag_not_found":
+        return f"{path}: a step needs `algorithm:` (one of {', '.join(sorted(ALGORITHMS))})"
+    if err["type"] == "extra_forbidden":
+        return f"{path}: unknown key (not part of the schema here)"
+    msg = msg.removeprefix("Value error, ")
+    value = err.get("input")
+    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
+    return f"{path}: {msg}{shown}"
+
+
+def validate_recipe(data: dict, *, origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors(include_url=False)]
+        head = f"{origin}: " + lines[0]
+        more = "".join(f"\n{origin}: {line}" for line in lines[1:6])
+        raise RecipeError(head + more) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    data = read_recipe_dict(path)
+    if overrides:
+        apply_overrides(data, overrides)
+    return validate_recipe(data, origin=str(path))
