@@ -1,0 +1,108 @@
+"""Recipes end to end on tiny models: run, export atomically, reload, evaluate, CLI."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from compress.cli import main
+from compress.errors import CompressError
+from compress.models import load_model
+from compress.pipeline import run_recipe
+from tests.tiny import TEXT, TINY_ARCHS, tiny_model_dir
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)
+
+
+def _recipe(model_dir, text_file, steps, **extra):
+    return {
+        "model": {"id": model_dir, "device": "cpu"},
+        "calibration": {"corpus": text_file, "num_samples": 4, "seq_len": 32, "seed": 0, "batch_size": 2},
+        "stages": [{"name": "quantize", "steps": steps}],
+        "verify": {"corpus": text_file, "split": "test", "seq_len": 32, "max_windows": 4},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_gptq_recipe_runs_exports_and_reloads(tmp_path, text_file, arch):
+    model_dir = tiny_model_dir(tmp_path / "m", arch)
+    out = tmp_path / "out"
+    res = run_recipe(_recipe(model_dir, text_file, [{"algorithm": "gptq", "bits": 4, "group_size": 32}]),
+                     out_dir=out, progress=False, log=lambda *_: None)
+    assert {p.name for p in out.iterdir()} >= {"compress_export.json", "config.json", "model.safetensors",
+                                               "recipe.yaml", "report.json", "tokenizer.json"}
+    assert not list(tmp_path.glob(".out.tmp-*"))  # the temporary folder was renamed, not left behind
+    report = json.loads((out / "report.json").read_text())
+    for key in ("model", "stages", "timings", "versions", "verify", "baseline", "calibration"):
+        assert key in report
+    assert report["calibration"]["digest"]
+    step = report["stages"][0]["steps"][0]
+    assert step["summary"]["gptq_over_rtn"] <= 1.0  # the GPTQ quality oracle, over the whole model
+    # The resolved recipe is complete: defaults are spelled out.
+    resolved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert resolved["stages"][0]["steps"][0]["damp"] == 0.01 and resolved["export"]["format"] == "hf"
+    # Reload gives the same logits as the in-memory model.
+    again = load_model(str(out))
+    ids = torch.arange(20).view(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(again.model(ids).logits, res.model(ids).logits)
+    # Only targeted modules changed: lm_head and embeddings are untouched.
+    base = load_model(model_dir).model
+    assert torch.equal(base.lm_head.weight, again.model.lm_head.weight)
+    assert not torch.equal(base.model.layers[0].mlp.down_proj.weight, again.model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_rtn_recipe_needs_no_calibration_and_is_deterministic(tmp_path, text_file):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    recipe = _recipe(model_dir, text_file, [{"algorithm": "rtn", "bits": 3, "group_size": 32}])
+    recipe.pop("calibration")
+    a = run_recipe(recipe, progress=False, log=lambda *_: None)
+    b = run_recipe(recipe, progress=False, log=lambda *_: None)
+    assert "calibration" not in a.report
+    for pa, pb in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(pa, pb)
+    levels = a.artifacts["quant"]["model.layers.0.self_attn.q_proj"].qweight
+    assert int(levels.max()) <= 7 and int(levels.min()) >= 0
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, text_file):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(CompressError, match="already exists; pass --force"):
+        run_recipe(_recipe(model_dir, text_file, [{"algorithm": "rtn"}]), out_dir=out, progress=False)
+    assert (out / "keep.txt").read_text() == "precious"
+    run_recipe(_recipe(model_dir, text_file, [{"algorithm": "rtn", "group_size": 32}]), out_dir=out, force=True,
+               progress=False, log=lambda *_: None)
+    assert not (out / "keep.txt").exists() and (out / "report.json").exists()
+
+
+def test_step_matching_nothing_is_an_error(tmp_path, text_file):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    recipe = _recipe(model_dir, text_file, [{"algorithm": "rtn", "targets": ["re:^nothing$"]}])
+    with pytest.raises(CompressError, match=r"stages\[0\]\.steps\[0\] \(rtn\): targets .* match no module"):
+        run_recipe(recipe, progress=False, log=lambda *_: None)
+
+
+def test_cli_run_and_eval(tmp_path, text_file, capsys):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(model_dir, text_file, [{"algorithm": "rtn", "group_size": 32}])))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--quiet", "--set", "stages[0].steps[0].bits=8"]) == 0
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["steps"][0]["bits"] == 8
+    capsys.readouterr()
+    assert main(["eval", str(out), "--text", text_file, "--seq-len", "32", "--max-windows", "3", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("perplexity", "nll", "tokens", "ece", "window", "seq_len"):
+        assert key in result
+    assert result["tokens"] == 3 * 31 and result["perplexity"] > 1
+    assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err

@@ -1,0 +1,107 @@
+"""The layer-wise runner: statistics and replays equal a plain forward pass."""
+import pytest
+import torch
+
+from compress.errors import CompressError
+from compress.runner import HessianAccumulator, block_layout, capture_block_inputs, run_layerwise
+from compress.targets import match_modules
+from tests.tiny import TINY_ARCHS, tiny_model
+
+
+def _batches(n=3, b=2, L=24, vocab=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (b, L), generator=g) for _ in range(n)]
+
+
+def _direct_inputs(model, batches):
+    """Inputs of every linear in the decoder blocks, from plain forward passes."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, a, o, n=n: seen.setdefault(n, []).append(a[0].detach()))
+             for n, m in match_modules(model, ["Linear"], ["lm_head"]).items()]
+    final = []
+    hooks.append(model.model.norm.register_forward_hook(lambda mod, a, o: final.append(a[0].detach())))
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return seen, final
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_hessians_and_replay_match_plain_forward(arch):
+    model = tiny_model(arch)
+    batches = _batches()
+    direct, final = _direct_inputs(model, batches)
+    modules = match_modules(model, ["Linear"], ["lm_head"])
+    order = []
+
+    def solve(name, module, acc):
+        order.append(name)
+        return acc
+
+    res = run_layerwise(model, batches, modules=modules, progress=False,
+                        make_accumulator=lambda n, m, d: HessianAccumulator(m.in_features, d), solve=solve)
+    assert set(res.reports) == set(modules)
+    for name, acc in res.reports.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in direct[name]]).double()
+        expected = 2 * x.T @ x / x.shape[0]
+        assert acc.count == x.shape[0]
+        torch.testing.assert_close(acc.H.double(), expected, rtol=1e-4, atol=1e-5)
+    for got, want in zip(res.final, final):
+        torch.testing.assert_close(got.hidden, want, rtol=1e-5, atol=1e-5)
+    # true-sequential order inside block 0: q,k,v -> o -> gate,up -> down
+    block0 = [n.split(".", 3)[-1] for n in order if n.startswith("model.layers.0.")]
+    assert block0 == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+def test_solved_modules_feed_later_subsets():
+    """A change made by ``solve`` is seen by the next subset's inputs (true-sequential)."""
+    model = tiny_model("llama")
+    batches = _batches(n=1)
+    modules = match_modules(model, ["Linear"], ["lm_head"])
+
+    def solve(name, module, acc):
+        if name.endswith("o_proj"):
+            module.weight.data.zero_()  # attention contributes nothing after this
+        return acc
+
+    res = run_layerwise(model, batches, modules=modules, progress=False,
+                        make_accumulator=lambda n, m, d: HessianAccumulator(m.in_features, d), solve=solve)
+    direct, _ = _direct_inputs(model, batches)  # the model now has o_proj = 0 everywhere
+    x = direct["model.layers.0.mlp.gate_proj"][0].reshape(-1, 160).double()
+    torch.testing.assert_close(res.reports["model.layers.0.mlp.gate_proj"].H.double(),
+                               2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+
+
+def test_capture_stops_at_block_zero_and_keeps_model_on_home_device():
+    model = tiny_model("qwen2")
+    calls = []
+    model.model.layers[1].register_forward_pre_hook(lambda *a: calls.append(1))
+    inputs = capture_block_inputs(model, _batches(n=2), device="cpu")
+    assert len(inputs) == 2 and not calls
+    assert inputs[0].hidden.shape == (2, 24, 160)
+    assert inputs[0].kwargs["use_cache"] is False and "past_key_values" not in inputs[0].kwargs
+
+
+def test_unknown_architecture_is_named():
+    from transformers import GPT2Config, GPT2LMHeadModel
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(CompressError, match="gpt2"):
+        block_layout(model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_runner_on_cuda_matches_cpu_with_model_left_on_cpu():
+    model = tiny_model("llama")
+    batches = _batches()
+    modules = match_modules(model, ["Linear"], ["lm_head"])
+    kw = dict(modules=modules, progress=False, solve=lambda n, m, a: a,
+              make_accumulator=lambda n, m, d: HessianAccumulator(m.in_features, d))
+    cpu = run_layerwise(model, batches, device="cpu", **kw)
+    gpu = run_layerwise(model, batches, device="cuda", **kw)
+    assert next(model.parameters()).device.type == "cpu"  # one block at a time, then back home
+    for name in modules:
+        torch.testing.assert_close(gpu.reports[name].H.cpu(), cpu.reports[name].H, rtol=1e-3, atol=1e-3)
