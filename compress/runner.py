@@ -176,12 +176,15 @@ def run_layerwise(
     offload: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "layer-wise",
+    share_inputs: bool = False,
 ) -> LayerwiseResult:
     """Walk the blocks, accumulate statistics of ``modules`` per subset, solve, replay.
 
     ``modules`` (fqn -> module) are the targets; modules of a block that are not
     in a declared subset are solved in one extra subset at the end, so no target
-    is silently skipped.
+    is silently skipped. ``share_inputs``: accumulators depend only on the input
+    (not the output), so modules fed the same tensor (q,k,v; gate,up) share one
+    accumulator instead of repeating the same X·Xᵀ.
     """
     device = torch.device(device)
     layout = block_layout(model)
@@ -207,24 +210,36 @@ def run_layerwise(
         try:
             for subset in subsets:
                 accs = {s: make_accumulator(prefix + s, mine[s], device) for s in subset}
-                hooks = [mine[s].register_forward_hook(_accumulate(accs[s])) for s in subset]
+                owner: list = []  # this forward's (input tensor, module that accumulated it)
+                alias: dict[str, str] = {}
+                hooks = [mine[s].register_forward_hook(_accumulate(s, accs, owner, alias, share_inputs))
+                         for s in subset]
                 try:
                     with torch.no_grad():
                         for x in inputs:
                             block(x.hidden.to(device), **_to(x.kwargs, device))
+                            owner.clear()
                 finally:
                     for h in hooks:
                         h.remove()
                 for s in subset:
-                    reports[prefix + s] = solve(prefix + s, mine[s], accs[s])
-                    del accs[s]
+                    acc = accs[alias.get(s, s)]
+                    reports[prefix + s] = solve(prefix + s, mine[s], acc)
             inputs = _replay(block, inputs, device=device, offload=offload)
         finally:
             block.to(home)
     return LayerwiseResult(reports, inputs)
 
 
-def _accumulate(acc: Accumulator):
+def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool):
     def hook(_module, args, output):
-        acc.add_batch(args[0].detach(), output.detach())
+        x = args[0]
+        if share:
+            # Identity, not data_ptr: a freed tensor's memory can be reused by another.
+            first = next((n for t, n in owner if t is x), None)
+            if first is not None and first != name:
+                alias[name] = first  # the same input was already accumulated by ``first``
+                return
+            owner.append((x, name))
+        accs[name].add_batch(x.detach(), output.detach())
     return hook

@@ -105,3 +105,29 @@ def test_runner_on_cuda_matches_cpu_with_model_left_on_cpu():
     assert next(model.parameters()).device.type == "cpu"  # one block at a time, then back home
     for name in modules:
         torch.testing.assert_close(gpu.reports[name].H.cpu(), cpu.reports[name].H, rtol=1e-3, atol=1e-3)
+
+
+def test_shared_inputs_give_the_same_statistics_with_fewer_accumulations():
+    model = tiny_model("llama")
+    batches = _batches()
+    modules = match_modules(model, ["Linear"], ["lm_head"])
+    calls = {}
+
+    class Counting(HessianAccumulator):
+        def add_batch(self, inp, out=None):
+            calls[self.name] = calls.get(self.name, 0) + 1
+            super().add_batch(inp, out)
+
+    def make(name, m, d):
+        acc = Counting(m.in_features, d)
+        acc.name = name
+        return acc
+
+    kw = dict(modules=modules, progress=False, make_accumulator=make, solve=lambda n, m, a: a.H.clone())
+    plain = run_layerwise(model, batches, **kw)
+    n_plain = sum(calls.values())
+    calls.clear()
+    shared = run_layerwise(model, batches, share_inputs=True, **kw)
+    assert sum(calls.values()) == n_plain * 4 // 7  # per block: q (not k, v), o, gate (not up), down
+    for name in modules:
+        torch.testing.assert_close(shared.reports[name], plain.reports[name])

@@ -88,7 +88,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
 
     result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
                            make_accumulator=make_acc, solve=solve, device=ctx.device,
-                           progress=ctx.progress, desc="gptq")
+                           progress=ctx.progress, desc="gptq", share_inputs=True)
     reports = result.reports
     total_g = sum(r["gptq_error"] for r in reports.values())
     total_r = sum(r["rtn_error"] for r in reports.values())
