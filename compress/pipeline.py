@@ -135,6 +135,11 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
 def _verify(model, windows, spec, device, progress) -> dict:
     from compress.evaluate import evaluate_windows
-    out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress)
+    home = next(model.parameters()).device
+    model.to(device)  # a layer-wise stage may keep the model on the CPU until it runs
+    try:
+        out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress)
+    finally:
+        model.to(home)
     out.update(corpus=spec.corpus, split=spec.split)
     return out
