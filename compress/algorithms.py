@@ -18,17 +18,20 @@ class Algorithm:
     config: type[StepConfig]
     apply: Callable[..., dict]
     requires_calibration: bool
+    uses_float_weights: bool = False  # reads ctx.artifacts["float_weight"] left by earlier steps
     doc: str = ""
 
 
 ALGORITHMS: dict[str, Algorithm] = {}
 
 
-def register_algorithm(name: str, config: type[StepConfig], *, requires_calibration: bool):
+def register_algorithm(name: str, config: type[StepConfig], *, requires_calibration: bool,
+                       uses_float_weights: bool = False):
     def deco(fn):
         if name in ALGORITHMS:
             raise ValueError(f"algorithm {name!r} registered twice")
-        ALGORITHMS[name] = Algorithm(name, config, fn, requires_calibration, (fn.__doc__ or "").strip())
+        ALGORITHMS[name] = Algorithm(name, config, fn, requires_calibration, uses_float_weights,
+                                     (fn.__doc__ or "").strip())
         return fn
     return deco
 
@@ -44,3 +47,6 @@ class StepContext:
     progress: bool = True
     where: str = "step"  # YAML path of the step, for error messages
     artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. quantization results for export
+    # Set by the pipeline when a later step uses float weights: quantizing steps then keep
+    # each module's pre-quantization weight in artifacts["float_weight"][fqn] (on the CPU).
+    keep_float_weights: bool = False

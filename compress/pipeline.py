@@ -104,6 +104,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
+    algos = [ALGORITHMS[step.algorithm] for s in recipe.stages for step in s.steps]
+    ctx.keep_float_weights = any(a.uses_float_weights for a in algos)
     for si, stage in enumerate(recipe.stages):
         stage_report = {"name": stage.name, "steps": []}
         with timer(f"stage:{stage.name}"):

@@ -38,6 +38,8 @@ class GPTQConfig(RTNConfig):
 
 
 def _store(ctx: StepContext, name: str, module: torch.nn.Module, res: QuantResult) -> None:
+    if ctx.keep_float_weights:
+        ctx.artifacts.setdefault("float_weight", {}).setdefault(name, module.weight.data.detach().cpu().clone())
     module.weight.data.copy_(res.weight.to(module.weight.dtype))
     # Keep only what an export packs; the dequantized weight already lives in the module.
     ctx.artifacts.setdefault("quant", {})[name] = QuantResult(
