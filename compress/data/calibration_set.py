@@ -133,3 +133,53 @@ def build_calibration_set(tokenizer, source: str, *, split: str = "train", num_s
         "corpus_sha": corpus_sha, "python": corpus_python(source), "strategy": STRATEGY,
     }
     return CalibrationSet(input_ids=input_ids, fingerprint=fingerprint)
+
+
+# Keys that pin the windows themselves; a strategy's extra fingerprint keys may not replace them.
+_PINNED_KEYS = ("source", "split", "num_samples", "seq_len", "indices", "tokenizer", "corpus_sha",
+                "python", "strategy")
+
+
+def calibration_set_from_offsets(tokenizer, source: str, *, split: str, offsets, seq_len: int,
+                                 strategy: str, extra_fingerprint: dict | None = None,
+                                 strict: bool = False) -> CalibrationSet:
+    """Windows of ``seq_len`` tokens starting at the given token ``offsets`` of the split,
+    tokenized exactly as ``build_calibration_set`` does; for strategies that choose the windows
+    themselves (e.g. diversity selection from a random pool).
+
+    The fingerprint has build_calibration_set's keys (``indices`` = ``offsets`` in the given
+    order, ``seed`` None unless ``extra_fingerprint`` sets it) plus ``extra_fingerprint``'s,
+    which may not replace the keys that pin the data. Overlap warns (strict: raises) by the same
+    rule as build_calibration_set.
+    """
+    offsets = [int(o) for o in offsets]  # accepts numpy/torch integers; JSON needs plain ints
+    _positive_int("number of offsets", len(offsets), 1)
+    _positive_int("seq_len", seq_len, 2)
+    extra = dict(extra_fingerprint or {})
+    clash = sorted(set(extra) & set(_PINNED_KEYS))
+    if clash:
+        raise CompressError(f"extra_fingerprint may not set {', '.join(clash)}: those keys are "
+                            f"derived from the windows themselves")
+    check_split(split)
+    keyed = _ByFingerprint(tokenizer)
+    ids, corpus_sha = _tokenized_split(source, split, keyed)
+    n = len(ids)
+    where = f"split {split!r} of corpus {source!r}"
+    bad = [o for o in offsets if not 0 <= o <= n - seq_len]
+    if bad:
+        raise CompressError(f"{where} has {n} tokens: window offsets must lie in "
+                            f"[0, {n - seq_len}] for seq_len={seq_len}, got {bad[:5]}")
+    if len(offsets) * seq_len > n:
+        msg = (f"{where} has {n} tokens, fewer than num_samples*seq_len = {len(offsets)}*{seq_len}"
+               f", so calibration windows overlap")
+        if strict:
+            raise CompressError(f"{msg}; choose fewer windows or pass strict=False")
+        warnings.warn(msg, stacklevel=2)
+    starts = torch.tensor(offsets, dtype=torch.long)
+    fingerprint = {
+        "source": source, "split": split, "num_samples": len(offsets), "seq_len": seq_len,
+        "seed": None, "indices": offsets, "tokenizer": keyed.fingerprint,
+        "corpus_sha": corpus_sha, "python": corpus_python(source), "strategy": strategy, **extra,
+    }
+    return CalibrationSet(input_ids=ids[starts[:, None] + torch.arange(seq_len)],
+                          fingerprint=fingerprint)

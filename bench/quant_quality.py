@@ -1,0 +1,187 @@
+"""Quantization quality, speed and memory: this toolkit vs GPTQModel vs RTN, same weights, same data.
+
+Every (setting, method) runs in its own subprocess so wall time and peak RSS
+belong to that method alone; every method gets the same source weights (the
+zoo's converted safetensors), the same calibration windows (ids, not text) and
+the same evaluation windows.
+
+    python bench/quant_quality.py all --model smollm2-135m --settings w4g128,w3g128,w2g64 \
+        --methods float,rtn,gptq,gptqmodel,gptqmodel-matched --out bench/results/quant/smollm2-135m.json
+
+Methods:
+  float              the unquantized model (reference)
+  rtn                round-to-nearest, asymmetric (this toolkit)
+  gptq               GPTQ, asymmetric, damp 0.01, true-sequential (this toolkit's defaults)
+  gptqmodel          GPTQModel 7.6 with its defaults (symmetric, damp 0.05, act_group_aware)
+  gptqmodel-matched  GPTQModel 7.6 with our settings (asymmetric, damp 0.01, no act-group-aware)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {"w4g128": (4, 128), "w3g128": (3, 128), "w2g64": (2, 64), "w4g32": (4, 32), "w3g64": (3, 64),
+            "w8g128": (8, 128)}
+EVALS = {"prose": ("bbc", "test"), "code": ("stdlib", "test")}
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _calibration(tokenizer, args):
+    from compress.data import build_calibration_set
+    return build_calibration_set(tokenizer, args.calib_corpus, split="train", num_samples=args.calib_samples,
+                                 seq_len=args.calib_seq_len, seed=args.seed)
+
+
+def _evaluate(model, tokenizer, args) -> dict:
+    import torch
+
+    from compress.data import corpus_text
+    from compress.evaluate import evaluate_text
+    out = {}
+    for name, (corpus, split) in EVALS.items():
+        with torch.inference_mode():
+            r = evaluate_text(model, tokenizer, corpus_text(corpus, split), seq_len=args.eval_seq_len,
+                              max_windows=args.eval_windows, progress=False, device="cpu")
+        out[name] = {k: r[k] for k in ("perplexity", "nll", "tokens", "ece", "top1_accuracy")}
+    return out
+
+
+def worker(args) -> dict:
+    import torch
+    torch.manual_seed(0)
+    from compress.models import fetch_model, load_model
+    bits, group = SETTINGS[args.setting]
+    model_dir = str(fetch_model(args.model, progress=False))
+    result = {"model": args.model, "setting": args.setting, "method": args.method, "bits": bits, "group_size": group}
+    if args.method.startswith("gptqmodel"):
+        os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 2))
+        from gptqmodel import GPTQModel, QuantizeConfig
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        calib = _calibration(tokenizer, args)
+        extra = {} if args.method == "gptqmodel" else {"sym": False, "damp_percent": 0.01, "act_group_aware": False,
+                                                         "desc_act": False}
+        qcfg = QuantizeConfig(bits=bits, group_size=group, **extra)
+        result["gptqmodel_config"] = {"sym": qcfg.sym, "damp_percent": qcfg.damp_percent,
+                                      "desc_act": qcfg.desc_act, "act_group_aware": qcfg.act_group_aware}
+        t0 = time.perf_counter()
+        gm = GPTQModel.load(model_dir, qcfg, dtype=torch.float32, device="cpu")
+        gm.quantize([{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib.input_ids],
+                    batch_size=1)
+        result["quantize_seconds"] = time.perf_counter() - t0
+        result["peak_rss_mb"] = _peak_rss_mb()
+        # The in-memory model is offloaded after quantization; evaluate the saved checkpoint,
+        # loaded with GPTQModel's pure-torch kernel (its other CPU kernels refuse partial groups).
+        import tempfile
+
+        from gptqmodel import BACKEND
+        saved = tempfile.mkdtemp(prefix="gptqmodel-")
+        gm.save(saved)
+        del gm
+        model = GPTQModel.load(saved, device="cpu", backend=BACKEND.TORCH, dtype=torch.bfloat16).model.float()
+        import gptqmodel
+        result["peer_version"] = gptqmodel.__version__
+    else:
+        from compress.pipeline import run_recipe
+        loaded = load_model(model_dir, progress=False)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        if args.method != "float":
+            step = {"algorithm": args.method, "bits": bits, "group_size": group}
+            calib_spec = {"corpus": args.calib_corpus, "num_samples": args.calib_samples,
+                          "seq_len": args.calib_seq_len, "seed": args.seed, "batch_size": 8}
+            recipe = {"model": {"id": model_dir, "device": "cpu"}, "stages": [{"name": "q", "steps": [step]}]}
+            if args.method != "rtn":
+                recipe["calibration"] = calib_spec
+            t0 = time.perf_counter()
+            res = run_recipe(recipe, progress=False, log=lambda *_: None)
+            result["quantize_seconds"] = res.report["timings"]["stage:q"]
+            result["pipeline_seconds"] = time.perf_counter() - t0
+            result["peak_rss_mb"] = _peak_rss_mb()
+            model = res.model
+            if "summary" in res.report["stages"][0]["steps"][0]:
+                result["layer_error"] = res.report["stages"][0]["steps"][0]["summary"]
+    result["eval"] = _evaluate(model, tokenizer, args)
+    return result
+
+
+def run_all(args) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = json.loads(out.read_text())["rows"] if out.exists() and args.resume else []
+    done = {(r["setting"], r["method"]) for r in rows}
+    for setting in args.settings.split(","):
+        for method in args.methods.split(","):
+            if method == "float" and any(r["method"] == "float" for r in rows):
+                continue
+            if (setting, method) in done:
+                continue
+            cmd = [sys.executable, __file__, "one", "--model", args.model, "--setting", setting, "--method", method,
+                   *_shared_flags(args)]
+            print(">>", " ".join(cmd[1:]), flush=True)
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                rows.append({"setting": setting, "method": method, "error": proc.stderr.strip().splitlines()[-1:]})
+            else:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                row["subprocess_seconds"] = time.perf_counter() - t0
+                rows.append(row)
+                print(json.dumps(row["eval"]), row.get("quantize_seconds"), flush=True)
+            _write(out, args, rows)
+
+
+def _shared_flags(args) -> list[str]:
+    return ["--calib-corpus", args.calib_corpus, "--calib-samples", str(args.calib_samples),
+            "--calib-seq-len", str(args.calib_seq_len), "--seed", str(args.seed),
+            "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows)]
+
+
+def _write(out: Path, args, rows) -> None:
+    import torch
+    import transformers
+    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.node()} {platform.machine()}, "
+            f"{os.cpu_count()} CPU cores", "torch": torch.__version__, "transformers": transformers.__version__,
+            "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens of {args.calib_corpus}/train, seed {args.seed}",
+            "eval": {k: f"{c}/{s}, {args.eval_windows} non-overlapping windows of {args.eval_seq_len}"
+                     for k, (c, s) in EVALS.items()}}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    os.replace(tmp, out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=["all", "one"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--setting", default="w4g128")
+    p.add_argument("--method", default="gptq")
+    p.add_argument("--settings", default="w4g128,w3g128,w2g64")
+    p.add_argument("--methods", default="float,rtn,gptq,gptqmodel,gptqmodel-matched")
+    p.add_argument("--out", default="bench/results/quant/quality.json")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--calib-corpus", default="bbc")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-seq-len", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--eval-windows", type=int, default=16)
+    args = p.parse_args()
+    if args.mode == "one":
+        print(json.dumps(worker(args)))
+    else:
+        run_all(args)
+
+
+if __name__ == "__main__":
+    main()
