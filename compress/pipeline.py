@@ -4,7 +4,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,15 +81,22 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     calib = None
     if recipe.calibration is not None or recipe.needs_calibration():
-        from compress.data import build_calibration_set
+        from compress.data.selection import select_calibration_set
         from compress.recipe import CalibrationSpec
         spec = recipe.calibration or CalibrationSpec()  # defaults when a step needs data but none is given
         with timer("calibration_set"):
-            calib = build_calibration_set(tokenizer, spec.corpus, split=spec.split, num_samples=spec.num_samples,
-                                          seq_len=spec.seq_len, seed=spec.seed)
-        report["calibration"] = {**calib.fingerprint, "digest": calib.digest}
+            selection = select_calibration_set(
+                tokenizer, strategy=spec.strategy, source=spec.corpus, split=spec.split,
+                num_samples=spec.num_samples, seq_len=spec.seq_len, seed=spec.seed, model=model, device=device,
+                batch_size=spec.batch_size, pool_factor=spec.pool_factor, candidates=spec.candidates,
+                probe_source=spec.probe_corpus, probe_samples=spec.probe_samples, probe_seq_len=spec.probe_seq_len,
+                compress_fn=lambda c: _compressed_copy(model, recipe, c, tokenizer, device, spec.batch_size),
+                progress=progress)
+        calib = selection.calibration
+        report["calibration"] = {**calib.fingerprint, "digest": calib.digest, "selection": selection.report}
         report["calibration"].pop("indices", None)  # long; the digest pins them
-        log(f"calibration set {calib.digest}: {spec.num_samples} x {spec.seq_len} tokens from {spec.corpus}/{spec.split}")
+        log(f"calibration set {calib.digest} ({spec.strategy}): {spec.num_samples} x {spec.seq_len} tokens "
+            f"from {spec.corpus}/{spec.split}")
 
     verify_text = None
     if recipe.verify is not None:
@@ -104,19 +111,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
-    algos = [ALGORITHMS[step.algorithm] for s in recipe.stages for step in s.steps]
-    ctx.keep_float_weights = any(a.uses_float_weights for a in algos)
-    for si, stage in enumerate(recipe.stages):
-        stage_report = {"name": stage.name, "steps": []}
-        with timer(f"stage:{stage.name}"):
-            for ki, step in enumerate(stage.steps):
-                ctx.where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
-                t0 = time.perf_counter()
-                log(f"stage {stage.name!r}: {step.algorithm}")
-                result = ALGORITHMS[step.algorithm].apply(model, step, ctx)
-                stage_report["steps"].append({"algorithm": step.algorithm, "config": step.model_dump(mode="json"),
-                                              "seconds": round(time.perf_counter() - t0, 3), **result})
-        report["stages"].append(stage_report)
+    report["stages"] = _apply_stages(model, recipe, ctx, log, timer)
     model.to(device)
 
     if recipe.verify is not None:
@@ -133,6 +128,33 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         report["timings"] = timer.timings
         write_json_atomic(written / "report.json", report)  # now with the export's own time
     return RunResult(model, tokenizer, recipe, report, written, ctx.artifacts)
+
+
+def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> list[dict]:
+    ctx.keep_float_weights = any(ALGORITHMS[step.algorithm].uses_float_weights
+                                 for s in recipe.stages for step in s.steps)
+    reports = []
+    for si, stage in enumerate(recipe.stages):
+        stage_report = {"name": stage.name, "steps": []}
+        with timer(f"stage:{stage.name}") if timer else nullcontext():
+            for ki, step in enumerate(stage.steps):
+                ctx.where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
+                t0 = time.perf_counter()
+                log(f"stage {stage.name!r}: {step.algorithm}")
+                result = ALGORITHMS[step.algorithm].apply(model, step, ctx)
+                stage_report["steps"].append({"algorithm": step.algorithm, "config": step.model_dump(mode="json"),
+                                              "seconds": round(time.perf_counter() - t0, 3), **result})
+        reports.append(stage_report)
+    return reports
+
+
+def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size) -> torch.nn.Module:
+    """KL-guided selection: the recipe's stages applied to a copy, with one candidate set."""
+    import copy
+    clone = copy.deepcopy(model)
+    ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib, batch_size=batch_size, progress=False)
+    _apply_stages(clone, recipe, ctx, log=lambda *_: None)
+    return clone
 
 
 def _verify(model, windows, spec, device, progress) -> dict:

@@ -62,14 +62,35 @@ class ModelSpec(StrictModel):
 
 
 class CalibrationSpec(StrictModel):
-    corpus: str = "bbc"
+    """Which calibration windows the data-driven steps see (compress/data/README.md)."""
+
+    corpus: str = "bbc"  # for `domain`, name the target-domain corpus here (e.g. stdlib for code)
     split: Literal["train", "validation"] = "train"  # never the test split: that is for verify
     num_samples: int = Field(128, ge=1, le=1_000_000)
     seq_len: int = Field(512, ge=8, le=131_072)
     seed: int = 0
     batch_size: int = Field(8, ge=1, le=4096)
+    strategy: Literal["random", "domain", "diversity", "kl"] = "random"
+    pool_factor: int = Field(4, ge=1, le=64, description="diversity: pool = pool_factor x num_samples windows")
+    candidates: int = Field(4, ge=1, le=64, description="kl: candidate sets (seeds seed..seed+candidates-1)")
+    probe_corpus: str | None = None  # kl: probe text (validation split); defaults to `corpus`
+    probe_samples: int = Field(128, ge=1, le=100_000)
+    probe_seq_len: int = Field(64, ge=8, le=131_072)
 
     _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
+
+    @field_validator("probe_corpus")
+    @classmethod
+    def _probe(cls, v: str | None) -> str | None:
+        return None if v is None else _check_corpus(v)
+
+    @model_validator(mode="after")
+    def _kl_probe_is_held_out(self) -> "CalibrationSpec":
+        if self.strategy == "kl" and self.split == "validation" and self.probe_corpus in (None, self.corpus):
+            raise ValueError("strategy kl scores candidates on the validation split of the probe corpus; "
+                             "calibrating on that same split would score on the calibration text. "
+                             "Use split: train or another probe_corpus")
+        return self
 
 
 class VerifySpec(StrictModel):

@@ -106,3 +106,27 @@ def test_cli_run_and_eval(tmp_path, text_file, capsys):
     assert result["tokens"] == 3 * 31 and result["perplexity"] > 1
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("strategy", ["diversity", "kl"])
+def test_calibration_selection_strategies_in_a_recipe(tmp_path, text_file, strategy):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    recipe = _recipe(model_dir, text_file, [{"algorithm": "gptq", "bits": 3, "group_size": 32}])
+    recipe["calibration"].update(strategy=strategy, candidates=3, pool_factor=2, probe_samples=4, probe_seq_len=16)
+    res = run_recipe(recipe, progress=False, log=lambda *_: None)
+    sel = res.report["calibration"]["selection"]
+    assert sel["strategy"] == strategy and res.report["calibration"]["strategy"] == strategy
+    if strategy == "kl":
+        kls = [c["kl"] for c in sel["candidates"]]
+        assert len(kls) == 3 and sel["chosen_kl"] == min(kls) > 0
+        best = next(c for c in sel["candidates"] if c["kl"] == min(kls))
+        assert sel["chosen_seed"] == best["seed"] and sel["digest"] == res.report["calibration"]["digest"]
+
+
+def test_kl_on_its_own_probe_split_is_refused(tmp_path, text_file):
+    from compress.errors import RecipeError
+    from compress.recipe import validate_recipe
+    recipe = _recipe(tiny_model_dir(tmp_path / "m"), text_file, [{"algorithm": "gptq"}])
+    recipe["calibration"].update(strategy="kl", split="validation")
+    with pytest.raises(RecipeError, match="calibration: .*strategy kl scores candidates on the validation split"):
+        validate_recipe(recipe)
