@@ -36,6 +36,11 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _peak_gpu_mb() -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 def _calibration(tokenizer, args):
     from compress.data import build_calibration_set
     return build_calibration_set(tokenizer, args.calib_corpus, split="train", num_samples=args.calib_samples,
@@ -51,7 +56,7 @@ def _evaluate(model, tokenizer, args) -> dict:
     for name, (corpus, split) in EVALS.items():
         with torch.inference_mode():
             r = evaluate_text(model, tokenizer, corpus_text(corpus, split), seq_len=args.eval_seq_len,
-                              max_windows=args.eval_windows, progress=False, device="cpu")
+                              max_windows=args.eval_windows, progress=False, device=args.device)
         out[name] = {k: r[k] for k in ("perplexity", "nll", "tokens", "ece", "top1_accuracy")}
     return out
 
@@ -75,11 +80,12 @@ def worker(args) -> dict:
         result["gptqmodel_config"] = {"sym": qcfg.sym, "damp_percent": qcfg.damp_percent,
                                       "desc_act": qcfg.desc_act, "act_group_aware": qcfg.act_group_aware}
         t0 = time.perf_counter()
-        gm = GPTQModel.load(model_dir, qcfg, dtype=torch.float32, device="cpu")
+        gm = GPTQModel.load(model_dir, qcfg, dtype=torch.float32, device=args.device)
         gm.quantize([{"input_ids": row.tolist(), "attention_mask": [1] * len(row)} for row in calib.input_ids],
                     batch_size=1)
         result["quantize_seconds"] = time.perf_counter() - t0
         result["peak_rss_mb"] = _peak_rss_mb()
+        result["peak_gpu_mb"] = _peak_gpu_mb()
         # The in-memory model is offloaded after quantization; evaluate the saved checkpoint,
         # loaded with GPTQModel's pure-torch kernel (its other CPU kernels refuse partial groups).
         import tempfile
@@ -88,18 +94,18 @@ def worker(args) -> dict:
         saved = tempfile.mkdtemp(prefix="gptqmodel-")
         gm.save(saved)
         del gm
-        model = GPTQModel.load(saved, device="cpu", backend=BACKEND.TORCH, dtype=torch.bfloat16).model.float()
+        model = GPTQModel.load(saved, device=args.device, backend=BACKEND.TORCH, dtype=torch.bfloat16).model.float()
         import gptqmodel
         result["peer_version"] = gptqmodel.__version__
     else:
         from compress.pipeline import run_recipe
         loaded = load_model(model_dir, progress=False)
-        model, tokenizer = loaded.model, loaded.tokenizer
+        model, tokenizer = loaded.model.to(args.device), loaded.tokenizer
         if args.method != "float":
             step = {"algorithm": args.method, "bits": bits, "group_size": group}
             calib_spec = {"corpus": args.calib_corpus, "num_samples": args.calib_samples,
                           "seq_len": args.calib_seq_len, "seed": args.seed, "batch_size": 8}
-            recipe = {"model": {"id": model_dir, "device": "cpu"}, "stages": [{"name": "q", "steps": [step]}]}
+            recipe = {"model": {"id": model_dir, "device": args.device}, "stages": [{"name": "q", "steps": [step]}]}
             if args.method != "rtn":
                 recipe["calibration"] = calib_spec
             t0 = time.perf_counter()
@@ -107,6 +113,7 @@ def worker(args) -> dict:
             result["quantize_seconds"] = res.report["timings"]["stage:q"]
             result["pipeline_seconds"] = time.perf_counter() - t0
             result["peak_rss_mb"] = _peak_rss_mb()
+            result["peak_gpu_mb"] = _peak_gpu_mb()
             model = res.model
             if "summary" in res.report["stages"][0]["steps"][0]:
                 result["layer_error"] = res.report["stages"][0]["steps"][0]["summary"]
@@ -142,7 +149,7 @@ def run_all(args) -> None:
 
 
 def _shared_flags(args) -> list[str]:
-    return ["--calib-corpus", args.calib_corpus, "--calib-samples", str(args.calib_samples),
+    return ["--device", args.device, "--calib-corpus", args.calib_corpus, "--calib-samples", str(args.calib_samples),
             "--calib-seq-len", str(args.calib_seq_len), "--seed", str(args.seed),
             "--eval-seq-len", str(args.eval_seq_len), "--eval-windows", str(args.eval_windows)]
 
@@ -150,8 +157,9 @@ def _shared_flags(args) -> list[str]:
 def _write(out: Path, args, rows) -> None:
     import torch
     import transformers
-    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.node()} {platform.machine()}, "
-            f"{os.cpu_count()} CPU cores", "torch": torch.__version__, "transformers": transformers.__version__,
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, "
+            f"{os.cpu_count()} CPU cores" + (f", {gpu}" if gpu else ""), "device": args.device, "torch": torch.__version__, "transformers": transformers.__version__,
             "calibration": f"{args.calib_samples} x {args.calib_seq_len} tokens of {args.calib_corpus}/train, seed {args.seed}",
             "eval": {k: f"{c}/{s}, {args.eval_windows} non-overlapping windows of {args.eval_seq_len}"
                      for k, (c, s) in EVALS.items()}}
@@ -174,6 +182,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where every method quantizes and evaluates")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)
     args = p.parse_args()
