@@ -105,7 +105,9 @@ class VerifySpec(StrictModel):
 
 
 class ExportSpec(StrictModel):
-    format: Literal["hf"] = "hf"
+    # hf: float safetensors; gptq: GPTQ v1 packed int (transformers via optimum+gptqmodel, vLLM);
+    # compressed-tensors: pack-quantized (vLLM), uniform schemes only.
+    format: Literal["hf", "gptq", "compressed-tensors"] = "hf"
     dtype: DTYPES | None = None  # None keeps the model's dtype
 
 

@@ -87,7 +87,8 @@ def test_fit_grid_asym_and_sym():
     assert torch.allclose(s[0], torch.tensor(3.0 / 15)) and z[0] == 5  # round(1 / 0.2)
     # constant rows: the range includes 0, so a non-zero constant still gets a grid; all-zero rows get [-1, 1]
     assert torch.allclose(s[1], torch.tensor(2.0 / 15))
-    assert torch.allclose(s[2], torch.tensor(3.0 / 15)) and z[2] == 0
+    # non-negative row: zero 1 (the v1 layout cannot store 0), grid [-s, 14 s] with 14 s = max
+    assert torch.allclose(s[2], torch.tensor(3.0 / 14)) and z[2] == 1
     assert z[3] == 15  # all-negative: 0 at the top of the grid
     q = quantize(w, s, z, 15)
     assert q.min() >= 0 and q.max() <= 15
@@ -405,12 +406,27 @@ def test_pack_unpack_roundtrip(bits, gs):
     assert (W16[:, list(DEAD)] == 0).all()
 
 
+def test_non_negative_rows_get_zero_point_one_and_stay_covered():
+    """Zero 0 cannot be stored in the v1 layout (zero − 1 wraps), so the grid avoids it."""
+    spec = QuantSpec(4, 128)
+    W = W0[:32, :64].clone()
+    W[0] = W[0].abs()  # all non-negative: a plain min/max grid would put its zero at 0
+    res = rtn_solve(W, spec)
+    assert int(res.zeros.min()) >= 1
+    err = (res.weight[0] - W[0]).abs().max()
+    assert err <= res.scales[0, 0] / 2 + 1e-6  # every value still inside the grid, rounded to nearest
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = pack_gptq_v1(res)
+    assert torch.equal(unpack_gptq_v1(t, 4, 64, 32)[2], res.zeros)
+
+
 def test_zero_point_zero_wraps_and_warns():
     spec = QuantSpec(4, 128)
     W = W0[:32, :64].clone()
-    W[0] = W[0].abs()  # an all-non-negative row: its zero point is 0
     res = rtn_solve(W, spec)
-    assert int(res.zeros[0, 0]) == 0
+    res.zeros[0, 0] = 0  # built by hand: the solvers never produce it
     with pytest.warns(RuntimeWarning, match="zero points"):
         t = pack_gptq_v1(res)
     # stored as (0 - 1) & 15 = 15 in its own field, the neighbours untouched
@@ -422,11 +438,12 @@ def test_zero_point_zero_wraps_and_warns():
 
 
 @pytest.mark.parametrize(
-    "out_f,in_f,bad", [(96, 40, "in_features=40"), (80, 64, "out_features=80"), (48, 48, "in_features=48")],
-    ids=["in40", "out80", "both48"],
+    "bits,out_f,in_f,bad",
+    [(3, 96, 40, "in_features=40"), (3, 80, 64, "out_features=80"), (3, 48, 48, "in_features=48"),
+     (4, 96, 36, "in_features=36"), (4, 84, 64, "out_features=84"), (4, 44, 44, "in_features=44")],
+    ids=["b3-in40", "b3-out80", "b3-both48", "b4-in36", "b4-out84", "b4-both44"],
 )
-@pytest.mark.parametrize("bits", [3, 4], ids=lambda b: f"b{b}")
-def test_v1_rejects_unrepresentable_shapes(out_f, in_f, bad, bits):
+def test_v1_rejects_unrepresentable_shapes(bits, out_f, in_f, bad):
     with pytest.raises(ValueError, match=bad):
         check_v1_shape(bits, in_f, out_f)
     W = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0))

@@ -78,6 +78,8 @@ def load_model(source: str, *, dtype: torch.dtype | str = torch.float32, device:
     marker = Path(path) / EXPORT_MARKER
     if marker.is_file():
         import json
+
+        import compress.quantize  # noqa: F401  (registers the loaders of quantized formats)
         fmt = json.loads(marker.read_text()).get("format", "hf")
         if fmt in _LOADERS:
             model, tokenizer = _LOADERS[fmt](path, dtype=dtype, device=device)

@@ -17,13 +17,19 @@ values 10 and 21 straddle word boundaries (value 10: bits 30-31 of word 0 + bit 
 word 1; value 21: bit 31 of word 1 + bits 0-1 of word 2) — auto-gptq's 3-bit scheme.
 Words are stored as signed int32 (the same 32 bits).
 
-Shapes: loaders allocate ``in // 32 * bits`` qweight rows and ``out // 32 * bits``
-qzeros columns, so ``in`` and ``out`` must both be multiples of 32 for every bit
-width (gptqmodel's packer raises on anything else); :func:`pack_gptq_v1` checks this.
+Shapes: a packed dimension must fill whole int32 words. For 2, 4 and 8 bits that is
+``n % (32 // bits) == 0`` (gptqmodel allocates ``ceil(n * bits / 32)`` words and vLLM
+checks ``n % pack_factor``); for 3 bits the 32-value runs need ``n % 32 == 0``.
+So the GQA key/value projection of 80 outputs packs at 2/4/8 bits but not at 3 bits.
+(auto-gptq itself sized buffers as ``n // 32 * bits``, i.e. required multiples of 32;
+it is unmaintained and its successor gptqmodel does not.) :func:`check_v1_shape`
+checks this.
 
 Zero points: v1 stores ``zero - 1`` (a historical off-by-one) and readers add 1 back.
-``zero = 0`` wraps to ``-1 & maxq = maxq`` in its own field, which every v1 reader
-decodes as ``maxq + 1 = 2**bits``, not 0: such a zero is not representable in v1 and
+``zero = 0`` wraps to ``-1 & maxq = maxq`` in its own field, which per-field readers
+(vLLM, exllama) decode as ``maxq + 1 = 2**bits``, not 0, and gptqmodel's v1->v2
+conversion (one integer add of 0x11111111 over the packed word) turns into 0 but with a
+carry into the next field: such a zero is not representable in v1 and
 :func:`pack_gptq_v1` warns when it meets one (symmetric grids never have it; the
 asymmetric grid of :func:`compress.quantize.grid.fit_grid` only for groups with
 ``min >= -scale/2``, i.e. almost entirely non-negative groups).
@@ -45,6 +51,7 @@ __all__ = [
     "pack_gptq_v1",
     "unpack_bits",
     "unpack_gptq_v1",
+    "words_align",
 ]
 
 _MASK32 = 0xFFFFFFFF
@@ -55,19 +62,27 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits={bits!r} is not supported by the GPTQ v1 layout; allowed: {list(ALLOWED_BITS)}")
 
 
+def words_align(bits: int) -> int:
+    """How many values a packed dimension must be a multiple of: whole int32 words for
+    2/4/8 bits, whole 32-value runs (3 words) for 3 bits."""
+    _check_bits(bits)
+    return 32 if 32 % bits else 32 // bits
+
+
 def check_v1_shape(bits: int, in_features: int, out_features: int) -> None:
     """Raise ValueError unless an [out, in] layer is representable in GPTQ v1."""
-    _check_bits(bits)
+    align = words_align(bits)
     bad = []
-    if in_features % 32:
-        bad.append(f"in_features={in_features} (qweight has in // 32 * bits rows)")
-    if out_features % 32:
-        bad.append(f"out_features={out_features} (qzeros has out // 32 * bits columns)")
+    if in_features % align:
+        bad.append(f"in_features={in_features} (qweight packs the input dim)")
+    if out_features % align:
+        bad.append(f"out_features={out_features} (qzeros packs the output dim)")
     if bad:
         raise ValueError(
             f"a {out_features}x{in_features} (out x in) layer cannot be stored in the GPTQ v1 layout "
-            f"at {bits} bits: {' and '.join(bad)} must be a multiple of 32, as auto-gptq/gptqmodel "
-            "loaders size their buffers that way"
+            f"at {bits} bits: {' and '.join(bad)} must be a multiple of {align}, "
+            + ("as 3-bit values are packed in runs of 32 over 3 int32 words"
+               if bits == 3 else f"so that {bits}-bit values fill whole int32 words")
         )
 
 
@@ -80,36 +95,46 @@ def _to_int32_words(words: Tensor) -> Tensor:
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Pack the last dim of ``values`` (ints in [0, 2**bits)) into int32 words.
 
-    ``[..., n]`` -> ``[..., n // 32 * bits]``; ``n`` must be a multiple of 32. Each
-    run of 32 values is a little-endian bitstream over ``bits`` words (value k at
-    stream bit ``k * bits``), which is auto-gptq's layout for 2, 3, 4 and 8 bits.
+    ``[..., n]`` -> ``[..., n * bits // 32]``; ``n`` must be a multiple of
+    :func:`words_align` (whole words). Each run of 32 values is a little-endian
+    bitstream over ``bits`` words (value k at stream bit ``k * bits``), which is
+    auto-gptq's layout for 2, 3, 4 and 8 bits; for 2/4/8 bits a short last run just
+    has fewer words.
     """
-    _check_bits(bits)
+    align = words_align(bits)
     n = values.shape[-1]
-    if n % 32:
-        raise ValueError(f"pack_bits: the packed dimension ({n}) must be a multiple of 32")
+    if n % align:
+        raise ValueError(f"pack_bits: the packed dimension ({n}) must be a multiple of {align} at {bits} bits")
     maxq = (1 << bits) - 1
     v = values.to(torch.int64)
     if bool(((v < 0) | (v > maxq)).any()):
         raise ValueError(f"pack_bits: values outside [0, {maxq}] cannot be packed in {bits} bits")
-    v = v.reshape(*values.shape[:-1], n // 32, 32)
+    pad = -n % 32  # zero values fill the last run; its unused words are dropped below
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    v = v.reshape(*values.shape[:-1], (n + pad) // 32, 32)
     words = torch.zeros(*v.shape[:-1], bits, dtype=torch.int64, device=values.device)
     for k in range(32):
         word, off = divmod(k * bits, 32)
         words[..., word] |= (v[..., k] << off) & _MASK32
         if off + bits > 32:  # straddles into the next word (3 bits only)
             words[..., word + 1] |= v[..., k] >> (32 - off)
-    return _to_int32_words(words.reshape(*values.shape[:-1], n // 32 * bits))
+    words = words.reshape(*values.shape[:-1], (n + pad) // 32 * bits)[..., : n * bits // 32]
+    return _to_int32_words(words)
 
 
 def unpack_bits(words: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`pack_bits`: ``[..., m]`` int32 -> ``[..., m // bits * 32]`` int32."""
+    """Inverse of :func:`pack_bits`: ``[..., m]`` int32 -> ``[..., m * 32 // bits]`` int32."""
     _check_bits(bits)
     m = words.shape[-1]
-    if m % bits:
-        raise ValueError(f"unpack_bits: the packed dimension ({m}) must be a multiple of bits={bits}")
+    if bits == 3 and m % 3:
+        raise ValueError(f"unpack_bits: the packed dimension ({m}) must be a multiple of 3 at 3 bits")
     maxq = (1 << bits) - 1
-    w = (words.to(torch.int64) & _MASK32).reshape(*words.shape[:-1], m // bits, bits)
+    w = words.to(torch.int64) & _MASK32
+    pad = -m % bits
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    w = w.reshape(*words.shape[:-1], (m + pad) // bits, bits)
     vals = torch.empty(*w.shape[:-1], 32, dtype=torch.int64, device=words.device)
     for k in range(32):
         word, off = divmod(k * bits, 32)
@@ -117,7 +142,8 @@ def unpack_bits(words: Tensor, bits: int) -> Tensor:
         if off + bits > 32:
             v = v | (w[..., word + 1] << (32 - off))
         vals[..., k] = v & maxq
-    return vals.reshape(*words.shape[:-1], m // bits * 32).to(torch.int32)
+    vals = vals.reshape(*words.shape[:-1], (m + pad) // bits * 32)[..., : m * 32 // bits]
+    return vals.to(torch.int32)
 
 
 def pack_gptq_v1(res: QuantResult) -> dict[str, Tensor]:
@@ -176,12 +202,12 @@ def unpack_gptq_v1(
     stored ``maxq`` comes back as ``2**bits`` exactly as v1 readers see it."""
     check_v1_shape(bits, in_features, out_features)
     qweight, qzeros, scales, g_idx = (tensors[k] for k in ("qweight", "qzeros", "scales", "g_idx"))
-    if qweight.shape != (in_features // 32 * bits, out_features):
+    if qweight.shape != (in_features * bits // 32, out_features):
         raise ValueError(
-            f"qweight has shape {tuple(qweight.shape)}, expected {(in_features // 32 * bits, out_features)}"
+            f"qweight has shape {tuple(qweight.shape)}, expected {(in_features * bits // 32, out_features)}"
         )
     n_groups = scales.shape[0]
-    if scales.shape != (n_groups, out_features) or qzeros.shape != (n_groups, out_features // 32 * bits):
+    if scales.shape != (n_groups, out_features) or qzeros.shape != (n_groups, out_features * bits // 32):
         raise ValueError(
             f"scales {tuple(scales.shape)} / qzeros {tuple(qzeros.shape)} do not fit out_features={out_features} "
             f"at {bits} bits"

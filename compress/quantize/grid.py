@@ -78,6 +78,9 @@ def _expand(t: Tensor, like: Tensor) -> Tensor:
     return t
 
 
+MIN_ASYM_ZERO = 1  # smallest asymmetric zero point; see fit_grid
+
+
 @torch.no_grad()
 def fit_grid(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     """Fit one grid per row of ``w`` [rows, cols] over the given columns.
@@ -87,7 +90,8 @@ def fit_grid(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     Asymmetric: the row's range is widened to include 0 (as the GPTQ reference
     does, so that 0 is exactly representable and the zero point never needs
     clamping), then ``scale = (max - min) / maxq`` and
-    ``zero = clamp(round(-min / scale), 0, maxq)``.
+    ``zero = clamp(round(-min / scale), 1, maxq)`` (zero ≥ 1: the v1 layout
+    cannot store 0; such rows get the grid [−s, (maxq−1)·s] instead).
 
     Symmetric: ``scale = 2 * absmax / maxq`` and ``zero = (maxq + 1) / 2``, the
     integer midpoint that GPTQ v1 layouts expect (8 for 4 bits).
@@ -118,8 +122,15 @@ def fit_grid(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
     # usable, non-zero scale.
     tiny = torch.finfo(torch.float32).tiny
     scale = torch.where(scale > tiny, scale, torch.full_like(scale, tiny))
-    zero = torch.clamp(torch.round(-xmin / scale), 0, maxq).to(torch.int32)
-    return scale, zero
+    zero = torch.round(-xmin / scale)
+    # The GPTQ v1 layout stores zero − 1, and readers (gptqmodel's v1→v2 conversion
+    # adds 1 across the packed word) corrupt a stored −1. Rows whose minimum is ≥ −scale/2
+    # would get zero 0: give them zero 1 and a grid [−s, (maxq−1)·s] that still covers
+    # [xmin, xmax] (−xmin < xmax / (2·maxq − 1) < s).
+    low = zero < MIN_ASYM_ZERO
+    scale = torch.where(low, torch.clamp(xmax / (maxq - MIN_ASYM_ZERO), min=tiny), scale)
+    zero = torch.clamp(torch.where(low, torch.full_like(zero, MIN_ASYM_ZERO), zero), MIN_ASYM_ZERO, maxq)
+    return scale, zero.to(torch.int32)
 
 
 def _quantize_float(w: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> Tensor:

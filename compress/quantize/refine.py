@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .grid import dequantize
+from .grid import MIN_ASYM_ZERO, dequantize
 from .solvers import QuantResult, layer_output_error
 
 __all__ = ["MeanAccumulator", "adaquant_refine", "output_shift"]
@@ -168,11 +168,11 @@ def adaquant_refine(
             opt.step()
             with torch.no_grad():
                 rho.clamp_(min=_MIN_SCALE_FACTOR)
-                z.clamp_(0.0, maxq)  # zeros must stay representable levels
+                z.clamp_(float(MIN_ASYM_ZERO), maxq)  # representable levels that the v1 layout can store
 
     _, levels, scales, zeros, best_step = best
     levels_u8 = levels.round().clamp(0, maxq).to(torch.uint8)
-    zeros_i = zeros.round().clamp(0, maxq).to(torch.int32)
+    zeros_i = zeros.round().clamp(0 if q.spec.sym else MIN_ASYM_ZERO, maxq).to(torch.int32)
     weight = dequantize(levels_u8, scales[:, g_idx], zeros_i[:, g_idx])
     after = layer_output_error(W0f, weight, Hf)
     if not (math.isfinite(after) and after <= before):
