@@ -14,6 +14,7 @@ Methods:
   gptq               GPTQ, asymmetric, damp 0.01, true-sequential (this toolkit's defaults)
   gptqmodel          GPTQModel 7.6 with its defaults (symmetric, damp 0.05, act_group_aware)
   gptqmodel-matched  GPTQModel 7.6 with our settings (asymmetric, damp 0.01, no act-group-aware)
+  gptq-kl-adaquant   KL-guided calibration set (3 candidates), GPTQ, then AdaQuant refinement
 """
 from __future__ import annotations
 
@@ -99,22 +100,28 @@ def worker(args) -> dict:
         result["peer_version"] = gptqmodel.__version__
     else:
         from compress.pipeline import run_recipe
-        loaded = load_model(model_dir, progress=False)
-        model, tokenizer = loaded.model.to(args.device), loaded.tokenizer
-        if args.method != "float":
-            step = {"algorithm": args.method, "bits": bits, "group_size": group}
+        if args.method == "float":
+            loaded = load_model(model_dir, progress=False)
+            model, tokenizer = loaded.model.to(args.device), loaded.tokenizer
+        else:  # run_recipe loads the model itself: a second copy here would inflate peak memory
             calib_spec = {"corpus": args.calib_corpus, "num_samples": args.calib_samples,
                           "seq_len": args.calib_seq_len, "seed": args.seed, "batch_size": 8}
-            recipe = {"model": {"id": model_dir, "device": args.device}, "stages": [{"name": "q", "steps": [step]}]}
+            if args.method == "gptq-kl-adaquant":
+                # the selection + refinement path: KL-guided calibration set, GPTQ, then AdaQuant
+                steps = [{"algorithm": "gptq", "bits": bits, "group_size": group}, {"algorithm": "adaquant"}]
+                calib_spec.update(strategy="kl", candidates=args.kl_candidates, probe_samples=32, probe_seq_len=64)
+            else:
+                steps = [{"algorithm": args.method, "bits": bits, "group_size": group}]
+            recipe = {"model": {"id": model_dir, "device": args.device}, "stages": [{"name": "q", "steps": steps}]}
             if args.method != "rtn":
                 recipe["calibration"] = calib_spec
             t0 = time.perf_counter()
             res = run_recipe(recipe, progress=False, log=lambda *_: None)
-            result["quantize_seconds"] = res.report["timings"]["stage:q"]
+            result["quantize_seconds"] = res.report["timings"]["stage:q"] + res.report["timings"].get("calibration_set", 0)
             result["pipeline_seconds"] = time.perf_counter() - t0
             result["peak_rss_mb"] = _peak_rss_mb()
             result["peak_gpu_mb"] = _peak_gpu_mb()
-            model = res.model
+            model, tokenizer = res.model, res.tokenizer
             if "summary" in res.report["stages"][0]["steps"][0]:
                 result["layer_error"] = res.report["stages"][0]["steps"][0]["summary"]
     result["eval"] = _evaluate(model, tokenizer, args)
@@ -182,6 +189,7 @@ def main() -> None:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kl-candidates", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu or cuda: where every method quantizes and evaluates")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=16)
