@@ -15,6 +15,7 @@ Methods:
   gptqmodel          GPTQModel 7.6 with its defaults (symmetric, damp 0.05, act_group_aware)
   gptqmodel-matched  GPTQModel 7.6 with our settings (asymmetric, damp 0.01, no act-group-aware)
   gptq-kl-adaquant   KL-guided calibration set (3 candidates), GPTQ, then AdaQuant refinement
+  gptq-domain        GPTQ calibrated on code (stdlib/train windows) instead of prose
 """
 from __future__ import annotations
 
@@ -110,6 +111,10 @@ def worker(args) -> dict:
                 # the selection + refinement path: KL-guided calibration set, GPTQ, then AdaQuant
                 steps = [{"algorithm": "gptq", "bits": bits, "group_size": group}, {"algorithm": "adaquant"}]
                 calib_spec.update(strategy="kl", candidates=args.kl_candidates, probe_samples=32, probe_seq_len=64)
+            elif args.method == "gptq-domain":
+                # calibrate on the code corpus: the domain of the "code" evaluation
+                steps = [{"algorithm": "gptq", "bits": bits, "group_size": group}]
+                calib_spec.update(corpus="stdlib", strategy="domain")
             else:
                 steps = [{"algorithm": args.method, "bits": bits, "group_size": group}]
             recipe = {"model": {"id": model_dir, "device": args.device}, "stages": [{"name": "q", "steps": steps}]}
