@@ -47,7 +47,7 @@ from compress.config import StepConfig
 from compress.quantize.grid import QuantSpec, dequantize
 from compress.quantize.mixed import solve_allocation
 from compress.quantize.solvers import QuantResult, gptq_solve
-from compress.quantize.steps import _check_shapes, _store
+from compress.quantize.steps import _check_shapes, store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
 from compress.targets import match_modules
 
@@ -217,7 +217,7 @@ def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepCont
         w = module.weight.data.float()
         res = gptq_solve(w, acc.H, cfg.spec(module_bits[name]), percdamp=cfg.damp, block_size=cfg.block_size,
                          act_order=cfg.act_order)
-        _store(ctx, name, module, res)
+        store_quant_result(ctx, name, module, res)
         return {"gptq_error": res.error, "tokens": acc.count}
 
     final = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,

@@ -19,7 +19,7 @@ from compress.algorithms import StepContext, register_algorithm
 from compress.config import StepConfig
 from compress.errors import CompressError
 from compress.quantize.refine import MeanAccumulator, adaquant_refine, output_shift
-from compress.quantize.solvers import QuantResult
+from compress.quantize.steps import store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
 from compress.targets import match_modules
 
@@ -70,9 +70,7 @@ def apply_adaquant(model: nn.Module, cfg: AdaQuantConfig, ctx: StepContext) -> d
         res, stats = adaquant_refine(W0, acc.H, quant[name], steps=cfg.steps, lr_weight=cfg.lr_weight,
                                      lr_scale=cfg.lr_scale, lr_zero=cfg.lr_zero,
                                      optimize_zero=cfg.optimize_zero, init=cfg.init)
-        module.weight.data.copy_(res.weight.to(device=module.weight.device, dtype=module.weight.dtype))
-        quant[name] = QuantResult(weight=None, qweight=res.qweight.cpu(), scales=res.scales.cpu(),
-                                  zeros=res.zeros.cpu(), g_idx=res.g_idx.cpu(), spec=res.spec, error=res.error)
+        store_quant_result(ctx, name, module, res)
         return {"tokens": acc.count, "error_before": stats["before"], "error_after": stats["after"],
                 "improved": stats["improved"], "levels_changed": stats["levels_changed"],
                 "best_step": stats["best_step"]}

@@ -37,7 +37,7 @@ class GPTQConfig(RTNConfig):
     block_size: int = Field(128, ge=1, le=4096)
 
 
-def _store(ctx: StepContext, name: str, module: torch.nn.Module, res: QuantResult) -> None:
+def store_quant_result(ctx: StepContext, name: str, module: torch.nn.Module, res: QuantResult) -> None:
     if ctx.keep_float_weights:
         ctx.artifacts.setdefault("float_weight", {}).setdefault(name, module.weight.data.detach().cpu().clone())
     module.weight.data.copy_(res.weight.to(module.weight.dtype))
@@ -66,7 +66,7 @@ def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
         res = rtn_solve(w, spec)
         report[name] = {"bits": spec.bits, "group_size": spec.group_size,
                         "weight_rel_mse": float(((res.weight - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)))}
-        _store(ctx, name, m, res)
+        store_quant_result(ctx, name, m, res)
     return {"modules": report}
 
 
@@ -84,7 +84,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
         w = module.weight.data.float()
         res = gptq_solve(w, acc.H, spec, percdamp=cfg.damp, block_size=cfg.block_size, act_order=cfg.act_order)
         rtn_err = layer_output_error(w, rtn_solve(w, spec).weight.float(), acc.H)
-        _store(ctx, name, module, res)
+        store_quant_result(ctx, name, module, res)
         return {"bits": spec.bits, "group_size": spec.group_size, "tokens": acc.count,
                 "gptq_error": res.error, "rtn_error": rtn_err}
 
