@@ -1,5 +1,6 @@
-"""Weight-only post-training quantization: grids, solvers (RTN, GPTQ), packing, recipe steps."""
-from compress.quantize import steps  # noqa: F401  (registers the recipe steps)
-from compress.quantize import mixed_steps  # noqa: F401
-from compress.quantize import export_ct, export_gptq  # noqa: F401,E402  (register the gptq / compressed-tensors writers and loaders)
-from compress.quantize import refine_steps  # noqa: F401
+"""Weight-only post-training quantization: grids, solvers, recipe steps and quantized exports.
+
+Importing this package registers its recipe steps (rtn, gptq, gptq_mixed, adaquant,
+bias_correction) and its export writers/loaders (gptq, compressed-tensors).
+"""
+from compress.quantize import export_ct, export_gptq, mixed_steps, refine_steps, steps  # noqa: F401
