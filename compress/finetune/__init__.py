@@ -1,0 +1,1 @@
+"""Structured sparse fine-tuning (S2FT): not implemented yet; see README.md."""

@@ -1,0 +1,1 @@
+"""Structured pruning (NIRVANA, NTK saliency): not implemented yet; see README.md."""
