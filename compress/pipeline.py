@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import platform
-import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
