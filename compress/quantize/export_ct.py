@@ -38,12 +38,9 @@ from compress.errors import CompressError
 from compress.export import register_writer
 from compress.models import register_loader
 from compress.quantize.export_gptq import (
-    WEIGHTS_NAME,
-    build_float_model,
     export_dtype,
     float_tensors,
-    load_rest,
-    load_tokenizer,
+    load_packed_model,
     quantized_linears,
     write_model_files,
 )
@@ -159,24 +156,15 @@ def _read_scheme(path: str | Path) -> dict:
 @register_loader("compressed-tensors")
 def load_compressed_tensors(path: str, *, dtype: torch.dtype = torch.float32, device="cpu"):
     """Float model with each packed linear dequantized: ``W = scale * (q - zero)``."""
-    from safetensors.torch import load_file
-
     weights = _read_scheme(path)
     bits, sym = int(weights["num_bits"]), bool(weights["symmetric"])
-    model = build_float_model(path, dtype)
-    tensors = load_file(str(Path(path) / WEIGHTS_NAME))
-    modules = dict(model.named_modules())
-    dequantized = set()
-    for key in [k for k in tensors if k.endswith(".weight_packed")]:
-        name = key[: -len(".weight_packed")]
-        linear = modules.get(name)
-        if not isinstance(linear, nn.Linear):
-            raise CompressError(f"{path}: packed weights for {name}, which is not a Linear of this model")
+
+    def dequantize_one(name, linear, tensors):
         out_f, in_f = (int(x) for x in tensors.pop(f"{name}.weight_shape").tolist())
         if (out_f, in_f) != (linear.out_features, linear.in_features):
             raise CompressError(f"{path}: {name}.weight_shape is {(out_f, in_f)}, the model's layer "
                                 f"{(linear.out_features, linear.in_features)}")
-        levels = unpack_dense(tensors.pop(key), bits, in_f)
+        levels = unpack_dense(tensors.pop(f"{name}.weight_packed"), bits, in_f)
         scales = tensors.pop(f"{name}.weight_scale").float()
         n_groups = scales.shape[1]
         if sym:
@@ -184,11 +172,6 @@ def load_compressed_tensors(path: str, *, dtype: torch.dtype = torch.float32, de
         else:
             zeros = unpack_dense(tensors.pop(f"{name}.weight_zero_point").T, bits, out_f).T
         g = torch.arange(in_f) // (in_f // n_groups)
-        w = scales[:, g] * (levels - zeros[:, g]).float()
-        with torch.no_grad():
-            linear.weight.copy_(w.to(dtype))
-        dequantized.add(name + ".weight")
-    if not dequantized:
-        raise CompressError(f"{path}: a compressed-tensors export without any packed linear")
-    load_rest(model, tensors, dequantized, path, "compressed-tensors")
-    return model.to(device).eval(), load_tokenizer(path)
+        return scales[:, g] * (levels - zeros[:, g]).float()
+
+    return load_packed_model(path, "compressed-tensors", ".weight_packed", dequantize_one, dtype=dtype, device=device)

@@ -342,30 +342,41 @@ def _v1_bits(name: str, qweight: torch.Tensor, in_features: int) -> int:
     raise CompressError(f"{name}.qweight has {rows} rows, which fits no bit width for {in_features} inputs")
 
 
-@register_loader("gptq")
-def load_gptq(path: str, *, dtype: torch.dtype = torch.float32, device="cpu"):
-    """Float model with each packed linear dequantized: ``W = scales * (q - zero)``."""
+def load_packed_model(path: str, fmt: str, packed_suffix: str, dequantize_one, *, dtype: torch.dtype, device):
+    """Float model from an export: every ``{name}{packed_suffix}`` tensor names a packed linear whose
+    weight ``dequantize_one(name, linear, tensors)`` rebuilds (popping the tensors it uses);
+    every other tensor loads as is."""
     from safetensors.torch import load_file
 
     model = build_float_model(path, dtype)
     tensors = load_file(str(Path(path) / WEIGHTS_NAME))
     modules = dict(model.named_modules())
     dequantized = set()
-    for key in [k for k in tensors if k.endswith(".qweight")]:
-        name = key[: -len(".qweight")]
+    for key in [k for k in tensors if k.endswith(packed_suffix)]:
+        name = key[: -len(packed_suffix)]
         linear = modules.get(name)
         if not isinstance(linear, nn.Linear):
             raise CompressError(f"{path}: packed weights for {name}, which is not a Linear of this model")
+        w = dequantize_one(name, linear, tensors)
+        with torch.no_grad():
+            linear.weight.copy_(w.to(dtype))
+        dequantized.add(name + ".weight")
+    if not dequantized:
+        raise CompressError(f"{path}: a {fmt} export without any packed linear")
+    load_rest(model, tensors, dequantized, path, fmt)
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+@register_loader("gptq")
+def load_gptq(path: str, *, dtype: torch.dtype = torch.float32, device="cpu"):
+    """Float model with each packed linear dequantized: ``W = scales * (q - zero)``."""
+
+    def dequantize_one(name, linear, tensors):
         packed = {k: tensors.pop(f"{name}.{k}") for k in PACKED_SUFFIXES}
         bits = _v1_bits(name, packed["qweight"], linear.in_features)
         try:
-            w = dequantize_gptq_v1(packed, bits, linear.in_features, linear.out_features, dtype=dtype)
+            return dequantize_gptq_v1(packed, bits, linear.in_features, linear.out_features, dtype=dtype)
         except ValueError as exc:
             raise CompressError(f"{path}: {name}: {exc}") from None
-        with torch.no_grad():
-            linear.weight.copy_(w)
-        dequantized.add(name + ".weight")
-    if not dequantized:
-        raise CompressError(f"{path}: a gptq export without any packed linear")
-    load_rest(model, tensors, dequantized, path, "gptq")
-    return model.to(device).eval(), load_tokenizer(path)
+
+    return load_packed_model(path, "gptq", ".qweight", dequantize_one, dtype=dtype, device=device)
