@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,22 @@ from tqdm.auto import tqdm
 
 from calibration.metrics import expected_calibration_error
 from compress.errors import CompressError
+
+
+@contextmanager
+def on_device(model: torch.nn.Module, device) -> Iterator[torch.nn.Module]:
+    """Run ``model`` on ``device`` in eval mode, then put it back where (and as) it was.
+
+    Layer-wise stages keep a model on the CPU and move one block at a time; evaluation
+    needs the whole model on the compute device for the duration of the call only.
+    """
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        yield model
+    finally:
+        model.to(home).train(was_training)
 
 
 def window_token_ids(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

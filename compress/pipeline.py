@@ -157,12 +157,8 @@ def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size
 
 
 def _verify(model, windows, spec, device, progress) -> dict:
-    from compress.evaluate import evaluate_windows
-    home = next(model.parameters()).device
-    model.to(device)  # a layer-wise stage may keep the model on the CPU until it runs
-    try:
+    from compress.evaluate import evaluate_windows, on_device
+    with on_device(model, device):  # a layer-wise stage may keep the model on the CPU until it runs
         out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress)
-    finally:
-        model.to(home)
     out.update(corpus=spec.corpus, split=spec.split)
     return out

@@ -18,9 +18,8 @@ from __future__ import annotations
 import gc
 import math
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ from tqdm.auto import tqdm
 from compress.data.calibration_set import (CalibrationSet, _positive_int, build_calibration_set,
                                            calibration_set_from_offsets)
 from compress.errors import CompressError
+from compress.evaluate import on_device
 
 STRATEGIES = ("random", "domain", "diversity", "kl")
 
@@ -53,18 +53,6 @@ def _restamped(calib: CalibrationSet, **fields) -> CalibrationSet:
     return CalibrationSet(input_ids=calib.input_ids, fingerprint={**calib.fingerprint, **fields})
 
 
-@contextmanager
-def _on_device(model: nn.Module, device) -> Iterator[nn.Module]:
-    """Run ``model`` on ``device`` in eval mode, then put it back where (and as) it was."""
-    home = next(model.parameters()).device
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        yield model
-    finally:
-        model.to(home).train(was_training)
-
-
 def _log_probs(model: nn.Module, ids: torch.Tensor, device) -> torch.Tensor:
     """[b, L, vocab] float32 next-token log-probabilities."""
     logits = model(input_ids=ids.to(device), use_cache=False).logits
@@ -83,7 +71,7 @@ def kl_on_probe(reference: nn.Module, candidate: nn.Module, probe: CalibrationSe
     """
     _positive_int("batch_size", batch_size, 1)
     total, count = 0.0, 0
-    with _on_device(reference, device), _on_device(candidate, device):
+    with on_device(reference, device), on_device(candidate, device):
         for ids in probe.batches(batch_size):
             logp_ref = _log_probs(reference, ids, device)
             logp_cand = _log_probs(candidate, ids, device)
@@ -106,7 +94,7 @@ def mean_pooled_hidden(model: nn.Module, ids: torch.Tensor, *, device, batch_siz
     _positive_int("batch_size", batch_size, 1)
     body = getattr(model, "base_model", model)
     feats = []
-    with _on_device(model, device):
+    with on_device(model, device):
         for start in tqdm(range(0, len(ids), batch_size), desc="embed pool", unit="batch",
                           disable=not progress):
             out = body(input_ids=ids[start:start + batch_size].to(device), use_cache=False,

@@ -38,12 +38,12 @@ from collections import Counter
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
 from compress.algorithms import StepContext, register_algorithm
 from compress.config import StepConfig
+from compress.evaluate import evaluate_windows, on_device
 from compress.quantize.grid import QuantSpec, dequantize
 from compress.quantize.mixed import solve_allocation
 from compress.quantize.solvers import QuantResult, gptq_solve
@@ -129,27 +129,16 @@ def _dequantized(res: QuantResult, like: torch.Tensor) -> torch.Tensor:
     return q.to(like.dtype)
 
 
-@torch.no_grad()
 def _mean_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int, device) -> float:
     """Mean next-token NLL over every predicted token of ``windows`` [n, seq]."""
-    total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        ids = windows[i:i + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        labels = ids[:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                       reduction="sum").double())
-        count += labels.numel()
-    return total / count
+    return evaluate_windows(model, windows, batch_size=batch_size, device=device, progress=False)["nll"]
 
 
 def _loss_sensitivity(model, units: dict[str, list[str]], modules: dict, candidates: dict, bits: list[int],
                       cfg: GPTQMixedConfig, ctx: StepContext) -> tuple[dict, dict]:
     """ΔL(unit, b) = NLL(only the unit at b bits) − NLL(float), on the first probe_samples windows."""
     windows = ctx.calibration.input_ids[:cfg.probe_samples]
-    home = next(model.parameters()).device
-    model.to(ctx.device)
-    try:
+    with on_device(model, ctx.device):
         base = _mean_nll(model, windows, ctx.batch_size, ctx.device)
         delta: dict[str, dict[int, float]] = {}
         bar = tqdm(total=len(units) * len(bits), desc="loss probe", unit="pass", disable=not ctx.progress)
@@ -168,8 +157,6 @@ def _loss_sensitivity(model, units: dict[str, list[str]], modules: dict, candida
             for n in members:
                 candidates.pop(n)  # free this unit's levels as soon as they are measured
         bar.close()
-    finally:
-        model.to(home)
     return delta, {"nll_float": base, "probe_windows": int(len(windows)),
                    "probe_forward_passes": len(units) * len(bits) + 1}
 
