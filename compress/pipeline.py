@@ -105,7 +105,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         verify_text = window_token_ids(tokenizer, corpus_text(v.corpus, v.split), v.seq_len, v.max_windows)
         if v.baseline:
             with timer("verify_baseline"):
-                report["baseline"] = _verify(model, verify_text, v, device, progress)
+                report["baseline"] = _verify(model, tokenizer, verify_text, v, device, progress)
             log(f"baseline: perplexity {report['baseline']['perplexity']:.3f}, ECE {report['baseline']['ece']:.4f}")
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
@@ -115,7 +115,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     if recipe.verify is not None:
         with timer("verify"):
-            report["verify"] = _verify(model, verify_text, recipe.verify, device, progress)
+            report["verify"] = _verify(model, tokenizer, verify_text, recipe.verify, device, progress)
         log(f"verify: perplexity {report['verify']['perplexity']:.3f}, ECE {report['verify']['ece']:.4f}")
     report["timings"] = timer.timings
 
@@ -156,9 +156,14 @@ def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size
     return clone
 
 
-def _verify(model, windows, spec, device, progress) -> dict:
+def _verify(model, tokenizer, windows, spec, device, progress) -> dict:
     from compress.evaluate import evaluate_windows, on_device
     with on_device(model, device):  # a layer-wise stage may keep the model on the CPU until it runs
         out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress)
-    out.update(corpus=spec.corpus, split=spec.split)
+        out.update(corpus=spec.corpus, split=spec.split)
+        if spec.topics:
+            from compress.tasks import bbc_topic_examples, topic_accuracy
+            topics = topic_accuracy(model, tokenizer, bbc_topic_examples("test", max_examples=spec.topics),
+                                    device=device, batch_size=8, progress=progress)
+            out.update(accuracy=topics["accuracy"], topics={"examples": topics["examples"], "ece": topics["ece"]})
     return out

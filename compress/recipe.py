@@ -21,7 +21,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-import compress.quantize  # noqa: F401  (registers algorithms before the union is built)
+import compress.prune  # noqa: F401  (registers algorithms before the union is built)
+import compress.quantize  # noqa: F401
 from compress.algorithms import ALGORITHMS
 from compress.config import StrictModel
 from compress.errors import CompressError, RecipeError
@@ -100,6 +101,7 @@ class VerifySpec(StrictModel):
     max_windows: int | None = Field(32, ge=1)
     batch_size: int = Field(1, ge=1, le=4096)
     baseline: bool = Field(True, description="also evaluate the model before any stage")
+    topics: int = Field(0, ge=0, description="BBC test articles for zero-shot topic accuracy (0: skip)")
 
     _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
 

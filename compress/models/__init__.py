@@ -85,6 +85,9 @@ def load_model(source: str, *, dtype: torch.dtype | str = torch.float32, device:
             model, tokenizer = _LOADERS[fmt](path, dtype=dtype, device=device)
             return LoadedModel(model.eval(), tokenizer, source, path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    from compress.prune.shrink import has_pruned_layers, load_pruned_checkpoint
+    if has_pruned_layers(path):  # per-layer sizes that a plain config cannot say
+        return LoadedModel(load_pruned_checkpoint(path, dtype=dtype, device=device), tokenizer, source, path)
     auto = AutoModel if source in ZOO and ZOO[source].kind == "encoder" else AutoModelForCausalLM
     try:
         model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)

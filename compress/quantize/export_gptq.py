@@ -162,10 +162,12 @@ def build_float_model(path: str | Path, dtype: torch.dtype):
     """The architecture of ``config.json`` in float, without its quantization_config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from compress.prune.shrink import apply_pruned_layers
+
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain nn.Linear layers; we dequantize ourselves
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return apply_pruned_layers(AutoModelForCausalLM.from_config(config, dtype=dtype))
 
 
 def load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], dequantized: set[str], path, fmt: str) -> None:
