@@ -1,4 +1,4 @@
-"""Command line: ``python -m compress {models,validate,run,eval} ...``.
+"""Command line: ``python -m compress {models,validate,run,eval,draft-eval} ...``.
 
 User errors (bad recipe, unknown model, unreachable registry) print one message
 and exit 2; no traceback.
@@ -46,6 +46,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default="float32")
+
+    de = sub.add_parser("draft-eval", help="teacher-forced drafter vs target: agreement, alpha, tau(gamma)")
+    de.add_argument("--target", required=True, help="a zoo id or a model / export folder")
+    de.add_argument("--drafter", required=True, help="a zoo id or a model / export folder")
+    de.add_argument("--text", required=True, help="prompts: .txt (blank-line separated) or .jsonl ('text')")
+    de.add_argument("--gammas", default="1,2,3,4,5,6,7,8", help="draft lengths (default 1,...,8)")
+    de.add_argument("--max-new-tokens", type=int, default=128,
+                    help="target greedy continuation per prompt; 0 scores the prompts themselves")
+    de.add_argument("--max-prompts", type=int, default=None)
+    de.add_argument("--temperature", type=float, default=1.0, help="for alpha (default 1)")
+    de.add_argument("--device", default="auto")
+    de.add_argument("--dtype", default="float32")
     return p
 
 
@@ -111,5 +123,15 @@ def _dispatch(args) -> int:
             result = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=args.seq_len,
                                    max_windows=args.max_windows, batch_size=args.batch_size, device=device)
         print(json.dumps({"model": args.model, **source, **result}))
+        return 0
+
+    if args.command == "draft-eval":
+        from compress.draft.agreement import draft_eval_sources, parse_gammas
+        from compress.pipeline import resolve_device
+        result = draft_eval_sources(args.target, args.drafter, args.text, gammas=parse_gammas(args.gammas),
+                                    max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
+                                    temperature=args.temperature, device=resolve_device(args.device),
+                                    dtype=args.dtype)
+        print(json.dumps(result))
         return 0
     raise AssertionError(args.command)

@@ -1,0 +1,359 @@
+"""Speculative decoding, measured: our own loop over a target and a drafter, batch 1.
+
+One *round*: the drafter proposes up to γ tokens one forward at a time; the target scores
+the not-yet-cached committed tokens plus all drafts in ONE forward; the longest acceptable
+prefix of the drafts is kept plus one token from the target (the correction at the first
+rejection, or a bonus token when every draft is accepted); both KV caches are cropped back
+to the committed tokens. The prompt is prefilled inside the first round, so every round is
+exactly one target call and ``tokens_per_target_call`` = new tokens / rounds.
+
+Acceptance
+- greedy: a draft is accepted iff it equals the target's argmax, so the output is
+  token-identical to the target's own greedy decoding (``target_generate``).
+- sample: exact speculative sampling (Leviathan et al. 2023, Chen et al. 2023) on the
+  processed distributions (temperature, then top-p, applied to both models): accept a draft
+  d with probability min(1, p(d)/q(d)); on rejection sample from norm(max(p − q, 0)); the
+  bonus token is sampled from p. Every emitted token is distributed as the target's
+  processed distribution.
+
+Confidence-stopped drafting: after drafting a token whose confidence (the drafter's max
+probability — of the raw softmax in greedy mode, of the processed q in sample mode —
+mapped through ``calibrator`` if one is given) is below ``confidence_threshold``, drafting
+stops. That token is still proposed: verifying one more token costs the target nothing at
+batch 1, but no further drafter call is spent continuing a draft that is probably rejected.
+Every round drafts at least one token (except a last round with one token left to produce).
+
+Cache cropping: transformers changed ``DynamicCache.crop``'s argument from "final length"
+(5.17) to "tokens to remove" (5.23); a negative count removes tokens from the end in both.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from compress.errors import CompressError
+
+Calibrator = Callable[[torch.Tensor], torch.Tensor]  # elementwise: raw confidences -> calibrated
+MODES = ("greedy", "sample")
+
+
+@dataclass
+class SpecResult:
+    tokens: torch.Tensor  # [n] new token ids (prompt excluded), on the target's device
+    target_calls: int
+    drafter_calls: int
+    drafted: list[int] = field(default_factory=list)  # [γ] rounds that proposed a j-th draft token
+    accepted: list[int] = field(default_factory=list)  # [γ] rounds whose j-th draft was accepted
+    target_time_s: float = 0.0
+    drafter_time_s: float = 0.0
+    wall_time_s: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return int(self.tokens.numel())
+
+    @property
+    def tokens_per_target_call(self) -> float:
+        return self.new_tokens / self.target_calls if self.target_calls else math.nan
+
+    @property
+    def acceptance_rate(self) -> float:
+        return sum(self.accepted) / sum(self.drafted) if sum(self.drafted) else math.nan
+
+    def summary(self) -> dict:
+        """JSON-ready numbers (no token ids)."""
+        return {"new_tokens": self.new_tokens, "target_calls": self.target_calls,
+                "drafter_calls": self.drafter_calls,
+                "tokens_per_target_call": self.tokens_per_target_call,
+                "acceptance_rate": None if math.isnan(self.acceptance_rate) else self.acceptance_rate,
+                "drafted": self.drafted, "accepted": self.accepted,
+                "target_time_s": self.target_time_s, "drafter_time_s": self.drafter_time_s,
+                "wall_time_s": self.wall_time_s,
+                "tokens_per_s": self.new_tokens / self.wall_time_s if self.wall_time_s else None}
+
+
+# --------------------------------------------------------------------------- checks
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def context_length(model: torch.nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def as_prompt(input_ids) -> torch.Tensor:
+    """One prompt as a 1-D LongTensor; accepts a list of ids, [L] or [1, L]."""
+    ids = torch.as_tensor(input_ids)
+    if ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]
+    if ids.dim() != 1:
+        raise CompressError(f"speculative decoding runs one prompt at a time (batch 1); got input_ids "
+                            f"of shape {tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise CompressError("the prompt is empty; give at least one token")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise CompressError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    return ids.long()
+
+
+def check_context(models: dict[str, torch.nn.Module], prompt_len: int, max_new_tokens: int) -> None:
+    """Raise unless prompt + new tokens fit every model's context (max_position_embeddings)."""
+    for name, model in models.items():
+        ctx = context_length(model)
+        if ctx is not None and prompt_len + max_new_tokens > ctx:
+            raise CompressError(
+                f"a prompt of {prompt_len} tokens plus {max_new_tokens} new tokens does not fit the "
+                f"{name}'s context of {ctx} tokens (max_position_embeddings); use a shorter prompt "
+                f"or fewer new tokens")
+
+
+def check_gamma(gamma) -> int:
+    if isinstance(gamma, bool) or not isinstance(gamma, int) or gamma < 1:
+        raise CompressError(f"gamma (draft length) must be an integer >= 1, got {gamma!r}")
+    return gamma
+
+
+def check_same_vocabulary(target_tokenizer, drafter_tokenizer) -> None:
+    """Raise unless both tokenizers map the same tokens to the same ids: speculative decoding
+    passes token ids between the models, so an id must mean the same token to both."""
+    from compress.data import tokenizer_fingerprint
+
+    if tokenizer_fingerprint(target_tokenizer) == tokenizer_fingerprint(drafter_tokenizer):
+        return
+    tv, dv = target_tokenizer.get_vocab(), drafter_tokenizer.get_vocab()
+    if tv == dv:
+        return  # only normalisation / pre-tokenisation differs: prompts are encoded by the target's
+    differ = sum(1 for t in set(tv) | set(dv) if tv.get(t) != dv.get(t))
+    raise CompressError(
+        f"the target and drafter tokenizers differ ({len(tv)} vs {len(dv)} tokens, {differ} tokens "
+        f"with different ids): speculative decoding needs a drafter that shares the target's "
+        f"vocabulary; pick a drafter from the same model family")
+
+
+# --------------------------------------------------------------------------- distributions
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0,
+                   top_p: float | None = None) -> torch.Tensor:
+    """float32 probabilities after temperature and then top-p (nucleus) truncation."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # drop a token once the more likely tokens before it already reach top_p (keeps the top one)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def pad_vocab(probs: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero probability for ids a model's head does not have (heads padded to different sizes)."""
+    extra = size - probs.shape[-1]
+    return probs if extra <= 0 else torch.nn.functional.pad(probs, (0, extra))
+
+
+def verify_greedy(target_argmax: torch.Tensor, drafts: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """target_argmax [γ+1], drafts [γ] -> (accepted count n, next token = target_argmax[n])."""
+    gamma = drafts.numel()
+    mismatch = (drafts != target_argmax[:gamma]).nonzero()
+    n = int(mismatch[0, 0]) if mismatch.numel() else gamma
+    return n, target_argmax[n]
+
+
+def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact speculative sampling, batched over leading dims.
+
+    p [..., γ+1, V] target probabilities, q [..., γ, V] drafter probabilities the drafts
+    [..., γ] were sampled from. Returns (accepted count [...], next token [...]): the next token
+    is drawn from norm(max(p − q, 0)) at the first rejection, or from p[γ] (the bonus) when all
+    drafts are accepted — q is padded with a zero row so both cases are one formula.
+    """
+    gamma, vocab = drafts.shape[-1], p.shape[-1]
+    p_d = p[..., :gamma, :].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+    q_d = q.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+    u = torch.rand(p_d.shape, generator=generator, device=p.device)
+    accept = u * q_d < p_d  # u < p/q: probability min(1, p/q)
+    n = accept.long().cumprod(-1).sum(-1)
+    idx = n[..., None, None].expand(*n.shape, 1, vocab)
+    q_pad = torch.cat([q, q.new_zeros(*q.shape[:-2], 1, vocab)], dim=-2)
+    p_n, q_n = p.gather(-2, idx).squeeze(-2), q_pad.gather(-2, idx).squeeze(-2)
+    resid = (p_n - q_n).clamp_min(0.0)
+    mass = resid.sum(-1, keepdim=True)
+    # mass 0 means p == q where it was drawn: a rejection there had probability 0; fall back to p
+    resid = torch.where(mass > 0, resid / mass.clamp_min(1e-30), p_n)
+    nxt = torch.multinomial(resid.reshape(-1, vocab), 1, generator=generator).reshape(n.shape)
+    return n, nxt
+
+
+# --------------------------------------------------------------------------- model plumbing
+
+class _Stopwatch:
+    """Accumulated seconds of one model's calls; synchronizes CUDA so GPU time is counted."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, 0.0
+
+    @contextmanager
+    def __call__(self):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            self.seconds += time.perf_counter() - start
+
+
+def new_cache(model: torch.nn.Module):
+    from transformers import DynamicCache
+    return DynamicCache(config=model.config)
+
+
+def crop_cache(cache, length: int) -> None:
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)  # negative = remove from the end, in transformers 5.17 and 5.23 alike
+
+
+def forward_last(model: torch.nn.Module, cache, new_ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Feed ``new_ids`` [n] after what ``cache`` holds; float32 logits of the last ``keep`` positions."""
+    ids = new_ids.to(model_device(model))[None]
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0, -keep:].float()
+
+
+def _eos_set(eos_token_id) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
+
+
+def _cut_at_eos(new: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, bool]:
+    if not eos:
+        return new, False
+    hits = [i for i, t in enumerate(new.tolist()) if t in eos]
+    return (new[: hits[0] + 1], True) if hits else (new, False)
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CompressError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+# --------------------------------------------------------------------------- decoding
+
+@torch.inference_mode()
+def target_generate(target: torch.nn.Module, input_ids, max_new_tokens: int, *,
+                    eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
+    """Baseline: the target alone, greedy, with a KV cache (one target call per new token)."""
+    _check_positive("max_new_tokens", max_new_tokens)
+    device = model_device(target)
+    prompt = as_prompt(input_ids).to(device)
+    check_context({"target": target}, prompt.numel(), max_new_tokens)
+    eos, cache, clock = _eos_set(eos_token_id), new_cache(target), _Stopwatch(device)
+    out: list[torch.Tensor] = []
+    feed, start = prompt, time.perf_counter()
+    while len(out) < max_new_tokens:
+        with clock():
+            tok = forward_last(target, cache, feed, 1)[0].argmax()
+        out.append(tok)
+        if eos and int(tok) in eos:
+            break
+        feed = tok[None]
+    tokens = torch.stack(out)
+    return SpecResult(tokens=tokens, target_calls=len(out), drafter_calls=0,
+                      target_time_s=clock.seconds, wall_time_s=time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def speculative_generate(target: torch.nn.Module, drafter: torch.nn.Module, input_ids, *,
+                         max_new_tokens: int, gamma: int, mode: str = "greedy",
+                         temperature: float = 1.0, top_p: float | None = None,
+                         confidence_threshold: float | None = None,
+                         calibrator: Calibrator | None = None, seed: int = 0,
+                         eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
+    """Generate ``max_new_tokens`` tokens (fewer if ``eos_token_id`` comes) with speculative decoding."""
+    _check_positive("max_new_tokens", max_new_tokens)
+    check_gamma(gamma)
+    if mode not in MODES:
+        raise CompressError(f"unknown speculative mode {mode!r}; allowed: {', '.join(MODES)}")
+    if mode == "sample" and not temperature > 0:
+        raise CompressError(f"temperature must be > 0 for sampling, got {temperature}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise CompressError(f"top_p must be in (0, 1], got {top_p}")
+    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
+        raise CompressError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    device, d_device = model_device(target), model_device(drafter)
+    prompt = as_prompt(input_ids).to(device)
+    check_context({"target": target, "drafter": drafter}, prompt.numel(), max_new_tokens)
+    sample = mode == "sample"
+    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
+
+    eos = _eos_set(eos_token_id)
+    t_cache, d_cache = new_cache(target), new_cache(drafter)
+    t_clock, d_clock = _Stopwatch(device), _Stopwatch(d_device)
+    seq, n_prompt = prompt, prompt.numel()  # committed tokens; caches hold KV of a prefix of seq[:-1]
+    drafted, accepted = [0] * gamma, [0] * gamma
+    target_calls = drafter_calls = 0
+    start = time.perf_counter()
+    while seq.numel() - n_prompt < max_new_tokens:
+        budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)  # never draft past the end
+        drafts: list[torch.Tensor] = []
+        q_rows: list[torch.Tensor] = []
+        with d_clock():
+            for j in range(budget):
+                feed = seq[d_cache.get_seq_length():] if j == 0 else drafts[-1][None]
+                logits = forward_last(drafter, d_cache, feed, 1)[0]
+                drafter_calls += 1
+                probs = process_logits(logits, temperature, top_p) if sample else torch.softmax(logits, -1)
+                tok = (torch.multinomial(probs.to(device), 1, generator=generator)[0] if sample
+                       else probs.argmax().to(device))
+                drafts.append(tok)
+                q_rows.append(probs.to(device))
+                if confidence_threshold is not None:
+                    conf = probs.max().reshape(1)
+                    if calibrator is not None:
+                        conf = calibrator(conf)
+                    if float(conf.reshape(-1)[0]) < confidence_threshold:
+                        break
+        k = len(drafts)
+        draft_ids = torch.stack(drafts) if drafts else prompt.new_empty(0)
+        with t_clock():
+            feed = torch.cat([seq[t_cache.get_seq_length():], draft_ids])
+            logits = forward_last(target, t_cache, feed, k + 1)
+            target_calls += 1
+            if sample:
+                vocab = max(logits.shape[-1], q_rows[0].shape[-1] if q_rows else 0)
+                p = pad_vocab(process_logits(logits, temperature, top_p), vocab)
+                q = pad_vocab(torch.stack(q_rows), vocab) if q_rows else p.new_zeros(0, vocab)
+                n, nxt = verify_sampled(p, q, draft_ids, generator)
+                n = int(n)
+            else:
+                n, nxt = verify_greedy(logits.argmax(-1), draft_ids)
+        for j in range(k):
+            drafted[j] += 1
+            accepted[j] += j < n
+        new, stop = _cut_at_eos(torch.cat([draft_ids[:n], nxt.reshape(1)]), eos)
+        seq = torch.cat([seq, new])
+        crop_cache(t_cache, seq.numel() - 1)
+        crop_cache(d_cache, seq.numel() - 1)
+        if stop:
+            break
+    return SpecResult(tokens=seq[n_prompt:], target_calls=target_calls, drafter_calls=drafter_calls,
+                      drafted=drafted, accepted=accepted, target_time_s=t_clock.seconds,
+                      drafter_time_s=d_clock.seconds, wall_time_s=time.perf_counter() - start)
+
+
+def mean_tokens_per_target_call(results: Sequence[SpecResult]) -> float:
+    """Pooled over prompts: Σ new tokens / Σ target calls."""
+    return sum(r.new_tokens for r in results) / sum(r.target_calls for r in results)
