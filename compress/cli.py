@@ -1,4 +1,4 @@
-"""Command line: ``python -m compress {models,validate,run,eval,draft-eval} ...``.
+"""Command line: ``python -m compress {models,validate,run,eval,draft-eval,draft-bench} ...``.
 
 User errors (bad recipe, unknown model, unreachable registry) print one message
 and exit 2; no traceback.
@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=1)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--dtype", default="float32")
+    ev.add_argument("--speed", action="store_true",
+                    help="also weight bytes, peak memory, batch-1 decode tokens/s and the bandwidth roofline")
+    ev.add_argument("--new-tokens", type=int, default=128, help="decoded tokens for --speed (default 128)")
+    ev.add_argument("--compile", action="store_true", help="--speed: compiled decode step (CUDA graphs on GPU)")
+    ev.add_argument("--int4", action="store_true", help="run a gptq export's 4-bit linears on the int4 kernel")
+    ev.add_argument("--topics", type=int, default=0, help="BBC test articles for zero-shot topic accuracy")
+    ev.add_argument("--bandwidth-gbs", type=float, default=None,
+                    help="memory bandwidth for the roofline (default: nominal figure of a known GPU)")
 
     de = sub.add_parser("draft-eval", help="teacher-forced drafter vs target: agreement, alpha, tau(gamma)")
     de.add_argument("--target", required=True, help="a zoo id or a model / export folder")
@@ -58,6 +66,20 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--temperature", type=float, default=1.0, help="for alpha (default 1)")
     de.add_argument("--device", default="auto")
     de.add_argument("--dtype", default="float32")
+
+    db = sub.add_parser("draft-bench", help="tokens/s of the target alone vs speculative decoding (fast path)")
+    db.add_argument("--target", required=True, help="a zoo id or a model / export folder")
+    db.add_argument("--drafter", required=True, help="a zoo id or a model / export folder")
+    db.add_argument("--prompts", required=True, help=".txt (blank-line separated) or .jsonl ('text')")
+    db.add_argument("--gamma", type=int, default=4, help="draft length (default 4)")
+    db.add_argument("--max-new-tokens", type=int, default=128)
+    db.add_argument("--max-prompts", type=int, default=None)
+    db.add_argument("--int4-drafter", action="store_true", help="run a gptq drafter's 4-bit linears on the int4 kernel")
+    db.add_argument("--compile", action="store_true", help="compiled decode steps (CUDA graphs on GPU)")
+    db.add_argument("--hf-baseline", action="store_true", help="also time generate(cache_implementation='static')")
+    db.add_argument("--out", default=None, help="folder for draft_bench.json and draft_bench.png")
+    db.add_argument("--device", default="auto")
+    db.add_argument("--dtype", default="float32")
     return p
 
 
@@ -112,6 +134,11 @@ def _dispatch(args) -> int:
         from compress.pipeline import resolve_device
         device = resolve_device(args.device)
         loaded = load_model(args.model, dtype=args.dtype, device=device)
+        if args.int4:
+            from compress.draft.int4 import int4_linears_from_gptq
+            int4_linears_from_gptq(loaded.model, loaded.path)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         if args.text:
             text = corpus_text(args.text, "all")
             source = {"text": args.text}
@@ -122,6 +149,11 @@ def _dispatch(args) -> int:
         with torch.inference_mode():
             result = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=args.seq_len,
                                    max_windows=args.max_windows, batch_size=args.batch_size, device=device)
+        if args.speed or args.topics:
+            from compress.draft.standalone import standalone_metrics
+            result.update(standalone_metrics(loaded.model, loaded.tokenizer, device=device, speed=args.speed,
+                                             new_tokens=args.new_tokens, compile=args.compile, topics=args.topics,
+                                             bandwidth_gbs=args.bandwidth_gbs, prompt_text=text))
         print(json.dumps({"model": args.model, **source, **result}))
         return 0
 
@@ -132,6 +164,17 @@ def _dispatch(args) -> int:
                                     max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
                                     temperature=args.temperature, device=resolve_device(args.device),
                                     dtype=args.dtype)
+        print(json.dumps(result))
+        return 0
+
+    if args.command == "draft-bench":
+        from compress.draft.bench import draft_bench_sources
+        from compress.pipeline import resolve_device
+        result = draft_bench_sources(args.target, args.drafter, args.prompts, gamma=args.gamma,
+                                     max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
+                                     device=resolve_device(args.device), dtype=args.dtype,
+                                     int4_drafter=args.int4_drafter, compile=args.compile,
+                                     hf_baseline=args.hf_baseline, out=args.out)
         print(json.dumps(result))
         return 0
     raise AssertionError(args.command)

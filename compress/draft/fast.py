@@ -1,0 +1,343 @@
+"""Fast batch-1 decoding: static KV caches and a compiled decode step, for target and drafter.
+
+:class:`FastDecoder` owns one model's KV cache and feeds it tokens; ``fast_target_generate``
+and ``fast_speculative_generate`` are ``target_generate`` / ``speculative_generate`` (same
+rounds, same acceptance rules, same :class:`SpecResult`) on decoders. With ``compile=False``
+the same code runs eagerly, which is what the CPU tests check for token identity.
+
+Static cache (transformers ``StaticCache``, 5.17 and 5.23 alike): every layer preallocates
+[1, kv_heads, max_cache_len, head_dim] and writes new keys/values at its own length counter
+(``StaticLayer.cumulative_length``, a device tensor with a fixed address). Attention runs over
+all ``max_cache_len`` slots with a causal mask built from the query positions, so slots past the
+current length are never seen. Speculative decoding's "crop" is therefore a position reset:
+:meth:`FastDecoder.rewind` sets every layer's counter back, and the next forward overwrites the
+rejected slots in place. Positions are passed explicitly (``position_ids``) from our own count.
+
+Pruned models with per-layer KV head counts: StaticCache layers allocate lazily, from the
+first key/value states they receive (never from the config's head count; we never call
+``early_initialization``), so every layer gets its own shape; the first call (the prefill)
+always runs eagerly, so this allocation happens outside any compiled graph. A cache whose
+layers are not plain full-attention ``StaticLayer`` s (sliding windows, another transformers
+version) falls back to ``DynamicCache`` with a log line.
+
+Compile (``compile=True``): ``torch.compile(model.__call__)`` with ``dynamic=False`` — mode
+"reduce-overhead" (CUDA graphs) on CUDA, inductor's default elsewhere. Only the ``step_shapes``
+(tokens fed, logits kept) go through it, each its own graph: (1, 1) for plain decoding, (1, 1)
+and (2, 1) for the drafter, (γ+1, γ+1) for a full verification (``decoder_pair``). Everything
+else — prefills, the shorter verifications of a last round or of confidence-stopped drafts — runs
+eagerly on the same cache (correct, just slower), so compile time stays at a few graphs per model.
+:meth:`FastDecoder.warmup` compiles and records every step shape before anything is timed.
+CUDA graphs reuse their output buffers, so every compiled call starts with
+``torch.compiler.cudagraph_mark_step_begin()`` and its logits are cloned before anything else
+runs — the "accessing tensor output of CUDAGraphs that has been overwritten" error of a
+hand-written reduce-overhead compile comes from reading a previous step's logits after the next
+replay.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from typing import Iterable, Sequence
+
+import torch
+
+from compress.draft.speculative import (MODES, Calibrator, SpecResult, _check_positive, _cut_at_eos, _eos_set,
+                                        as_prompt, check_context, check_gamma, model_device, pad_vocab,
+                                        process_logits, verify_greedy, verify_sampled)
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+# dynamo keeps every compiled graph of nn.Module.__call__ under one code object (and guards on each
+# cache's tensors by identity): target + drafter step shapes, several decoders per process
+_RECOMPILE_LIMIT = 64
+
+
+def make_static_cache(model: torch.nn.Module, max_cache_len: int):
+    """A StaticCache of ``max_cache_len`` slots whose lengths we can reset, or None (and why).
+
+    Version-tolerant: transformers 5.x takes ``StaticCache(config=, max_cache_len=)``; 4.x also
+    wanted batch size, device and dtype up front (and tracked positions differently: refused)."""
+    from transformers import StaticCache
+
+    try:
+        cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    except TypeError:
+        p = next(model.parameters())
+        cache = StaticCache(config=model.config, max_batch_size=1, max_cache_len=max_cache_len,
+                            device=p.device, dtype=p.dtype)
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None, "this transformers StaticCache has no per-layer objects"
+    kinds = {type(layer).__name__ for layer in layers}
+    if kinds != {"StaticLayer"}:
+        return None, f"cache layers are {sorted(kinds)}, not plain full-attention StaticLayer"
+    if not all(hasattr(layer, "cumulative_length") for layer in layers):
+        return None, "StaticLayer has no cumulative_length counter to reset"
+    return cache, None
+
+
+@contextmanager
+def _normal_tensors():
+    """no_grad, and never inference mode (even inside a caller's): the cache is allocated by the
+    first call and updated in place by later calls and rewinds, which inference tensors forbid
+    outside inference mode; one mode for every call keeps them all legal."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _raise_recompile_limit() -> None:
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # new name (torch >= 2.6), old name
+        if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
+            setattr(cfg, name, _RECOMPILE_LIMIT)
+
+
+class FastDecoder:
+    """One model's batch-1 decoding state: a KV cache, its length, an (optionally compiled) step.
+
+    ``decoder(ids, keep)`` feeds ``ids`` [n] after the ``decoder.length`` cached tokens and
+    returns float32 logits [keep, V] of the last ``keep`` positions; ``rewind(n)`` forgets
+    everything after the first n tokens. Per-call seconds (CUDA synchronized) are kept in
+    ``stats`` by step length, prefills apart; ``eager_steps`` counts decode steps that ran
+    uncompiled because their shape is not one of ``step_shapes``.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_cache_len: int, *, static: bool = True,
+                 compile: bool = False, step_shapes: Iterable[tuple[int, int]] = ((1, 1),),
+                 compile_mode: str | None = None, compile_backend: str = "inductor", name: str = "model"):
+        _check_positive("max_cache_len", max_cache_len)
+        self.model, self.name = model, name
+        self.device = model_device(model)
+        ctx = getattr(model.config, "max_position_embeddings", None)
+        # no slot past the context is ever usable; __call__ says so if a sequence needs one
+        self.max_cache_len = min(max_cache_len, ctx) if ctx else max_cache_len
+        self.step_shapes = {(int(n), int(k)) for n, k in step_shapes}
+        self.eager_steps = 0
+        self.cache, self.static = None, False
+        if static:
+            self.cache, why = make_static_cache(model, self.max_cache_len)
+            self.static = self.cache is not None
+            if not self.static:
+                log.info("%s: static KV cache unavailable (%s); using DynamicCache", name, why)
+        if self.cache is None:
+            from transformers import DynamicCache
+            self.cache = DynamicCache(config=model.config)
+        self.positions = torch.arange(self.max_cache_len, device=self.device)
+        self.length = 0
+        self.compiled = None
+        if compile:
+            if not self.static:
+                log.info("%s: compiling without a static cache: every new length recompiles; expect it slow", name)
+            _raise_recompile_limit()
+            mode = compile_mode or ("reduce-overhead" if self.device.type == "cuda" else None)
+            self.compiled = torch.compile(model.__call__, mode=mode, backend=compile_backend,
+                                          dynamic=False, fullgraph=False)
+        self.cudagraphs = self.compiled is not None and self.device.type == "cuda" and (
+            compile_mode in (None, "reduce-overhead", "max-autotune")) and compile_backend == "inductor"
+        self.stats: dict[str, list] = {}  # "prefill" or "step{n}" -> [calls, seconds]
+        self.seconds = 0.0
+
+    # ------------------------------------------------------------------ state
+
+    def rewind(self, length: int) -> None:
+        """Keep the first ``length`` cached tokens (no-op if fewer are cached)."""
+        if length >= self.length:
+            return
+        if self.static:
+            with _normal_tensors():
+                for layer in self.cache.layers:
+                    layer.cumulative_length.fill_(length)  # in place: the compiled graphs read this address
+        else:
+            self.cache.crop(length - self.length)  # negative = remove from the end (5.17 and 5.23)
+        self.length = length
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+    def kv_heads(self) -> list[int]:
+        """Per-layer KV heads the cache holds (after the first call), e.g. to check a pruned model."""
+        return [int(layer.keys.shape[1]) for layer in self.cache.layers if getattr(layer, "keys", None) is not None]
+
+    # ------------------------------------------------------------------ forward
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        with _normal_tensors():
+            return self._forward(ids, keep)
+
+    def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
+        n = int(ids.numel())
+        if n < 1 or not 1 <= keep <= n:
+            raise CompressError(f"{self.name}: feed at least one token and keep 1..{n} positions (keep={keep})")
+        if self.length + n > self.max_cache_len:
+            raise CompressError(f"{self.name}: {self.length} cached + {n} new tokens exceed the cache of "
+                                f"{self.max_cache_len}; size the decoder for prompt + new tokens")
+        # a call at length 0 (a prefill, and the call that allocates the cache) runs eagerly
+        step = self.compiled is not None and self.length > 0 and (n, keep) in self.step_shapes
+        if self.compiled is not None and self.length > 0 and not step:
+            self.eager_steps += 1
+        fn = self.compiled if step else self.model
+        kwargs = dict(input_ids=ids.to(self.device).reshape(1, n),
+                      position_ids=self.positions[self.length:self.length + n].unsqueeze(0),
+                      past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
+        self._sync()
+        start = time.perf_counter()
+        if step and self.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        out = fn(**kwargs)
+        logits = out.logits[0, -keep:].float().clone()  # before the next replay overwrites the buffer
+        self._sync()
+        elapsed = time.perf_counter() - start
+        key = f"step{n}" if self.length else "prefill"
+        calls = self.stats.setdefault(key, [0, 0.0])
+        calls[0] += 1
+        calls[1] += elapsed
+        self.seconds += elapsed
+        self.length += n
+        return logits
+
+    def step_seconds(self, lengths: Iterable[int] | None = None) -> float | None:
+        """Mean seconds of the decode steps (not prefills) of the given lengths (all if None)."""
+        rows = [v for k, v in self.stats.items() if k.startswith("step")
+                and (lengths is None or int(k[4:]) in set(lengths))]
+        calls = sum(r[0] for r in rows)
+        return sum(r[1] for r in rows) / calls if calls else None
+
+    def clear_stats(self) -> None:
+        self.stats, self.seconds, self.eager_steps = {}, 0.0, 0
+
+    def warmup(self, repeats: int = 3) -> None:
+        """Run each step shape ``repeats`` times (compiling, then recording CUDA graphs) after a
+        short dummy prefill, then reset; stats are cleared."""
+        prefill = max(1, min(8, self.max_cache_len - max(n for n, _ in self.step_shapes)))
+        for n, keep in sorted(self.step_shapes):
+            for _ in range(repeats):
+                self.reset()
+                self(torch.zeros(prefill, dtype=torch.long), 1)
+                self(torch.zeros(n, dtype=torch.long), keep)
+        self.reset()
+        self.clear_stats()
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def fast_target_generate(decoder: FastDecoder, input_ids, max_new_tokens: int, *,
+                         eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
+    """``target_generate`` on a decoder: the target alone, greedy, one call per new token."""
+    _check_positive("max_new_tokens", max_new_tokens)
+    prompt = as_prompt(input_ids).to(decoder.device)
+    check_context({"target": decoder.model}, prompt.numel(), max_new_tokens)
+    eos = _eos_set(eos_token_id)
+    decoder.reset()
+    seconds, out = decoder.seconds, []
+    feed, start = prompt, time.perf_counter()
+    while len(out) < max_new_tokens:
+        tok = decoder(feed, 1)[0].argmax()
+        out.append(tok)
+        if eos and int(tok) in eos:
+            break
+        feed = tok[None]
+    return SpecResult(tokens=torch.stack(out), target_calls=len(out), drafter_calls=0,
+                      target_time_s=decoder.seconds - seconds, wall_time_s=time.perf_counter() - start)
+
+
+def fast_speculative_generate(target: FastDecoder, drafter: FastDecoder, input_ids, *, max_new_tokens: int,
+                              gamma: int, mode: str = "greedy", temperature: float = 1.0,
+                              top_p: float | None = None, confidence_threshold: float | None = None,
+                              calibrator: Calibrator | None = None, seed: int = 0,
+                              eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
+    """``speculative_generate`` on decoders: the same rounds (prompt prefilled in the first one),
+    acceptance rules and counts; caches rewound to the committed tokens after every round."""
+    _check_positive("max_new_tokens", max_new_tokens)
+    check_gamma(gamma)
+    if mode not in MODES:
+        raise CompressError(f"unknown speculative mode {mode!r}; allowed: {', '.join(MODES)}")
+    if mode == "sample" and not temperature > 0:
+        raise CompressError(f"temperature must be > 0 for sampling, got {temperature}")
+    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
+        raise CompressError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
+    device = target.device
+    prompt = as_prompt(input_ids).to(device)
+    check_context({"target": target.model, "drafter": drafter.model}, prompt.numel(), max_new_tokens)
+    sample = mode == "sample"
+    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
+    eos = _eos_set(eos_token_id)
+    target.reset()
+    drafter.reset()
+    t0, d0 = target.seconds, drafter.seconds
+    seq, n_prompt = prompt, prompt.numel()
+    drafted, accepted = [0] * gamma, [0] * gamma
+    target_calls = drafter_calls = 0
+    start = time.perf_counter()
+    while seq.numel() - n_prompt < max_new_tokens:
+        budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)
+        drafts: list[torch.Tensor] = []
+        q_rows: list[torch.Tensor] = []
+        for j in range(budget):
+            feed = seq[drafter.length:] if j == 0 else drafts[-1][None]
+            logits = drafter(feed, 1)[0]
+            drafter_calls += 1
+            probs = process_logits(logits, temperature, top_p) if sample else torch.softmax(logits, -1)
+            tok = (torch.multinomial(probs.to(device), 1, generator=generator)[0] if sample
+                   else probs.argmax().to(device))
+            drafts.append(tok)
+            q_rows.append(probs.to(device))
+            if confidence_threshold is not None:
+                conf = probs.max().reshape(1)
+                if calibrator is not None:
+                    conf = calibrator(conf)
+                if float(conf.reshape(-1)[0]) < confidence_threshold:
+                    break
+        k = len(drafts)
+        draft_ids = torch.stack(drafts) if drafts else prompt.new_empty(0)
+        logits = target(torch.cat([seq[target.length:], draft_ids]), k + 1)
+        target_calls += 1
+        if sample:
+            vocab = max(logits.shape[-1], q_rows[0].shape[-1] if q_rows else 0)
+            p = pad_vocab(process_logits(logits, temperature, top_p), vocab)
+            q = pad_vocab(torch.stack(q_rows), vocab) if q_rows else p.new_zeros(0, vocab)
+            n, nxt = verify_sampled(p, q, draft_ids, generator)
+            n = int(n)
+        else:
+            n, nxt = verify_greedy(logits.argmax(-1), draft_ids)
+        for j in range(k):
+            drafted[j] += 1
+            accepted[j] += j < n
+        new, stop = _cut_at_eos(torch.cat([draft_ids[:n], nxt.reshape(1)]), eos)
+        seq = torch.cat([seq, new])
+        target.rewind(seq.numel() - 1)
+        drafter.rewind(seq.numel() - 1)
+        if stop:
+            break
+    return SpecResult(tokens=seq[n_prompt:], target_calls=target_calls, drafter_calls=drafter_calls,
+                      drafted=drafted, accepted=accepted, target_time_s=target.seconds - t0,
+                      drafter_time_s=drafter.seconds - d0, wall_time_s=time.perf_counter() - start)
+
+
+def cache_len_for(prompt_lens: Sequence[int], max_new_tokens: int, multiple: int = 64) -> int:
+    """Static cache slots for every prompt, rounded up to ``multiple``. Longest prompt + new tokens
+    is enough for both loops: a round drafts at most the tokens still to produce minus one, so
+    neither model is ever fed past position prompt + max_new_tokens − 1."""
+    need = max(prompt_lens) + max_new_tokens
+    return -(-need // multiple) * multiple
+
+
+def decoder_pair(target, drafter, max_cache_len: int, gamma: int, *, compile: bool = False,
+                 static: bool = True, warmup: bool = True, **kw) -> tuple[FastDecoder, FastDecoder]:
+    """Target and drafter decoders sized alike, compiled (and warmed up) for the step shapes of
+    plain decoding and of full speculative rounds: target 1 and γ+1 tokens, drafter 1 and 2."""
+    t = FastDecoder(target, max_cache_len, static=static, compile=compile,
+                    step_shapes=((1, 1), (gamma + 1, gamma + 1)), name="target", **kw)
+    d = FastDecoder(drafter, max_cache_len, static=static, compile=compile, step_shapes=((1, 1), (2, 1)),
+                    name="drafter", **kw)
+    if compile and warmup:
+        t.warmup()
+        d.warmup()
+    return t, d
+
