@@ -116,6 +116,10 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     if recipe.verify is not None:
         with timer("verify"):
             report["verify"] = _verify(model, tokenizer, verify_text, recipe.verify, device, progress)
+        if "baseline" in report:  # the before/after pair in one place, as the recipes' reports promise
+            for key in ("ece", "perplexity", "accuracy"):
+                if key in report["baseline"]:
+                    report["verify"][f"{key}_before"] = report["baseline"][key]
         log(f"verify: perplexity {report['verify']['perplexity']:.3f}, ECE {report['verify']['ece']:.4f}")
     report["timings"] = timer.timings
 
