@@ -8,8 +8,10 @@ so that only the per-weight rule differs):
 - ``nirvana``: |∂f/∂W ⊙ W| with f = mean over (batch, vocab) of the max over positions of
   the logits — the NTK-motivated objective of NIRVANA (Ai et al. 2025), not the LM loss.
 - ``taylor``: |∂L/∂W ⊙ W| with L the LM loss (first-order Taylor, as in LLM-Pruner).
-- ``wanda``: |W| · ‖X_j‖ with X_j the j-th input feature over the calibration tokens
-  (Wanda's score, summed over structured units as Wanda-sp does).
+- ``wanda``: Wanda-sp (An et al. 2024, FLAP's baseline): |W| · ‖X_j‖ on the input columns of
+  o_proj and down_proj only (X_j: that input feature over the calibration tokens), summed per
+  unit. Scoring the q/k/v/gate/up rows too would weigh every row by the residual stream's
+  few massive features, which says little about the unit.
 - ``magnitude``: |W| (data-free).
 """
 from __future__ import annotations
@@ -90,8 +92,8 @@ def gradient_scores(model: nn.Module, parts: list[BlockParts], batches: Iterable
 
 @torch.no_grad()
 def input_norms(model: nn.Module, parts: list[BlockParts], batches: Iterable[torch.Tensor], *, device,
-                progress: bool = True) -> list[dict[str, torch.Tensor]]:
-    """‖X_j‖₂ over every calibration token, per input feature, for each linear of each block."""
+                linears: tuple[str, ...] = LINEARS, progress: bool = True) -> list[dict[str, torch.Tensor]]:
+    """‖X_j‖₂ over every calibration token, per input feature, for ``linears`` of each block."""
     sums: dict[tuple[int, str], torch.Tensor] = {}
     hooks = []
 
@@ -102,17 +104,26 @@ def input_norms(model: nn.Module, parts: list[BlockParts], batches: Iterable[tor
         return hook
 
     for i, p in enumerate(parts):
-        for k, m in _linears(p).items():
-            hooks.append(m.register_forward_pre_hook(hook_for((i, k))))
+        for k in linears:
+            hooks.append(getattr(p, k).register_forward_pre_hook(hook_for((i, k))))
     try:
         for ids in tqdm(list(batches), desc="input norms", unit="batch", disable=not progress):
             model(input_ids=ids.to(device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return [{k: sums[(i, k)].sqrt() for k in LINEARS} for i in range(len(parts))]
+    return [{k: sums[(i, k)].sqrt() for k in linears} for i in range(len(parts))]
+
+
+WANDA_LINEARS = ("o", "down")  # Wanda-sp scores the input columns of the output projections
 
 
 def wanda_scores(parts: list[BlockParts], norms: list[dict[str, torch.Tensor]]) -> UnitScores:
-    return [unit_scores(p, {k: m.weight.detach().abs().float() * norms[i][k][None, :].to(m.weight.device)
-                            for k, m in _linears(p).items()}) for i, p in enumerate(parts)]
+    out = []
+    for i, p in enumerate(parts):
+        s = {k: torch.zeros(1, 1, device=m.weight.device).expand_as(m.weight) for k, m in _linears(p).items()}
+        for k in WANDA_LINEARS:
+            w = getattr(p, k).weight.detach()
+            s[k] = w.abs().float() * norms[i][k][None, :].to(w.device)
+        out.append(unit_scores(p, s))
+    return out

@@ -47,7 +47,9 @@ def _unit_scores(model, parts, cfg: PruneConfig, ctx: StepContext):
         return S.magnitude_scores(parts)
     batches = list(ctx.calibration.batches(ctx.batch_size))
     if cfg.algorithm == "wanda":
-        return S.wanda_scores(parts, S.input_norms(model, parts, batches, device=ctx.device, progress=ctx.progress))
+        norms = S.input_norms(model, parts, batches, device=ctx.device, linears=S.WANDA_LINEARS,
+                              progress=ctx.progress)
+        return S.wanda_scores(parts, norms)
     objective = "nirvana" if cfg.algorithm == "nirvana" else "lm"
     return S.gradient_scores(model, parts, batches, objective, device=ctx.device, progress=ctx.progress)
 
