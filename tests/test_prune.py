@@ -243,3 +243,14 @@ def test_recipe_refuses_bad_pruning_values(tmp_path, bad, match):
     with pytest.raises(RecipeError, match=match):
         validate_recipe({"model": {"id": "smollm2-135m"},
                          "stages": [{"name": "p", "steps": [{"algorithm": "nirvana", **bad}]}]})
+
+
+def test_kl_guided_calibration_selection_drives_pruning_too(tmp_path, text_file):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    recipe = _recipe(model_dir, text_file, [{"algorithm": "nirvana", "sparsity": 0.3, "gamma": 2.0}])
+    recipe["calibration"].update(strategy="kl", candidates=2, probe_samples=2, probe_seq_len=16)
+    res = run_recipe(recipe, progress=False, log=lambda *_: None)
+    scores = res.report["calibration"]["selection"]
+    assert len(scores["candidates"]) == 2  # every candidate pruned a copy and was scored by KL
+    assert all(c["kl"] > 0 for c in scores["candidates"])
+    assert res.report["stages"][0]["steps"][0]["sparsity"] == pytest.approx(0.3, abs=0.04)
