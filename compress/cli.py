@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--compile", action="store_true", help="--speed: compiled decode step (CUDA graphs on GPU)")
     ev.add_argument("--int4", action="store_true", help="run a gptq export's 4-bit linears on the int4 kernel")
     ev.add_argument("--topics", type=int, default=0, help="BBC test articles for zero-shot topic accuracy")
+    ev.add_argument("--no-calibrator", action="store_true",
+                    help="ignore the calibrator an export ships (calibrator/): raw perplexity, NLL and ECE")
     ev.add_argument("--bandwidth-gbs", type=float, default=None,
                     help="memory bandwidth for the roofline (default: nominal figure of a known GPU)")
 
@@ -146,14 +148,27 @@ def _dispatch(args) -> int:
             corpus = args.corpus or "bbc"
             text = corpus_text(corpus, args.split)
             source = {"corpus": corpus, "split": args.split}
+        # A shipped calibrator applies to what it was fitted for: next tokens, or the BBC topics.
+        cal = None if args.no_calibrator else loaded.calibrator
+        target = cal.target if cal is not None else None
         with torch.inference_mode():
             result = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=args.seq_len,
-                                   max_windows=args.max_windows, batch_size=args.batch_size, device=device)
+                                   max_windows=args.max_windows, batch_size=args.batch_size, device=device,
+                                   calibrator=cal if target == "tokens" else None)
         if args.speed or args.topics:
             from compress.draft.standalone import standalone_metrics
             result.update(standalone_metrics(loaded.model, loaded.tokenizer, device=device, speed=args.speed,
-                                             new_tokens=args.new_tokens, compile=args.compile, topics=args.topics,
+                                             new_tokens=args.new_tokens, compile=args.compile,
+                                             topics=0 if target == "topics" else args.topics,
                                              bandwidth_gbs=args.bandwidth_gbs, prompt_text=text))
+        if args.topics and target == "topics":
+            from compress.tasks import bbc_topic_examples, topic_accuracy
+            with torch.inference_mode():
+                result["bbc_topics"] = topic_accuracy(loaded.model, loaded.tokenizer,
+                                                      bbc_topic_examples("test", max_examples=args.topics),
+                                                      device=device, calibrator=cal)
+        applied = target == "tokens" or (target == "topics" and args.topics)
+        result["calibrator"] = cal.name if applied else None  # what the numbers went through
         print(json.dumps({"model": args.model, **source, **result}))
         return 0
 

@@ -5,6 +5,11 @@ into non-overlapping windows of ``seq_len`` tokens; each window is scored on its
 own (no context carried over), the trailing partial window is dropped, and
 perplexity = exp(mean NLL over every predicted token). Confidence is the top-1
 next-token probability; ECE uses 15 equal-width bins.
+
+With a shipped calibrator (``compress.recalibrate.LMCalibrator``, target tokens) the metrics are
+those of the calibrated model: a pure temperature divides the logits first (NLL, perplexity and
+ECE all change), a top-label calibrator maps the top-1 confidences (ECE changes; NLL and
+perplexity do not). The raw numbers are kept under ``uncalibrated``.
 """
 from __future__ import annotations
 
@@ -53,25 +58,38 @@ def window_token_ids(tokenizer, text: str, seq_len: int, max_windows: int | None
 
 @torch.no_grad()
 def evaluate_windows(model, windows: torch.Tensor, *, batch_size: int = 1, device=None,
-                     progress: bool = True, n_bins: int = 15) -> dict:
+                     progress: bool = True, n_bins: int = 15, calibrator=None) -> dict:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll_sum, n_tok, n_correct = 0.0, 0, 0
     confs, hits = [], []
+    raw_nll_sum, raw_confs = 0.0, []  # before the calibrator, when there is one
     t0 = time.perf_counter()
     for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not progress):
         ids = windows[start:start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         labels = ids[:, 1:]
+        if calibrator is not None:
+            raw_logp = F.log_softmax(logits, dim=-1)
+            raw_nll_sum += float(-raw_logp.gather(-1, labels.unsqueeze(-1)).double().sum())
+            raw_confs.append(raw_logp.max(dim=-1).values.exp().flatten().cpu())
+            del raw_logp
+            logits = calibrator.scale_logits(logits)
         logp = F.log_softmax(logits, dim=-1)
         nll = -logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         conf, pred = logp.max(dim=-1)
+        conf = conf.exp() if calibrator is None else calibrator.confidence(conf.exp())
         hit = pred == labels
         nll_sum += float(nll.double().sum())
         n_tok += labels.numel()
         n_correct += int(hit.sum())
-        confs.append(conf.exp().flatten().cpu())
+        confs.append(conf.flatten().cpu())
         hits.append(hit.flatten().cpu())
     mean_nll = nll_sum / n_tok
+    extra = {}
+    if calibrator is not None:
+        extra = {"calibrator": calibrator.name, "uncalibrated": {
+            "perplexity": math.exp(raw_nll_sum / n_tok), "nll": raw_nll_sum / n_tok,
+            "ece": expected_calibration_error(torch.cat(raw_confs), torch.cat(hits), n_bins=n_bins)}}
     return {
         "perplexity": math.exp(mean_nll),
         "nll": mean_nll,
@@ -82,10 +100,12 @@ def evaluate_windows(model, windows: torch.Tensor, *, batch_size: int = 1, devic
         "ece": expected_calibration_error(torch.cat(confs), torch.cat(hits), n_bins=n_bins),
         "window": f"non-overlapping windows of {windows.shape[1]} tokens, each scored alone",
         "seconds": round(time.perf_counter() - t0, 3),
+        **extra,
     }
 
 
 def evaluate_text(model, tokenizer, text: str, *, seq_len: int = 512, max_windows: int | None = None,
-                  batch_size: int = 1, device=None, progress: bool = True) -> dict:
+                  batch_size: int = 1, device=None, progress: bool = True, calibrator=None) -> dict:
     windows = window_token_ids(tokenizer, text, seq_len, max_windows)
-    return evaluate_windows(model, windows, batch_size=batch_size, device=device, progress=progress)
+    return evaluate_windows(model, windows, batch_size=batch_size, device=device, progress=progress,
+                            calibrator=calibrator)

@@ -71,6 +71,12 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
     tmp = temp_dir_beside(out)
     try:
         _WRITERS[fmt](model, tokenizer, tmp, artifacts or {}, spec)
+        # Fine-tuning adapters (e.g. the s2ft step's): a subfolder each, so that the export's own
+        # folder has no adapter_config.json for transformers/peft to mistake it for a PEFT adapter.
+        for name, adapter in (artifacts or {}).get("adapters", {}).items():
+            adapter.save(tmp / name)
+        if (artifacts or {}).get("calibrator") is not None:
+            _write_calibrator(tmp, artifacts["calibrator"])
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         write_json_atomic(tmp / "report.json", report)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt, "toolkit": "compress",
@@ -85,6 +91,21 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _write_calibrator(folder: Path, calibrator) -> None:
+    """The recalibrate step's calibrator in ``calibrator/``; a pure next-token temperature also becomes
+    ``generation_config.json``'s ``temperature``, so sampling with the export's defaults draws from
+    softmax(z / T) (greedy decoding is unchanged; transformers warns that temperature is unused
+    while do_sample is false). A model written without a generation config gets none: one holding only
+    a temperature would hide the defaults transformers derives from config.json (eos, bos)."""
+    from compress.recalibrate import CALIBRATOR_DIR
+    calibrator.save(folder / CALIBRATOR_DIR)
+    gen_file = folder / "generation_config.json"
+    if calibrator.target == "tokens" and calibrator.temperature is not None and gen_file.is_file():
+        gen = {**json.loads(gen_file.read_text()), "temperature": calibrator.temperature}
+        gen.pop("_from_model_config", None)  # no longer what transformers derived from config.json
+        write_json_atomic(gen_file, gen)
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

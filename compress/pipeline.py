@@ -115,9 +115,10 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     if recipe.verify is not None:
         with timer("verify"):
-            report["verify"] = _verify(model, tokenizer, verify_text, recipe.verify, device, progress)
+            report["verify"] = _verify(model, tokenizer, verify_text, recipe.verify, device, progress,
+                                       calibrator=ctx.artifacts.get("calibrator"))
         if "baseline" in report:  # the before/after pair in one place, as the recipes' reports promise
-            for key in ("ece", "perplexity", "accuracy"):
+            for key in ("ece", "perplexity", "accuracy", "topics_ece"):
                 if key in report["baseline"]:
                     report["verify"][f"{key}_before"] = report["baseline"][key]
         log(f"verify: perplexity {report['verify']['perplexity']:.3f}, ECE {report['verify']['ece']:.4f}")
@@ -160,14 +161,22 @@ def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size
     return clone
 
 
-def _verify(model, tokenizer, windows, spec, device, progress) -> dict:
+def _verify(model, tokenizer, windows, spec, device, progress, calibrator=None) -> dict:
+    """Perplexity / NLL / ECE on the verify windows (and BBC topics), through a recalibrate step's
+    calibrator where it applies (tokens or topics target); the raw numbers then sit under ``uncalibrated``."""
     from compress.evaluate import evaluate_windows, on_device
+    target = calibrator.target if calibrator is not None else None
     with on_device(model, device):  # a layer-wise stage may keep the model on the CPU until it runs
-        out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress)
+        out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress,
+                               calibrator=calibrator if target == "tokens" else None)
         out.update(corpus=spec.corpus, split=spec.split)
         if spec.topics:
             from compress.tasks import bbc_topic_examples, topic_accuracy
             topics = topic_accuracy(model, tokenizer, bbc_topic_examples("test", max_examples=spec.topics),
-                                    device=device, batch_size=8, progress=progress)
-            out.update(accuracy=topics["accuracy"], topics={"examples": topics["examples"], "ece": topics["ece"]})
+                                    device=device, batch_size=8, progress=progress,
+                                    calibrator=calibrator if target == "topics" else None)
+            out.update(accuracy=topics["accuracy"], topics_ece=topics["ece"],
+                       topics={k: topics[k] for k in ("examples", "ece", "uncalibrated") if k in topics})
+    if calibrator is not None:
+        out["calibrator"] = calibrator.describe()
     return out

@@ -21,8 +21,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+import compress.finetune  # noqa: F401
 import compress.prune  # noqa: F401  (registers algorithms before the union is built)
 import compress.quantize  # noqa: F401
+import compress.recalibrate  # noqa: F401
 from compress.algorithms import ALGORITHMS
 from compress.config import StrictModel
 from compress.errors import CompressError, RecipeError

@@ -99,12 +99,21 @@ def topic_label_logits(model, tokenizer, examples: list[TopicExample], *, device
     return out, labels
 
 
-def topic_accuracy(model, tokenizer, examples: list[TopicExample], **kw) -> dict:
-    """Zero-shot accuracy and top-label ECE (softmax over the five label scores)."""
+def topic_accuracy(model, tokenizer, examples: list[TopicExample], *, calibrator=None, **kw) -> dict:
+    """Zero-shot accuracy and top-label ECE (softmax over the five label scores).
+
+    ``calibrator``: a fitted one with ``transform(logits [N, 5]) -> probs`` (a calibration.Calibrator, or
+    the recalibrate step's topics LMCalibrator); the numbers are then its, the raw ones under ``uncalibrated``.
+    """
     from calibration.metrics import expected_calibration_error
+
+    def scores(probs):
+        conf, pred = probs.max(-1)
+        correct = pred == labels
+        return {"accuracy": float(correct.float().mean()), "ece": expected_calibration_error(conf, correct)}
+
     logits, labels = topic_label_logits(model, tokenizer, examples, **kw)
-    probs = logits.softmax(-1)
-    conf, pred = probs.max(-1)
-    correct = pred == labels
-    return {"accuracy": float(correct.float().mean()), "examples": len(examples),
-            "ece": expected_calibration_error(conf, correct)}
+    raw = scores(logits.softmax(-1))
+    if calibrator is None:
+        return {**raw, "examples": len(examples)}
+    return {**scores(calibrator.transform(logits)), "examples": len(examples), "uncalibrated": raw}

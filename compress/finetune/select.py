@@ -129,9 +129,16 @@ def decoder_blocks(model: nn.Module) -> list[Block]:
     if num_heads % num_kv:
         raise CompressError(f"S2FT: num_attention_heads {num_heads} is not a multiple of "
                             f"num_key_value_heads {num_kv}")
+    # A structurally pruned model keeps per-layer sizes in config.pruned_layers (compress.prune.shrink).
+    per_layer = getattr(cfg, "pruned_layers", None) or []
+    if per_layer and len(per_layer) != len(blocks):
+        raise CompressError(f"S2FT: config.pruned_layers lists {len(per_layer)} layers, the model has {len(blocks)}")
     out = []
     for i, block in enumerate(blocks):
         prefix = f"{path}.{i}"
+        if per_layer:
+            num_heads = per_layer[i]["num_attention_heads"]
+            num_kv = per_layer[i]["num_key_value_heads"]
         linears = {}
         for part, names in (("self_attn", ATTENTION_MODULES), ("mlp", MLP_MODULES)):
             for name in names:

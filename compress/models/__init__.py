@@ -40,6 +40,14 @@ class LoadedModel:
     tokenizer: Any
     source: str  # what the user asked for
     path: str  # where it was loaded from
+    # The confidence calibrator an export ships (its calibrator/ folder, from a recalibrate step):
+    # a compress.recalibrate.LMCalibrator, applied by `compress eval`; None when there is none.
+    calibrator: Any = None
+
+    def __post_init__(self):
+        if self.calibrator is None and Path(self.path).is_dir():  # one place for every loading route
+            from compress.recalibrate import attached_calibrator
+            self.calibrator = attached_calibrator(self.path)
 
 
 def check_model_source(source: str) -> None:

@@ -1,0 +1,152 @@
+"""Recipe step ``s2ft``: apply S2FT, train the slices, merge them, keep the adapter for export.
+
+    - {algorithm: s2ft, mlp_ratio: 0.05, task: bbc_topics, steps: 100, batch_size: 8, lr: 1e-3}
+
+The step trains on the *train* split of ``corpus`` (``task: bbc_topics``: labelled articles
+as instruction data; ``task: lm``: causal-LM windows), then ``handle.remove(merge=True)``:
+the model is a plain model again (original unit order, deltas in the weights), so verify,
+export and a later quantization step see an ordinary checkpoint. The adapter (deltas +
+config, relative to the model as it was *before* this step) goes to
+``ctx.artifacts["adapters"]``; the export writes it into ``s2ft_adapter/``.
+
+Order with other steps:
+
+* pruning -> s2ft: S2FT as recovery; per-layer sizes of the pruned blocks are honoured.
+* s2ft -> gptq/rtn: fine-tune, merge, then quantize the merged float weights (supported).
+* gptq/rtn -> s2ft: refused. Training would move the weights off the quantization grid and
+  the packed weights the export writes would no longer be the model that was verified.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from compress.algorithms import StepContext, register_algorithm
+from compress.config import StepConfig
+from compress.errors import CompressError
+from compress.finetune.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_s2ft, read_adapter,
+                                       save_adapter)
+from compress.finetune.data import check_dataset, lm_dataset, micro_batches, topic_dataset
+from compress.finetune.select import S2FTConfig
+from compress.finetune.train import TrainConfig, train
+
+ADAPTERS_KEY = "adapters"  # ctx.artifacts[ADAPTERS_KEY][folder name] -> AdapterSnapshot
+SELECTION_BATCHES = 4  # micro-batches the activation/gradient selection strategies look at
+
+
+class S2FTStepConfig(StepConfig, S2FTConfig, TrainConfig):
+    """S2FTConfig (what trains) + TrainConfig (how) + the task (on what). ``seed`` seeds both the
+    random selection and the training."""
+
+    algorithm: Literal["s2ft"] = "s2ft"
+    task: Literal["bbc_topics", "lm"] = "bbc_topics"
+    corpus: str = Field("bbc", description="bbc_topics: a corpus with topic labels (bbc, or a .jsonl "
+                                           "with text+label); lm: any corpus (e.g. stdlib)")
+    split: Literal["train", "validation"] = "train"  # never test: verify scores the test split
+    max_examples: int | None = Field(None, ge=1, description="cap on training examples (seeded sample)")
+    max_chars: int = Field(600, ge=1, description="bbc_topics: article characters in the prompt")
+    max_len: int = Field(256, ge=2, le=131_072, description="tokens per example")
+
+    @field_validator("corpus")
+    @classmethod
+    def _corpus_known(cls, v: str) -> str:
+        from compress.data import list_corpora
+        if v in list_corpora() or Path(v).expanduser().exists():
+            return v
+        raise ValueError(f"unknown corpus {v!r}; known: {', '.join(list_corpora())}, "
+                         f"or a path to a .txt/.jsonl file")
+
+    def s2ft(self) -> S2FTConfig:
+        return S2FTConfig(**self.model_dump(include=set(S2FTConfig.model_fields)))
+
+    def training(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
+
+
+@dataclass
+class AdapterSnapshot:
+    """An adapter's files in memory (the handle is gone after the merge); ``save`` writes them."""
+
+    config: dict
+    tensors: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, handle) -> "AdapterSnapshot":
+        with tempfile.TemporaryDirectory() as tmp:  # one writer of the format: save_adapter
+            meta, tensors = read_adapter(save_adapter(handle, tmp))
+        return cls(meta, tensors)
+
+    def save(self, folder: str | Path) -> Path:
+        import json
+
+        from safetensors.torch import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.tensors, str(folder / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt", "adapter": self.config["format"]})
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(self.config, indent=1) + "\n")
+        return folder
+
+
+def build_dataset(cfg: S2FTStepConfig, tokenizer):
+    if cfg.task == "bbc_topics":
+        return topic_dataset(tokenizer, cfg.corpus, cfg.split, max_len=cfg.max_len,
+                             max_examples=cfg.max_examples, max_chars=cfg.max_chars, seed=cfg.seed)
+    return lm_dataset(tokenizer, cfg.corpus, cfg.split, max_len=cfg.max_len, max_examples=cfg.max_examples)
+
+
+def pad_token_id(tokenizer) -> int:
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if pad is not None:
+            return pad
+    return 0
+
+
+def s2ft_step(model: torch.nn.Module, cfg: S2FTStepConfig, ctx: StepContext) -> dict:
+    """Apply S2FT, train the selected slices on the task's train split, merge, keep the adapter."""
+    from compress.evaluate import on_device
+
+    defaults = StepConfig(algorithm="s2ft")
+    if cfg.targets != defaults.targets or cfg.ignore != defaults.ignore:
+        raise CompressError(f"{ctx.where}: s2ft chooses its modules with attention_modules/mlp_modules "
+                            f"and the ratios; targets/ignore are not supported")
+    if ctx.artifacts.get("quant"):
+        raise CompressError(f"{ctx.where}: fine-tuning after quantization would move the weights off the "
+                            f"quantization grid; put the s2ft stage before the quantization stage")
+    s2ft_cfg, train_cfg = cfg.s2ft(), cfg.training()
+    dataset = build_dataset(cfg, ctx.tokenizer)
+    check_dataset(dataset)
+    pad = pad_token_id(ctx.tokenizer)
+    with on_device(model, ctx.device):
+        batches = None
+        if s2ft_cfg.strategy in ("activation", "gradient"):
+            stream = micro_batches(dataset, cfg.batch_size, cfg.seed, pad_id=pad)
+            batches = [{k: v.to(ctx.device) for k, v in next(stream).items()} for _ in range(SELECTION_BATCHES)]
+        handle = apply_s2ft(model, s2ft_cfg, batches)
+        try:
+            result = train(model, handle.named_parameters(), dataset, train_cfg, pad_id=pad, device=ctx.device,
+                           progress=ctx.progress, desc="s2ft")
+            snapshot = AdapterSnapshot.of(handle)
+        except BaseException:
+            handle.remove(merge=False)  # leave the model as it came
+            raise
+        trainable = handle.num_trainable()
+        handle.remove(merge=True)
+    adapters = ctx.artifacts.setdefault(ADAPTERS_KEY, {})
+    name = "s2ft_adapter" if "s2ft_adapter" not in adapters else f"s2ft_adapter_{len(adapters) + 1}"
+    adapters[name] = snapshot
+    total = sum(p.numel() for p in model.parameters())
+    selection = snapshot.config["selection"]
+    return {"task": cfg.task, "corpus": cfg.corpus, "train_examples": len(dataset),
+            "trainable_params": trainable, "trainable_fraction": round(trainable / total, 6),
+            "kv_groups_selected": sum(map(len, selection["attention_kv_heads"])),
+            "channels_selected": sum(map(len, selection["mlp_channels"])),
+            "adapter": name, **result.report()}
+
+
+register_algorithm("s2ft", S2FTStepConfig, requires_calibration=False)(s2ft_step)
