@@ -115,7 +115,8 @@ def classifier_rows(args, data, device) -> dict:
     (zf, yf), (zt, yt) = out["fit"], out["test"]
     row = {"train_examples": len(train), "fit_examples": len(yf), "test_examples": len(yt)}
     curves = {}
-    for key, probs in (("raw", zt.softmax(-1)), ("temperature", make_calibrator("temperature").fit(zf, yf).transform(zt)),
+    for key, probs in (("raw", zt.softmax(-1)),
+                       ("temperature", make_calibrator("temperature").fit(zf, yf).transform(zt)),
                        ("hcal", make_calibrator("hcal").fit(zf, yf).transform(zt))):
         c, pred = probs.max(-1)
         suffix = "" if key == "raw" else f"_{key}"
@@ -141,7 +142,8 @@ def run_config(name, model, tok, data, args, device) -> tuple[dict, dict]:
     test = score_test_tokens(model, data["test_windows"], ts.temperature, device, args.batch_size)
     conf_h = hc.confidence(test["conf"].double())
     tokens = {
-        "temperature": ts.temperature, "fit_tokens": int(fit.confidence.numel()), "fit_logit_rows": int(fit.labels.numel()),
+        "temperature": ts.temperature, "fit_tokens": int(fit.confidence.numel()),
+        "fit_logit_rows": int(fit.labels.numel()),
         "test_tokens": int(test["correct"].numel()), "top1_accuracy": float(test["correct"].float().mean()),
         "mean_confidence": float(test["conf"].mean()),
         "perplexity": math.exp(test["nll"]), "perplexity_temperature": math.exp(test["nll_t"]),

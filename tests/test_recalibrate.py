@@ -230,8 +230,8 @@ def test_embedding_classifier_logits_and_calibration():
         return [TopicExample(f"{words[k]} {int(torch.randint(100, (1,), generator=g))}", k)
                 for k in torch.randint(3, (n,), generator=g).tolist()]
 
-    out = embedding_topic_logits(encoder, tok, examples(60, 0), {"validation": examples(40, 1), "test": examples(40, 2)},
-                                 max_length=32)
+    out = embedding_topic_logits(encoder, tok, examples(60, 0),
+                                 {"validation": examples(40, 1), "test": examples(40, 2)}, max_length=32)
     (val_z, val_y), (test_z, test_y) = out["validation"], out["test"]
     assert val_z.shape == (40, 3) and test_z.dtype == torch.float32
     assert float((test_z.argmax(1) == test_y).float().mean()) > 0.9
@@ -251,13 +251,19 @@ def test_drafter_calibrator_is_a_speculative_calibrator():
     assert held.shape == (1000,) and cal.target == "drafter" and cal.name == "platt"
     assert expected_calibration_error(held, accepted[2000:]) < expected_calibration_error(conf[2000:], accepted[2000:])
     assert torch.all(held[conf[2000:].argsort()].diff() >= -1e-6)  # monotone: a stop threshold keeps its order
-    same = fit_drafter_calibrator({"events": {"confidence": conf[:2000].tolist(), "accepted": accepted[:2000].tolist()}})
+    events = {"confidence": conf[:2000].tolist(), "accepted": accepted[:2000].tolist()}
+    same = fit_drafter_calibrator({"events": events})  # a draft_eval result carrying per-position events
     torch.testing.assert_close(same(conf[:5]), cal(conf[:5]))
     with pytest.raises(CompressError, match="no per-position 'events'"):
         fit_drafter_calibrator({"greedy_agreement": 0.5})
     target, drafter = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     c, a = drafter_events(target, drafter, [list(range(5, 25)), list(range(30, 42))])
     assert c.shape == a.shape == (19 + 11,) and a.dtype == torch.bool
+    from compress.draft.agreement import draft_eval
+    ev = draft_eval(target, drafter, [list(range(5, 25)), list(range(30, 42))], max_new_tokens=0,
+                    return_events=True)["events"]  # the same positions, from draft_eval itself
+    torch.testing.assert_close(torch.tensor(ev["confidence"]), c.float(), rtol=1e-5, atol=1e-6)
+    assert ev["accepted"] == a.tolist()
     res = speculative_generate(target, drafter, list(range(5, 15)), max_new_tokens=6, gamma=3,
                                confidence_threshold=0.5, calibrator=cal)
     assert res.new_tokens == 6

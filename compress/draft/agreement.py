@@ -140,8 +140,11 @@ def best_stop_threshold(confidence: torch.Tensor, accepted: torch.Tensor) -> tup
 def draft_eval(target: torch.nn.Module, drafter: torch.nn.Module, input_ids, *,
                gammas: Iterable[int] = DEFAULT_GAMMAS, temperature: float = 1.0,
                max_new_tokens: int = 128, eos_token_id=None,
-               calibrator: Calibrator | None = None, n_bins: int = 15) -> dict:
+               calibrator: Calibrator | None = None, n_bins: int = 15, return_events: bool = False) -> dict:
     """Drafter-vs-target agreement, α, τ(γ) and confidence quality; see the module docstring.
+
+    ``return_events``: also return the per-position (drafter confidence, greedy acceptance) pairs
+    under ``events``, e.g. to fit a confidence calibrator (``compress.recalibrate.fit_drafter_calibrator``).
 
     ``input_ids``: one prompt (list of ids, [L]) or several ([B, L] or a list of them).
     ``max_new_tokens`` > 0: score the target's greedy continuation of each prompt;
@@ -186,7 +189,9 @@ def draft_eval(target: torch.nn.Module, drafter: torch.nn.Module, input_ids, *,
     accepted = [sum(r["accepted"][j] for r in runs) for j in range(g_max)]
     both_classes = 0 < int(agree.sum()) < agree.numel()
     threshold, stop_acc = best_stop_threshold(conf, agree)
+    events = {"events": {"confidence": conf.tolist(), "accepted": agree.tolist()}} if return_events else {}
     return {
+        **events,
         "sequences": len(per_seq),
         "positions": int(agree.numel()),
         "mode": "target_greedy_continuation" if max_new_tokens else "given_text",
