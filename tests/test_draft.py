@@ -18,16 +18,6 @@ from tests.tiny import TEXT, TINY_ARCHS, byte_tokenizer, tiny_model, tiny_model_
 NEW = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Batch-1 decoding of tiny models is all small ops: on a shared 2-core box, intra-op threads
-    # only wait on each other (50 s instead of 1 s for this module).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=None)
 def _pair(arch: str):
     """A target with a sharpened head (confident, so argmax is stable) and a slightly perturbed

@@ -27,14 +27,6 @@ NEW = 32
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()  # batch-1 decoding of tiny models: threads only wait on each other
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _sharpen(model):
     with torch.no_grad():
         model.lm_head.weight.mul_(30)  # confident head: argmax is stable against float noise

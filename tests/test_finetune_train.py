@@ -17,15 +17,6 @@ from compress.tasks import BBC_TOPICS, topic_prompt
 from tests.tiny import TEXT, byte_tokenizer, tiny_model, tiny_model_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: on a busy 2-core box, two OpenMP threads make each step far slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 QUIET = dict(progress=False, log=lambda *_: None)
 S2FT = dict(attention_ratio=0.5, mlp_ratio=0.1, attention_modules=["o_proj"], mlp_modules=["down_proj"])
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from compress.models import load_model
-from tests.test_quant_export import IDS, export, logits, one_torch_thread, quantized_tiny  # noqa: F401
+from tests.test_quant_export import IDS, export, logits, quantized_tiny
 
 pytest.importorskip("optimum")
 pytest.importorskip("gptqmodel")

@@ -20,16 +20,6 @@ from compress.quantize.export_ct import pack_dense, unpack_dense
 from compress.quantize.gptq_v1 import pack_bits
 from tests.tiny import TEXT, byte_tokenizer, tiny_config, tiny_model
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny matrices: extra intra-op threads only add synchronisation, which on a shared
-    2-core machine under load costs 10x (measured: 126 s -> 20 s for this file)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 IDS = torch.tensor([list(b"The quick brown fox jumps over"), list(b"Calibration data should look l")])
 
 

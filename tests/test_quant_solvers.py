@@ -47,16 +47,6 @@ def _make_layer(seed: int = 0):
 W0, X0, H0 = _make_layer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The solvers' column loop is thousands of tiny ops: on a loaded 2-core machine,
-    # OpenMP thread hand-offs make it ~10x slower than a single thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------- spec / grid
 
 

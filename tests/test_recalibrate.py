@@ -20,15 +20,6 @@ from compress.tasks import TopicExample
 from tests.tiny import TEXT, byte_tokenizer, tiny_model, tiny_model_dir
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: on a busy 2-core box, two OpenMP threads make each forward ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def trained_dir(tmp_path_factory):
     """A tiny llama trained briefly on TEXT: right often enough (and over-confident) that both

@@ -32,14 +32,6 @@ def _layer(seed: int = 0, mean: float = 0.0):
 W0, X0, H0 = _layer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # hundreds of small ops: thread hand-offs cost more than they give
-    yield
-    torch.set_num_threads(before)
-
-
 def _assert_consistent(res: QuantResult, ref: QuantResult):
     maxq = res.spec.maxq
     assert res.qweight.dtype == torch.uint8 and res.qweight.shape == ref.qweight.shape

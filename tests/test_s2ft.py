@@ -14,15 +14,6 @@ from compress.finetune import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, S2FTConfig, S2FT
 from compress.finetune.permute import kv_head_indices
 from tests.tiny import TINY_ARCHS, tiny_config, tiny_model
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls: on a busy 2-core box, two OpenMP threads make each forward ~50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 EVERYTHING = dict(attention_ratio=0.5, mlp_ratio=0.25, attention_modules=["v_proj", "o_proj"],
                   mlp_modules=["gate_proj", "up_proj", "down_proj"])
 

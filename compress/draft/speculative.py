@@ -276,6 +276,30 @@ def target_generate(target: torch.nn.Module, input_ids, max_new_tokens: int, *,
 
 
 @torch.inference_mode()
+def draft_tokens(step, first_feed: torch.Tensor, budget: int, *, sample: bool, temperature: float,
+                 top_p: float | None, generator, device, confidence_threshold: float | None,
+                 calibrator: Calibrator | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One round's drafts: up to ``budget`` tokens from ``step(feed) -> last-position logits``, stopping
+    after a draft whose (calibrated) confidence is below ``confidence_threshold``; that draft is still
+    verified, since at batch 1 it costs the target nothing. Returns (tokens, drafter distributions)."""
+    drafts: list[torch.Tensor] = []
+    q_rows: list[torch.Tensor] = []
+    for j in range(budget):
+        logits = step(first_feed if j == 0 else drafts[-1][None])
+        probs = process_logits(logits, temperature, top_p) if sample else torch.softmax(logits, -1)
+        tok = (torch.multinomial(probs.to(device), 1, generator=generator)[0] if sample
+               else probs.argmax().to(device))
+        drafts.append(tok)
+        q_rows.append(probs.to(device))
+        if confidence_threshold is not None:
+            conf = probs.max().reshape(1)
+            if calibrator is not None:
+                conf = calibrator(conf)
+            if float(conf.reshape(-1)[0]) < confidence_threshold:
+                break
+    return drafts, q_rows
+
+
 def speculative_generate(target: torch.nn.Module, drafter: torch.nn.Module, input_ids, *,
                          max_new_tokens: int, gamma: int, mode: str = "greedy",
                          temperature: float = 1.0, top_p: float | None = None,
@@ -308,24 +332,12 @@ def speculative_generate(target: torch.nn.Module, drafter: torch.nn.Module, inpu
     start = time.perf_counter()
     while seq.numel() - n_prompt < max_new_tokens:
         budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)  # never draft past the end
-        drafts: list[torch.Tensor] = []
-        q_rows: list[torch.Tensor] = []
         with d_clock():
-            for j in range(budget):
-                feed = seq[d_cache.get_seq_length():] if j == 0 else drafts[-1][None]
-                logits = forward_last(drafter, d_cache, feed, 1)[0]
-                drafter_calls += 1
-                probs = process_logits(logits, temperature, top_p) if sample else torch.softmax(logits, -1)
-                tok = (torch.multinomial(probs.to(device), 1, generator=generator)[0] if sample
-                       else probs.argmax().to(device))
-                drafts.append(tok)
-                q_rows.append(probs.to(device))
-                if confidence_threshold is not None:
-                    conf = probs.max().reshape(1)
-                    if calibrator is not None:
-                        conf = calibrator(conf)
-                    if float(conf.reshape(-1)[0]) < confidence_threshold:
-                        break
+            drafts, q_rows = draft_tokens(
+                lambda feed: forward_last(drafter, d_cache, feed, 1)[0], seq[d_cache.get_seq_length():], budget,
+                sample=sample, temperature=temperature, top_p=top_p, generator=generator, device=device,
+                confidence_threshold=confidence_threshold, calibrator=calibrator)
+        drafter_calls += len(drafts)
         k = len(drafts)
         draft_ids = torch.stack(drafts) if drafts else prompt.new_empty(0)
         with t_clock():

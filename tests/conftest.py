@@ -1,0 +1,17 @@
+"""Shared test set-up."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _tiny_ops_on_one_thread(request):
+    """Tiny-model tests are all small ops: on a shared 2-core box intra-op threads only wait on each
+    other (one module took 50 s with two threads and 1 s with one). Real-model tests (marked slow)
+    keep every thread."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
