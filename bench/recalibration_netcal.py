@@ -55,8 +55,10 @@ BOOTSTRAP = 200  # resamples for the held-out ECE interval
 # -- data -------------------------------------------------------------------------------------------
 def smollm2_tokens(n_tokens: int, seq_len: int, seed: int, cache: Path | None):
     """(confidence [N], correct [N], window id [N]) for next-token predictions on BBC-test."""
-    if cache and cache.is_file():
-        d = torch.load(cache)
+    from safetensors.torch import load_file, save_file
+
+    if cache and cache.is_file():  # safetensors, not torch.load: a cache file must not run code
+        d = load_file(str(cache))
         return d["conf"], d["correct"], d["window"]
     from compress.data import corpus_text
     from compress.evaluate import window_token_ids
@@ -76,7 +78,7 @@ def smollm2_tokens(n_tokens: int, seq_len: int, seed: int, cache: Path | None):
     conf, correct, window = torch.cat(confs).double(), torch.cat(hits), torch.cat(wid)
     if cache:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"conf": conf, "correct": correct, "window": window}, cache)
+        save_file({"conf": conf, "correct": correct, "window": window}, str(cache))
     return conf, correct, window
 
 
@@ -222,7 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--synthetic-n", type=int, default=20000)
     ap.add_argument("--timing-n", type=int, default=1_000_000)
     ap.add_argument("--bbq-1m", action="store_true", help="also time netcal's BBQ on --timing-n events (minutes)")
-    ap.add_argument("--cache", type=Path, default=Path("out/recalibration/smollm2-tokens.pt"),
+    ap.add_argument("--cache", type=Path, default=Path("out/recalibration/smollm2-tokens.safetensors"),
                     help="where the SmolLM2 (confidence, correct) pairs are cached between runs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1,
