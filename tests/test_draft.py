@@ -202,3 +202,20 @@ def test_cli_draft_eval_prints_json(tmp_path, capsys):
     tok.save_pretrained(drafter)
     assert main(args) == 2
     assert "tokenizers differ" in capsys.readouterr().err
+
+
+def test_cross_check_against_transformers_assisted_generation():
+    """The one-off cross-check the issue asks for: transformers' assisted generation (greedy,
+    fixed draft length, no confidence threshold) produces the same tokens as our loop and as the
+    target alone; it reports no acceptance counts, which is why it is not the measurement."""
+    target, drafter = _pair("llama")
+    for prompt in _prompts():
+        ids = torch.tensor([prompt])
+        ours = speculative_generate(target, drafter, prompt, max_new_tokens=NEW, gamma=4).tokens.tolist()
+        drafter.generation_config.num_assistant_tokens = 4
+        drafter.generation_config.num_assistant_tokens_schedule = "constant"
+        drafter.generation_config.assistant_confidence_threshold = 0.0
+        with torch.no_grad():
+            hf = target.generate(ids, assistant_model=drafter, do_sample=False, max_new_tokens=NEW,
+                                 min_new_tokens=NEW, pad_token_id=0)
+        assert hf[0, len(prompt):].tolist() == ours
