@@ -43,8 +43,8 @@ from typing import Iterable, Sequence
 import torch
 
 from compress.draft.speculative import (MODES, Calibrator, SpecResult, _check_positive, _cut_at_eos, _eos_set,
-                                        as_prompt, check_context, check_gamma, model_device, pad_vocab,
-                                        process_logits, verify_greedy, verify_sampled)
+                                        as_prompt, check_context, check_gamma, model_device, process_logits,
+                                        verify_round)
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -298,14 +298,8 @@ def fast_speculative_generate(target: FastDecoder, drafter: FastDecoder, input_i
         draft_ids = torch.stack(drafts) if drafts else prompt.new_empty(0)
         logits = target(torch.cat([seq[target.length:], draft_ids]), k + 1)
         target_calls += 1
-        if sample:
-            vocab = max(logits.shape[-1], q_rows[0].shape[-1] if q_rows else 0)
-            p = pad_vocab(process_logits(logits, temperature, top_p), vocab)
-            q = pad_vocab(torch.stack(q_rows), vocab) if q_rows else p.new_zeros(0, vocab)
-            n, nxt = verify_sampled(p, q, draft_ids, generator)
-            n = int(n)
-        else:
-            n, nxt = verify_greedy(logits.argmax(-1), draft_ids)
+        n, nxt = verify_round(logits, q_rows, draft_ids, sample=sample, temperature=temperature, top_p=top_p,
+                              generator=generator)
         for j in range(k):
             drafted[j] += 1
             accepted[j] += j < n

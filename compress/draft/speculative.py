@@ -276,6 +276,19 @@ def target_generate(target: torch.nn.Module, input_ids, max_new_tokens: int, *,
 
 
 @torch.inference_mode()
+def verify_round(logits: torch.Tensor, q_rows: list[torch.Tensor], draft_ids: torch.Tensor, *, sample: bool,
+                 temperature: float, top_p: float | None, generator) -> tuple[int, torch.Tensor]:
+    """(drafts accepted, next token) from the target's k + 1 logit rows: exact rejection sampling
+    against the drafter's distributions ``q_rows``, or greedy agreement."""
+    if not sample:
+        return verify_greedy(logits.argmax(-1), draft_ids)
+    vocab = max(logits.shape[-1], q_rows[0].shape[-1] if q_rows else 0)
+    p = pad_vocab(process_logits(logits, temperature, top_p), vocab)
+    q = pad_vocab(torch.stack(q_rows), vocab) if q_rows else p.new_zeros(0, vocab)
+    n, nxt = verify_sampled(p, q, draft_ids, generator)
+    return int(n), nxt
+
+
 def draft_tokens(step, first_feed: torch.Tensor, budget: int, *, sample: bool, temperature: float,
                  top_p: float | None, generator, device, confidence_threshold: float | None,
                  calibrator: Calibrator | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -344,14 +357,8 @@ def speculative_generate(target: torch.nn.Module, drafter: torch.nn.Module, inpu
             feed = torch.cat([seq[t_cache.get_seq_length():], draft_ids])
             logits = forward_last(target, t_cache, feed, k + 1)
             target_calls += 1
-            if sample:
-                vocab = max(logits.shape[-1], q_rows[0].shape[-1] if q_rows else 0)
-                p = pad_vocab(process_logits(logits, temperature, top_p), vocab)
-                q = pad_vocab(torch.stack(q_rows), vocab) if q_rows else p.new_zeros(0, vocab)
-                n, nxt = verify_sampled(p, q, draft_ids, generator)
-                n = int(n)
-            else:
-                n, nxt = verify_greedy(logits.argmax(-1), draft_ids)
+            n, nxt = verify_round(logits, q_rows, draft_ids, sample=sample, temperature=temperature,
+                                  top_p=top_p, generator=generator)
         for j in range(k):
             drafted[j] += 1
             accepted[j] += j < n
