@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from tests.tiny import TEXT
+
 
 @pytest.fixture(autouse=True)
 def _tiny_ops_on_one_thread(request):
@@ -15,3 +17,11 @@ def _tiny_ops_on_one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A small local corpus file (the tiny models' TEXT) for recipes' calibration and verify."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    return str(path)

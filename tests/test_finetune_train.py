@@ -14,7 +14,7 @@ from compress.finetune import (IGNORE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, TrainCon
 from compress.models import load_model
 from compress.pipeline import run_recipe
 from compress.tasks import BBC_TOPICS, topic_prompt
-from tests.tiny import TEXT, byte_tokenizer, tiny_model, tiny_model_dir
+from tests.tiny import byte_tokenizer, tiny_model, tiny_model_dir
 
 
 QUIET = dict(progress=False, log=lambda *_: None)
@@ -28,13 +28,6 @@ def topics_file(tmp_path):
     rows = [{"text": f"{BBC_TOPICS[i % 5]} story {i}: the {BBC_TOPICS[i % 5]} desk reports.",
              "label": BBC_TOPICS[i % 5]} for i in range(80)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
     return str(path)
 
 

@@ -9,14 +9,7 @@ from compress.cli import main
 from compress.errors import CompressError
 from compress.models import load_model
 from compress.pipeline import run_recipe
-from tests.tiny import TEXT, TINY_ARCHS, tiny_model_dir
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
+from tests.tiny import TINY_ARCHS, tiny_model_dir
 
 
 def _recipe(model_dir, text_file, steps, **extra):

@@ -13,7 +13,7 @@ from compress.prune.scores import gradient_scores, nirvana_objective
 from compress.prune.shrink import Keep, remove_units
 from compress.prune.units import block_parts, channel_params, group_params
 from compress.recipe import validate_recipe
-from tests.tiny import TEXT, TINY_ARCHS, tiny_model, tiny_model_dir
+from tests.tiny import TINY_ARCHS, tiny_model, tiny_model_dir
 
 METHODS = ("nirvana", "taylor", "wanda", "magnitude")
 IDS = torch.arange(48).view(2, 24) % 250
@@ -179,13 +179,6 @@ def test_unsupported_architecture_is_named():
 
 
 # ------------------------------------------------------------------ recipes, exports, reload
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
 
 
 def _recipe(model_dir, text_file, steps, **extra):

@@ -42,13 +42,6 @@ def trained_dir(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
-
-
 def _recipe(model_dir, text_file, recal: dict, quantize: bool = True, **verify):
     steps = [{"algorithm": "rtn", "bits": 4, "group_size": 32}] if quantize else []
     return {

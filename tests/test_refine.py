@@ -15,7 +15,7 @@ from compress.pipeline import run_recipe
 from compress.quantize.grid import QuantSpec
 from compress.quantize.refine import MeanAccumulator, adaquant_refine, output_shift
 from compress.quantize.solvers import QuantResult, gptq_solve, hessian_from_inputs, layer_output_error, rtn_solve
-from tests.tiny import TEXT, tiny_model_dir
+from tests.tiny import tiny_model_dir
 
 OUT, IN = 96, 320
 
@@ -114,13 +114,6 @@ def test_output_shift_matches_the_mean_output_exactly():
 
 
 # ----------------------------------------------------------------------------- recipes on tiny models
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
-    return str(path)
 
 
 def _recipe(model_dir, text_file, steps):
