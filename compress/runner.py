@@ -171,12 +171,13 @@ def run_layerwise(
     *,
     modules: dict[str, nn.Module],
     make_accumulator: Callable[[str, nn.Module, torch.device], Accumulator],
-    solve: Callable[[str, nn.Module, Accumulator], Any],
+    solve: Callable[[str, nn.Module, Accumulator], Any] | None = None,
     device: torch.device | str = "cpu",
     offload: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "layer-wise",
     share_inputs: bool = False,
+    solve_group: Callable[[dict[str, nn.Module], Accumulator], dict[str, Any]] | None = None,
 ) -> LayerwiseResult:
     """Walk the blocks, accumulate statistics of ``modules`` per subset, solve, replay.
 
@@ -184,8 +185,13 @@ def run_layerwise(
     in a declared subset are solved in one extra subset at the end, so no target
     is silently skipped. ``share_inputs``: accumulators depend only on the input
     (not the output), so modules fed the same tensor (q,k,v; gate,up) share one
-    accumulator instead of repeating the same X·Xᵀ.
+    accumulator instead of repeating the same X·Xᵀ. ``solve_group`` (with
+    ``share_inputs``): called once per set of modules that shared an accumulator,
+    ``{fqn: module}`` in block order, returning ``{fqn: report}`` — one solve for
+    q,k,v stacked instead of three (``solve`` is then unused).
     """
+    if solve is None and (solve_group is None or not share_inputs):
+        raise TypeError("run_layerwise needs `solve`, or `solve_group` with share_inputs=True")
     device = torch.device(device)
     layout = block_layout(model)
     blocks = model.get_submodule(layout.blocks)
@@ -222,9 +228,16 @@ def run_layerwise(
                 finally:
                     for h in hooks:
                         h.remove()
-                for s in subset:
-                    acc = accs[alias.get(s, s)]
-                    reports[prefix + s] = solve(prefix + s, mine[s], acc)
+                if solve_group is not None and share_inputs:
+                    groups: dict[str, dict[str, nn.Module]] = {}
+                    for s in subset:
+                        groups.setdefault(alias.get(s, s), {})[prefix + s] = mine[s]
+                    for root, members in groups.items():
+                        reports.update(solve_group(members, accs[root]))
+                else:
+                    for s in subset:
+                        acc = accs[alias.get(s, s)]
+                        reports[prefix + s] = solve(prefix + s, mine[s], acc)
             inputs = _replay(block, inputs, device=device, offload=offload)
         finally:
             block.to(home)

@@ -27,6 +27,7 @@ from compress.quantize.solvers import (
     hessian_from_inputs,
     layer_output_error,
     rtn_solve,
+    split_rows,
 )
 
 OUT, IN = 96, 320
@@ -240,6 +241,40 @@ def test_deterministic():
         for f in ("weight", "qweight", "scales", "zeros", "g_idx"):
             assert torch.equal(getattr(a, f), getattr(b, f)), f
         assert a.error == b.error
+
+
+@pytest.mark.parametrize("kw", [{}, {"act_order": True}], ids=["seq", "act"])
+def test_stacked_rows_solve_like_separate_modules(kw):
+    # q,k,v (gate,up) share H and are solved as one stacked matrix: the same maths per row
+    spec = QuantSpec(3, 64)
+    parts = [W0[:40], W0[40:56], W0[56:]]
+    stacked = gptq_solve(torch.cat(parts), H0, spec, **kw)
+    row = 0
+    for W in parts:
+        alone = gptq_solve(W, H0, spec, **kw)
+        mine = split_rows(stacked, row, row + W.shape[0], W, H0)
+        row += W.shape[0]
+        assert torch.equal(mine.qweight, alone.qweight) and torch.equal(mine.zeros, alone.zeros)
+        torch.testing.assert_close(mine.weight, alone.weight, rtol=0, atol=1e-6)
+        assert mine.error == pytest.approx(alone.error, rel=1e-5)
+        assert mine.qweight.untyped_storage().nbytes() == alone.qweight.untyped_storage().nbytes()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec,kw", [(QuantSpec(4, 128), {}), (QuantSpec(3, 32), {}), (QuantSpec(2, -1), {}),
+                                     (QuantSpec(4, 128), {"act_order": True}), (QuantSpec(4, 128), {"block_size": 64})],
+                         ids=["g128", "g32", "g-1", "act", "block64"])
+def test_cuda_graph_column_loop_equals_eager(spec, kw):
+    from compress.quantize import solvers
+    W, H = W0.cuda(), H0.cuda()
+    eager = gptq_solve(W, H, spec, graphs=False, **kw)
+    graphed = gptq_solve(W, H, spec, graphs=True, **kw)
+    assert not solvers._GRAPHS_BROKEN, solvers._GRAPHS_BROKEN
+    assert torch.equal(graphed.qweight, eager.qweight) and torch.equal(graphed.scales, eager.scales)
+    assert torch.equal(graphed.weight, eager.weight)
+    cpu = gptq_solve(W0, H0, spec, **kw)
+    assert (cpu.qweight == eager.qweight.cpu()).float().mean() > 0.99
 
 
 def test_inputs_not_modified():

@@ -131,3 +131,23 @@ def test_shared_inputs_give_the_same_statistics_with_fewer_accumulations():
     assert sum(calls.values()) == n_plain * 4 // 7  # per block: q (not k, v), o, gate (not up), down
     for name in modules:
         torch.testing.assert_close(shared.reports[name], plain.reports[name])
+
+
+def test_solve_group_gets_each_shared_input_once():
+    model = tiny_model("llama")
+    seen = []
+
+    def solve_group(members, acc):
+        seen.append([n.rsplit(".", 1)[-1] for n in members])
+        return {n: acc.H.clone() for n in members}
+
+    modules = match_modules(model, ["Linear"], ["lm_head"])
+    kw = dict(modules=modules, progress=False, make_accumulator=lambda n, m, d: HessianAccumulator(m.in_features, d))
+    grouped = run_layerwise(model, _batches(), share_inputs=True, solve_group=solve_group, **kw)
+    plain = run_layerwise(model, _batches(), solve=lambda n, m, a: a.H.clone(), **kw)
+    n_blocks = len(model.model.layers)
+    assert seen == [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]] * n_blocks
+    for name in modules:
+        torch.testing.assert_close(grouped.reports[name], plain.reports[name])
+    with pytest.raises(TypeError, match="solve_group"):
+        run_layerwise(model, _batches(), solve_group=solve_group, **kw)  # needs share_inputs

@@ -32,6 +32,7 @@ __all__ = [
     "hessian_from_inputs",
     "layer_output_error",
     "rtn_solve",
+    "split_rows",
 ]
 
 # How many times the damping is multiplied by 10 when H + damp·I is not
@@ -140,6 +141,15 @@ def _finish(
     )
 
 
+def split_rows(res: QuantResult, start: int, stop: int, W: Tensor, H: Tensor | None) -> QuantResult:
+    """Rows ``start:stop`` of a result solved on stacked weights, as that module's own result;
+    ``W`` is the module's original weight (for its layer error under ``H``)."""
+    weight = res.weight[start:stop].clone()  # copies: no view keeps the stacked tensors alive
+    return QuantResult(weight=weight, qweight=res.qweight[start:stop].clone(), scales=res.scales[start:stop].clone(),
+                       zeros=res.zeros[start:stop].clone(), g_idx=res.g_idx.clone(), spec=res.spec,
+                       error=layer_output_error(W, weight, H) if H is not None else None)
+
+
 # --------------------------------------------------------------------------- RTN
 
 
@@ -213,6 +223,118 @@ def _upper_cholesky_of_inverse(H: Tensor, percdamp: float) -> tuple[Tensor, floa
     )
 
 
+# --------------------------------------------------------------------------- the column loop
+
+
+def _aligned_block(block_size: int, gs: int) -> int:
+    """A block size that keeps every group start on a block start (or every block inside one
+    group): a multiple of ``gs``, or the largest divisor of ``gs`` that is a power of two and
+    ≤ ``block_size``. Lazy updates are exact, so the block size only changes speed."""
+    if block_size >= gs:
+        return block_size // gs * gs
+    b = 1
+    while 2 * b <= block_size and gs % (2 * b) == 0:
+        b *= 2
+    return b
+
+
+def _column_loop(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, L1: Tensor, Err1: Tensor,
+                 fits: tuple[tuple[int, int], ...], spec: QuantSpec) -> None:
+    """Quantize the columns of one block in order, in place.
+
+    W1 [out, b] the block's weights (updated as columns are rounded), U1 [b, b] its part of the
+    upper Cholesky factor of H⁻¹, S1/Z1 [out, b] each column's scale and (float) zero, L1 the
+    levels and Err1 the scaled errors out. ``fits``: (start, end) column ranges whose grid is
+    fitted on the current weights when ``start`` is reached. Tensor ops only, no host syncs: the
+    same code runs eagerly and inside a CUDA graph.
+    """
+    maxq = spec.maxq
+    starts = dict(fits)
+    for i in range(W1.shape[1]):
+        end = starts.get(i)
+        if end is not None:
+            s, z = fit_grid(W1[:, i:end], spec)
+            S1[:, i:end] = s.unsqueeze(1)
+            Z1[:, i:end] = z.float().unsqueeze(1)
+        w, s, z = W1[:, i], S1[:, i], Z1[:, i]
+        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+        L1[:, i] = q
+        err = (w - s * (q - z)) / U1[i, i]
+        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+        Err1[:, i] = err
+
+
+class _ColumnGraph:
+    """One block shape's column loop recorded as a CUDA graph: a few thousand tiny kernels
+    replayed without Python between them (the loop is launch-bound on GPUs)."""
+
+    def __init__(self, out_f: int, width: int, fits, spec: QuantSpec, device: torch.device):
+        self.fits, self.spec = fits, spec
+        self.bufs = [torch.zeros(out_f, width, device=device) for _ in range(5)]  # W1 S1 Z1 L1 Err1
+        self.U1 = torch.eye(width, device=device)
+        self.bufs[1].fill_(1.0)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
+            self._body()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=_graph_pool(device)):
+            self._body()
+
+    def _body(self) -> None:
+        W1, S1, Z1, L1, Err1 = self.bufs
+        _column_loop(W1, self.U1, S1, Z1, L1, Err1, self.fits, self.spec)
+
+    def run(self, W1, U1, S1, Z1):
+        for buf, src in zip(self.bufs, (W1, S1, Z1)):
+            buf.copy_(src)
+        self.U1.copy_(U1)
+        self.graph.replay()
+        _, S, Z, L, E = self.bufs
+        return L.clone(), E.clone(), S.clone(), Z.clone()
+
+
+_GRAPHS: dict[tuple, _ColumnGraph] = {}
+_POOLS: dict[int, object] = {}
+_GRAPHS_BROKEN: list[str] = []  # why CUDA graphs were given up in this process, if they were
+_MAX_GRAPHS = 32
+
+
+def _graph_pool(device: torch.device):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _POOLS:
+        _POOLS[key] = torch.cuda.graph_pool_handle()
+    return _POOLS[key]
+
+
+def _use_graphs(graphs: bool | None, device: torch.device) -> bool:
+    if device.type != "cuda" or graphs is False:
+        return False
+    return not _GRAPHS_BROKEN or graphs is True
+
+
+def _quantize_block(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, fits, spec: QuantSpec,
+                    graphs: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run the column loop on one block: (levels, errors, scales, zeros) per column."""
+    if graphs:
+        key = (W1.device, *W1.shape, fits, spec)
+        try:
+            if key not in _GRAPHS:
+                if len(_GRAPHS) >= _MAX_GRAPHS:
+                    _GRAPHS.clear()
+                _GRAPHS[key] = _ColumnGraph(W1.shape[0], W1.shape[1], fits, spec, W1.device)
+            return _GRAPHS[key].run(W1, U1, S1, Z1)
+        except RuntimeError as exc:  # capture unsupported here: the eager loop gives the same result
+            _GRAPHS.pop(key, None)
+            _GRAPHS_BROKEN.append(str(exc))
+            warnings.warn(f"GPTQ: CUDA-graph column loop unavailable ({exc}); running it eagerly",
+                          RuntimeWarning, stacklevel=3)
+    L1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
+    _column_loop(W1, U1, S1, Z1, L1, Err1, fits, spec)
+    return L1, Err1, S1, Z1
+
+
 @torch.no_grad()
 def gptq_solve(
     W: Tensor,
@@ -223,6 +345,7 @@ def gptq_solve(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    graphs: bool | None = None,
 ) -> QuantResult:
     """Quantize W [out, in] with GPTQ given the input Hessian H [in, in].
 
@@ -243,6 +366,11 @@ def gptq_solve(
       original (dead-zeroed) W. This keeps ``g_idx`` trivial (no reordering in
       kernels) at the cost of grids that do not see GPTQ's updates.
     - ``static_groups``: fit all group grids up front on the original W.
+    - ``block_size`` only changes speed (lazy updates are exact); with grids fitted
+      on the fly it is aligned to the group size (see :func:`_aligned_block`).
+    - ``graphs``: on CUDA, record each block shape's column loop once as a CUDA
+      graph and replay it (default: on CUDA unless a capture already failed in this
+      process; a failed capture warns and runs the same loop eagerly).
 
     The layer error ``trace((W - Ŵ) H (W - Ŵ)ᵀ)`` is stored in ``error`` (computed
     with the H that was passed in, undamped).
@@ -300,43 +428,49 @@ def gptq_solve(
     U, _ = _upper_cholesky_of_inverse(Hf, percdamp)
     del Hf
 
-    Q = torch.zeros_like(Wf)
     levels = torch.zeros_like(Wf)
+    col_group_t = torch.tensor(col_group, device=dev)
+    dynamic = grouped and not static_groups
+    block = _aligned_block(block_size, gs) if dynamic else block_size
+    graphs = _use_graphs(graphs, dev)
 
-    for i1 in range(0, in_f, block_size):
-        i2 = min(i1 + block_size, in_f)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
         W1 = Wf[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        fits: tuple[tuple[int, int], ...] = ()
+        if dynamic:
+            # Block starts sit on group starts (or inside a group that began at a block
+            # start), so every group is fitted either here, on columns past the block that
+            # already carry every earlier block's update, or inside the column loop.
+            if i1 % gs == 0 and i1 + gs > i2:
+                S1, Z1 = (t.float().unsqueeze(1).expand(-1, i2 - i1).clone()
+                          for t in fit_grid(Wf[:, i1:min(i1 + gs, in_f)], spec))
+            else:
+                S1 = torch.empty_like(W1)
+                Z1 = torch.empty_like(W1)
+                fits = tuple((c - i1, min(c + gs, i2) - i1) for c in range(i1, i2) if c % gs == 0)
+                if not fits:  # a block inside a group fitted at an earlier block's start
+                    g = col_group[i1]
+                    S1[:] = scales[:, g:g + 1]
+                    Z1[:] = zeros[:, g:g + 1].float()
+        else:
+            S1 = scales[:, col_group_t[i1:i2]]
+            Z1 = zeros[:, col_group_t[i1:i2]].float()
         U1 = U[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = col_group[col]
-            if grouped and not static_groups and col % gs == 0:
-                # The group's columns as they stand now: in-block columns carry all
-                # updates so far (W1); columns past the block still lack this block's
-                # pending lazy update, which is applied here to fit the grid.
-                end = min(col + gs, in_f)
-                cur = W1[:, i:min(end, i2) - i1]
-                if end > i2:
-                    rest = Wf[:, i2:end] - Err1[:, :i] @ U[i1:i1 + i, i2:end]
-                    cur = torch.cat([cur, rest], dim=1)
-                s, z = fit_grid(cur, spec)
-                scales[:, g] = s
-                zeros[:, g] = z
-            scale = scales[:, g]
-            zero = zeros[:, g]
-            w = W1[:, i]
-            q = _quantize_float(w, scale, zero, maxq)
-            wq = dequantize(q, scale, zero)
-            levels[:, col] = q
-            Q[:, col] = wq
-            err = (w - wq) / U1[i, i]
-            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
+        L1, Err1, S1, Z1 = _quantize_block(W1, U1, S1, Z1, fits, spec, graphs)
+        levels[:, i1:i2] = L1
+        if dynamic:
+            for c in range(i1, i2):
+                if c % gs == 0:
+                    scales[:, col_group[c]] = S1[:, c - i1]
+                    zeros[:, col_group[c]] = Z1[:, c - i1].to(torch.int32)
         # Lazy batch update of all later columns with this block's errors.
         if i2 < in_f:
             Wf[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
+    # the dequantized weight, from the stored levels and grids: the same formula the
+    # column loop used for each column's rounding error
+    Q = dequantize(levels, scales[:, col_group_t], zeros[:, col_group_t])
     if perm is not None:
         invperm = torch.argsort(perm)
         Q = Q[:, invperm]
