@@ -79,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--int4-drafter", action="store_true", help="run a gptq drafter's 4-bit linears on the int4 kernel")
     db.add_argument("--compile", action="store_true", help="compiled decode steps (CUDA graphs on GPU)")
     db.add_argument("--hf-baseline", action="store_true", help="also time generate(cache_implementation='static')")
+    db.add_argument("--confidence-threshold", type=float, default=None,
+                    help="stop a round's drafting when the drafter's top-1 probability (through the calibrator a "
+                         "drafter export ships, if it maps drafter confidences) falls below this; default: fixed γ")
     db.add_argument("--out", default=None, help="folder for draft_bench.json and draft_bench.png")
     db.add_argument("--device", default="auto")
     db.add_argument("--dtype", default="float32")
@@ -189,7 +192,8 @@ def _dispatch(args) -> int:
                                      max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
                                      device=resolve_device(args.device), dtype=args.dtype,
                                      int4_drafter=args.int4_drafter, compile=args.compile,
-                                     hf_baseline=args.hf_baseline, out=args.out)
+                                     hf_baseline=args.hf_baseline, confidence_threshold=args.confidence_threshold,
+                                     out=args.out)
         print(json.dumps(result))
         return 0
     raise AssertionError(args.command)

@@ -170,6 +170,11 @@ def test_compiled_steps_trace_once_and_stay_exact():
     stopped = fast_speculative_generate(t, d, prompt, max_new_tokens=NEW, gamma=2, confidence_threshold=0.8)
     assert stopped.tokens.tolist() == want and t.eager_steps >= 1
     assert counters["stats"]["unique_graphs"] == graphs
+    # compiled for every verify length, the same stopped rounds run no step eagerly
+    t2, d2 = _exact_decoders(target, drafter, gamma=2, compile=True, compile_backend="eager", verify_lengths=(1, 2, 3))
+    assert t2.step_shapes == {(1, 1), (2, 2), (3, 3)}
+    again = fast_speculative_generate(t2, d2, prompt, max_new_tokens=NEW, gamma=2, confidence_threshold=0.8)
+    assert again.tokens.tolist() == want and t2.eager_steps == 0 and d2.eager_steps == 0
 
 
 # ----------------------------------------------------------------------------- int4
@@ -272,6 +277,11 @@ def test_cli_draft_bench_writes_json_and_plot(tmp_path, capsys):
     assert res["identical"] and res["prompts"] == 2
     assert json.loads((out / "draft_bench.json").read_text())["speedup"] == res["speedup"]
     assert (out / "draft_bench.png").stat().st_size > 1000
+    # confidence-stopped drafting: a top-1 probability is always < 1, so every round drafts one token
+    assert main([*args[:-2], "--confidence-threshold", "1.0"]) == 0
+    stopped = json.loads(capsys.readouterr().out)
+    assert stopped["confidence_threshold"] == 1.0 and stopped["identical"]
+    assert stopped["speculative"]["drafted"][1:] == [0, 0] and stopped["speculative"]["drafted"][0] > 0
     assert main([*args[:-2], "--gamma", "0"]) == 2
     assert "gamma" in capsys.readouterr().err
     assert main(["draft-bench", "--target", target, "--drafter", target, "--prompts", str(prompts),

@@ -78,9 +78,23 @@ def hf_static_generate(model, prompts: Sequence[torch.Tensor], max_new_tokens: i
     return {"tokens_per_s": len(prompts) * max_new_tokens / seconds, "outputs": outputs}
 
 
+def _cudagraph_counters() -> dict:
+    """inductor's CUDA-graph counters (e.g. ``cudagraph_skips``): a compiled step that silently runs
+    without graphs is launch-bound, and the timings should say so."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
+
+
 def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int = 128, compile: bool = False,
-                static: bool = True, hf_baseline: bool = False) -> dict:
-    """Time the target alone and speculative decoding on the same prompts; see the module docstring."""
+                static: bool = True, hf_baseline: bool = False, confidence_threshold: float | None = None,
+                calibrator=None) -> dict:
+    """Time the target alone and speculative decoding on the same prompts; see the module docstring.
+
+    ``confidence_threshold``: confidence-stopped drafting (``calibrator`` maps raw drafter
+    confidences first); every verify length 1..γ+1 is then compiled, not only γ+1."""
     check_gamma(gamma)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise CompressError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -90,11 +104,14 @@ def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int
     prompts = [as_prompt(p).to(device) for p in prompts]
     for p in prompts:
         check_context({"target": target, "drafter": drafter}, p.numel(), max_new_tokens)
+    stop = dict(confidence_threshold=confidence_threshold, calibrator=calibrator)
+    graphs_before = _cudagraph_counters()
     t, d = decoder_pair(target, drafter, cache_len_for([p.numel() for p in prompts], max_new_tokens),
-                        gamma, compile=compile, static=static)
+                        gamma, compile=compile, static=static,
+                        verify_lengths=range(1, gamma + 2) if confidence_threshold is not None else None)
     # untimed pass of both loops: first-call allocations and lazy cache init stay out of the timings
     fast_target_generate(t, prompts[0], min(8, max_new_tokens))
-    fast_speculative_generate(t, d, prompts[0], max_new_tokens=min(8, max_new_tokens), gamma=gamma)
+    fast_speculative_generate(t, d, prompts[0], max_new_tokens=min(8, max_new_tokens), gamma=gamma, **stop)
 
     alone, spec, rows = [], [], []
     step_t = {"calls": 0, "s": 0.0}
@@ -109,7 +126,7 @@ def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int
         step_t["s"] += s1[1]
         t.clear_stats()
         d.clear_stats()
-        res = fast_speculative_generate(t, d, p, max_new_tokens=max_new_tokens, gamma=gamma)
+        res = fast_speculative_generate(t, d, p, max_new_tokens=max_new_tokens, gamma=gamma, **stop)
         eager["target"] += t.eager_steps
         eager["drafter"] += d.eager_steps
         for dec, acc in ((t, verify), (d, step_d)):
@@ -140,6 +157,9 @@ def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int
         "device": str(device), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "compile": compile, "static_cache": {"target": t.static, "drafter": d.static},
         "eager_steps": eager if compile else None,
+        "cudagraph_counters": {k: v - graphs_before.get(k, 0) for k, v in _cudagraph_counters().items()},
+        "confidence_threshold": confidence_threshold, "calibrator": None if calibrator is None else (
+            calibrator.describe() if hasattr(calibrator, "describe") else repr(calibrator)),
         "target_alone": {"tokens_per_s": n_alone / s_alone, "new_tokens": n_alone, "wall_s": s_alone,
                          "step_ms": None if t_step is None else 1e3 * t_step},
         "speculative": {"tokens_per_s": n_spec / s_spec, "new_tokens": n_spec, "wall_s": s_spec,
@@ -207,7 +227,8 @@ def plot_bench(result: dict, path: str | Path) -> None:
 
 def draft_bench_sources(target: str, drafter: str, prompts: str, *, gamma: int = 4, max_new_tokens: int = 128,
                         max_prompts: int | None = None, device="cpu", dtype="float32", int4_drafter: bool = False,
-                        compile: bool = False, hf_baseline: bool = False, out: str | None = None) -> dict:
+                        compile: bool = False, hf_baseline: bool = False, confidence_threshold: float | None = None,
+                        out: str | None = None) -> dict:
     """``draft_bench`` on models given as zoo ids / directories / exports and a prompt file;
     writes ``draft_bench.json`` and ``draft_bench.png`` into ``out`` when given."""
     from compress.draft.speculative import check_same_vocabulary
@@ -224,8 +245,11 @@ def draft_bench_sources(target: str, drafter: str, prompts: str, *, gamma: int =
         from compress.draft.int4 import int4_linears_from_gptq
         int4 = int4_linears_from_gptq(d.model, d.path)
     ids = [t.tokenizer(p, return_attention_mask=False)["input_ids"] for p in texts]
+    # a calibrator fitted on drafter acceptance (target "drafter") maps confidences before the threshold;
+    # token-level calibrators answer a different question (is the drafter right about the text)
+    calibrator = d.calibrator if d.calibrator is not None and getattr(d.calibrator, "target", None) == "drafter" else None
     result = draft_bench(t.model, d.model, ids, gamma=gamma, max_new_tokens=max_new_tokens, compile=compile,
-                         hf_baseline=hf_baseline)
+                         hf_baseline=hf_baseline, confidence_threshold=confidence_threshold, calibrator=calibrator)
     dev = torch.device(device)
     machine = {"device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                "torch_threads": torch.get_num_threads(), **versions()}

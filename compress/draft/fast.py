@@ -323,11 +323,15 @@ def cache_len_for(prompt_lens: Sequence[int], max_new_tokens: int, multiple: int
 
 
 def decoder_pair(target, drafter, max_cache_len: int, gamma: int, *, compile: bool = False,
-                 static: bool = True, warmup: bool = True, **kw) -> tuple[FastDecoder, FastDecoder]:
+                 static: bool = True, warmup: bool = True, verify_lengths: Iterable[int] | None = None,
+                 **kw) -> tuple[FastDecoder, FastDecoder]:
     """Target and drafter decoders sized alike, compiled (and warmed up) for the step shapes of
-    plain decoding and of full speculative rounds: target 1 and γ+1 tokens, drafter 1 and 2."""
+    plain decoding and of full speculative rounds: target 1 and γ+1 tokens, drafter 1 and 2.
+    ``verify_lengths``: every target verify length to compile (confidence-stopped rounds verify
+    k+1 ≤ γ+1 tokens), instead of γ+1 alone."""
+    lengths = {gamma + 1} if verify_lengths is None else {int(n) for n in verify_lengths}
     t = FastDecoder(target, max_cache_len, static=static, compile=compile,
-                    step_shapes=((1, 1), (gamma + 1, gamma + 1)), name="target", **kw)
+                    step_shapes={(1, 1)} | {(n, n) for n in lengths}, name="target", **kw)
     d = FastDecoder(drafter, max_cache_len, static=static, compile=compile, step_shapes=((1, 1), (2, 1)),
                     name="drafter", **kw)
     if compile and warmup:
