@@ -1,39 +1,71 @@
 #!/usr/bin/env bash
 # One GPU window, in phases (each phase is one `device run`, under its 10-minute limit):
 #   bash bench/device/gpu_window.sh PHASE
-# Results go to $OUT/<phase>.tar.gz (the device returns at most 8 files per call).
+# Results accumulate in /tmp/results and go back as $OUT/<phase>.tar.gz after every phase (the
+# device returns at most 8 files per call; a phase cut off by its limit keeps what it wrote).
+# Before `prep`: the carried wheels (bench/device/setup_python.sh) and the staged model chunks
+# (bench/device/stage_parts.sh add ...).
 set -uo pipefail
-export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  PYTHONUNBUFFERED=1
 R=/tmp/results; mkdir -p $R
 py() { python3 "$@"; }
+T=${PHASE_TIMEOUT:-560}  # seconds a phase may run before its commands are cut (the call's limit is 600)
+draft() {  # draft-bench of the 1.5B target with drafter $1 on prompt set $2 into $R/draft-$3-$2
+  timeout $T python3 -m compress draft-bench --target qwen2.5-coder-1.5b --drafter $1 \
+    --prompts bench/draft_bench_prompts/$2.txt --gamma ${GAMMA:-4} --max-new-tokens 128 --device cuda \
+    --dtype bfloat16 --compile ${@:4} --out $R/draft-$3-$2 2>&1 | grep -v "it/s" | tail -3 | cut -c1-600
+}
 case $1 in
   prep)
+    mkdir -p $COMPRESS_CACHE/packages && cp -r .stage/pkgs/* $COMPRESS_CACHE/packages/ 2>/dev/null
     bash bench/device/stage_parts.sh join smol smollm2-135m b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 SmolLM2-135M-Instruct.Q4_1.gguf
     bash bench/device/stage_parts.sh join q05 qwen2.5-coder-0.5b 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
     bash bench/device/stage_parts.sh join q15 qwen2.5-coder-1.5b cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
-    for m in smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do py -m compress models fetch $m 2>&1 | tail -2; done
-    py -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -5 | tee $R/gpu-tests.txt;;
-  drafters)  # the self-drafter (1.5B -> NIRVANA 50% + GPTQ W4) and the stock 0.5B at W4
-    py -m compress run recipes/qwen-coder-1.5b-self-drafter.yaml --out /tmp/out/self-drafter --force 2>&1 | grep -v "it/s" | tail -30 | tee $R/self-drafter.log
-    py -m compress run recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml --set stages[0].steps[0].bits=4 --out /tmp/out/q05-w4 --force 2>&1 | grep -v "it/s" | tail -20 | tee $R/q05-w4.log
-    cp /tmp/out/self-drafter/report.json $R/self-drafter-report.json; cp /tmp/out/q05-w4/report.json $R/q05-w4-report.json;;
-  bench-code|bench-prose)  # draft-bench: the 1.5B target with each drafter
+    for m in smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do py -m compress models fetch $m 2>&1 | tail -1; done
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee $R/gpu.txt
+    timeout 300 py -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
+  recal)  # issue 6: the compression-calibration study on the Coder model
+    timeout $T py bench/recalibration_study.py --model qwen2.5-coder-0.5b --device cuda --fit-windows 12 \
+      --test-windows 16 --topics-fit 60 --topics-test 120 --topic-chars 400 \
+      --out $R/study-qwen2.5-coder-0.5b-h100.json --plot $R/study-qwen2.5-coder-0.5b-reliability.png --resume \
+      2>&1 | grep -v "it/s" | tail -12 | cut -c1-300;;
+  quant-smol)  # issue 3: ours vs GPTQModel vs RTN, SmolLM2, three settings
+    timeout $T py bench/quant_quality.py all --model smollm2-135m --settings w4g128,w3g128,w2g64 \
+      --methods float,rtn,gptq,gptqmodel,gptqmodel-matched,gptq-kl-adaquant --device cuda \
+      --out $R/quant-smollm2-135m-h100.json --resume 2>&1 | grep -v "^>>" | cut -c1-300;;
+  quant-qwen)
+    timeout $T py bench/quant_quality.py all --model qwen2.5-coder-0.5b --calib-corpus stdlib \
+      --settings w4g128,w3g128,w2g64 --methods float,rtn,gptq,gptqmodel,gptq-kl-adaquant,gptqmodel-matched \
+      --device cuda --out $R/quant-qwen2.5-coder-0.5b-h100.json --resume 2>&1 | grep -v "^>>" | cut -c1-300;;
+  select-qwen)
+    timeout $T py bench/quant_selection.py --model qwen2.5-coder-0.5b --device cuda \
+      --out $R/selection-qwen2.5-coder-0.5b-h100.json --resume 2>&1 | grep '^{';;
+  select-smol)
+    timeout $T py bench/quant_selection.py --model smollm2-135m --device cuda \
+      --out $R/selection-smollm2-135m-h100.json --resume 2>&1 | grep '^{';;
+  drafters)  # issue 7: the self-drafter recipe and the stock 0.5B at W4
+    timeout 420 py -m compress run recipes/qwen-coder-1.5b-self-drafter.yaml --out /tmp/out/self-drafter --force \
+      2>&1 | grep -v "it/s" | tail -25 | tee $R/self-drafter.log
+    cp /tmp/out/self-drafter/report.json $R/self-drafter-report.json
+    [ -d /tmp/out/q05-w4 ] || timeout 150 py -m compress run recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml \
+      --set stages[0].steps[0].bits=4 --out /tmp/out/q05-w4 --force 2>&1 | grep -v "it/s" | tail -5
+    cp /tmp/out/q05-w4/report.json $R/q05-w4-report.json;;
+  bench-code|bench-prose)  # the 1.5B target with each drafter, fixed gamma
     P=${1#bench-}
-    for d in "qwen2.5-coder-0.5b" "/tmp/out/q05-w4 --int4-drafter" "/tmp/out/self-drafter --int4-drafter"; do
-      name=$(echo $d | cut -d' ' -f1 | xargs basename)
-      py -m compress draft-bench --target qwen2.5-coder-1.5b --drafter $d --prompts bench/draft_bench_prompts/$P.txt \
-        --gamma 4 --max-new-tokens 128 --device cuda --dtype bfloat16 --compile --out $R/draft-$name-$P 2>&1 | tail -4
+    draft qwen2.5-coder-0.5b $P q05
+    draft /tmp/out/q05-w4 $P q05-w4 --int4-drafter
+    draft /tmp/out/self-drafter $P self --int4-drafter;;
+  bench-extra)  # gamma 2 and confidence-stopped drafting with the best drafters, on code
+    GAMMA=2 draft /tmp/out/q05-w4 code q05-w4-g2 --int4-drafter
+    GAMMA=2 draft /tmp/out/self-drafter code self-g2 --int4-drafter
+    draft /tmp/out/self-drafter code self-conf0.5 --int4-drafter --confidence-threshold 0.5;;
+  speed)  # compress eval --speed rows (issue 7, deliverable 1)
+    for m in "qwen2.5-coder-1.5b" "qwen2.5-coder-0.5b" "/tmp/out/q05-w4 --int4" "/tmp/out/self-drafter --int4"; do
+      name=$(echo $m | cut -d' ' -f1 | xargs basename)
+      timeout 150 py -m compress eval $m --corpus stdlib --seq-len 512 --max-windows 8 --device cuda --dtype bfloat16 \
+        --speed --compile --new-tokens 128 > $R/eval-speed-$name.json 2> $R/eval-speed-$name.err; tail -c 400 $R/eval-speed-$name.json
     done;;
-  prune)  # pruning quality on both models, then speed on the 0.5B
-    py bench/prune_quality.py --model qwen2.5-coder-0.5b --calib-corpus stdlib --device cuda \
-      --out $R/prune-qwen2.5-coder-0.5b.json --plot $R/prune-qwen2.5-coder-0.5b.png 2>&1 | grep '^{' | cut -c1-200
-    py bench/prune_quality.py --model smollm2-135m --calib-corpus bbc --device cuda \
-      --out $R/prune-smollm2-135m.json --plot $R/prune-smollm2-135m.png 2>&1 | grep '^{' | cut -c1-200;;
-  speed)
-    py bench/prune_speed.py --model qwen2.5-coder-0.5b --device cuda --calib-corpus stdlib --sparsities 0.2,0.5 \
-      --out $R/prune-speed-qwen2.5-coder-0.5b-gpu.json 2>&1 | grep '^{'
-    py bench/prune_speed.py --model qwen2.5-coder-0.5b --device cuda --calib-corpus stdlib --sparsities 0.5 \
-      --allocation uniform --out $R/prune-speed-qwen2.5-coder-0.5b-gpu-uniform.json 2>&1 | grep '^{';;
   *) py "$@";;
 esac
 tar czf $OUT/$1.tar.gz -C $R . 2>/dev/null; ls -la $OUT
