@@ -71,6 +71,9 @@ def test_topic_data_comes_from_the_train_split_and_keeps_the_prompt_ending(topic
 def test_lm_windows_label_every_token(text_file):
     ds = lm_dataset(byte_tokenizer(), text_file, "train", max_len=32, max_examples=5)
     assert len(ds) == 5 and all(r["labels"] == r["input_ids"] and len(r["input_ids"]) == 32 for r in ds)
+    # our own content fingerprint (no dill pickling of the table): stable, and it follows the data
+    assert lm_dataset(byte_tokenizer(), text_file, "train", max_len=32, max_examples=5)._fingerprint == ds._fingerprint
+    assert lm_dataset(byte_tokenizer(), text_file, "train", max_len=32, max_examples=4)._fingerprint != ds._fingerprint
 
 
 def test_bad_data_is_refused(tmp_path, topics_file):

@@ -83,6 +83,22 @@ def _fit_prompt(tokenizer, prompt: str, answer_len: int, max_len: int) -> list[i
                         f"({len(ids)} tokens) plus the answer ({answer_len}); use a larger max_len")
 
 
+def _token_dataset(rows: dict[str, list[list[int]]]) -> datasets.Dataset:
+    """An in-memory Dataset of token-id columns with a fingerprint we compute (sha256 of the ids).
+
+    ``Dataset.from_dict`` fingerprints by pickling the Arrow table with dill, which fails on some
+    Python 3.12 stacks (PicklingError on pyarrow's MonthDayNano, seen on the GPU machine)."""
+    import hashlib
+    import json
+
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    digest = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()[:16]
+    table = InMemoryTable(pa.Table.from_pydict({k: pa.array(v, type=pa.list_(pa.int64())) for k, v in rows.items()}))
+    return datasets.Dataset(table, fingerprint=digest)
+
+
 def instruction_dataset(tokenizer, pairs: list[tuple[str, str]], *, max_len: int = 256,
                         add_eos: bool = True) -> datasets.Dataset:
     """Rows of prompt + answer token ids; labels are the answer ids, -100 on the prompt."""
@@ -97,7 +113,7 @@ def instruction_dataset(tokenizer, pairs: list[tuple[str, str]], *, max_len: int
         prompt_ids = _fit_prompt(tokenizer, prompt, len(answer_ids), max_len)
         rows["input_ids"].append(prompt_ids + answer_ids)
         rows["labels"].append([IGNORE] * len(prompt_ids) + answer_ids)
-    return datasets.Dataset.from_dict(rows)
+    return _token_dataset(rows)
 
 
 def topic_dataset(tokenizer, corpus: str = "bbc", split: str = "train", *, max_len: int = 256,
@@ -123,7 +139,7 @@ def lm_dataset(tokenizer, corpus: str, split: str = "train", *, max_len: int = 2
         raise CompressError(f"split {split!r} of corpus {corpus!r} has {len(ids)} tokens, fewer than one "
                             f"window of max_len={max_len}: the language-modelling dataset is empty")
     windows = [ids[i * max_len:(i + 1) * max_len] for i in range(n)]
-    return datasets.Dataset.from_dict({"input_ids": windows, "labels": [list(w) for w in windows]})
+    return _token_dataset({"input_ids": windows, "labels": [list(w) for w in windows]})
 
 
 def check_dataset(dataset: datasets.Dataset) -> None:
