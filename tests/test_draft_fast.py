@@ -332,14 +332,28 @@ def test_gpu_int4_kernel_equals_the_dequantized_linear():
 
 @pytest.mark.gpu
 @cuda
-def test_gpu_compiled_cuda_graph_decoding_is_exact():
+@pytest.mark.parametrize("graphs", ["manual", "trees"])
+def test_gpu_compiled_cuda_graph_decoding_is_exact(graphs):
     target, drafter = (copy.deepcopy(m).cuda() for m in _pair("llama"))
-    t, d = _exact_decoders(target, drafter, gamma=4, compile=True)
+    t, d = _exact_decoders(target, drafter, gamma=4, compile=True, graphs=graphs)
     assert t.cudagraphs and d.cudagraphs
     for prompt in _prompts():
         want = target_generate(target, prompt, NEW).tokens.tolist()
         assert fast_target_generate(t, prompt, NEW).tokens.tolist() == want
         assert fast_speculative_generate(t, d, prompt, max_new_tokens=NEW, gamma=4).tokens.tolist() == want
+    # a capture that failed would have fallen back silently to the ungraphed compiled step
+    assert t.graph_mode == d.graph_mode == graphs, (t.graph_error, d.graph_error)
+    if graphs == "manual":
+        assert set(t._graphs) == {(1, 1), (5, 5)} and set(d._graphs) == {(1, 1), (2, 1)}
+
+
+def test_manual_graphs_need_cuda_compile_and_a_static_cache():
+    target, _ = _pair("llama")
+    with pytest.raises(CompressError, match="graphs='manual' needs"):
+        FastDecoder(target, 64, compile=True, graphs="manual")
+    with pytest.raises(CompressError, match="graphs must be"):
+        FastDecoder(target, 64, graphs="cuda")
+    assert FastDecoder(target, 64, compile=True, compile_backend="eager").graph_mode is None  # CPU
 
 
 @pytest.mark.gpu

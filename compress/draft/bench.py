@@ -157,6 +157,8 @@ def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int
         "device": str(device), "dtype": str(next(target.parameters()).dtype).replace("torch.", ""),
         "compile": compile, "static_cache": {"target": t.static, "drafter": d.static},
         "eager_steps": eager if compile else None,
+        "cuda_graphs": {"target": t.graph_mode, "drafter": d.graph_mode,
+                        "capture_errors": [e for e in (t.graph_error, d.graph_error) if e]},
         "cudagraph_counters": {k: v - graphs_before.get(k, 0) for k, v in _cudagraph_counters().items()},
         "confidence_threshold": confidence_threshold, "calibrator": None if calibrator is None else (
             calibrator.describe() if hasattr(calibrator, "describe") else repr(calibrator)),
