@@ -24,31 +24,34 @@ case $1 in
     bash bench/device/stage_parts.sh join q15 qwen2.5-coder-1.5b cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
     for m in smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do py -m compress models fetch $m 2>&1 | tail -1; done
     nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee $R/gpu.txt
-    timeout 300 py -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
+    timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
+  tests)
+    timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
   recal)  # issue 6: the compression-calibration study on the Coder model
-    timeout $T py bench/recalibration_study.py --model qwen2.5-coder-0.5b --device cuda --fit-windows 12 \
+    timeout $T python3 bench/recalibration_study.py --model qwen2.5-coder-0.5b --device cuda --fit-windows 12 --minilm-train 0 \
       --test-windows 16 --topics-fit 60 --topics-test 120 --topic-chars 400 \
       --out $R/study-qwen2.5-coder-0.5b-h100.json --plot $R/study-qwen2.5-coder-0.5b-reliability.png --resume \
       2>&1 | grep -v "it/s" | tail -12 | cut -c1-300;;
-  quant-smol)  # issue 3: ours vs GPTQModel vs RTN, SmolLM2, three settings
-    timeout $T py bench/quant_quality.py all --model smollm2-135m --settings w4g128,w3g128,w2g64 \
+  quant-smol)  # issue 3: ours vs GPTQModel vs RTN, SmolLM2, three settings (resumes a carried partial run)
+    [ -f $R/quant-smollm2-135m-h100.json ] || cp bench/results/quant/smollm2-135m-h100.json $R/quant-smollm2-135m-h100.json
+    timeout $T python3 bench/quant_quality.py all --model smollm2-135m --settings w4g128,w3g128,w2g64 \
       --methods float,rtn,gptq,gptqmodel,gptqmodel-matched,gptq-kl-adaquant --device cuda \
       --out $R/quant-smollm2-135m-h100.json --resume 2>&1 | grep -v "^>>" | cut -c1-300;;
   quant-qwen)
-    timeout $T py bench/quant_quality.py all --model qwen2.5-coder-0.5b --calib-corpus stdlib \
+    timeout $T python3 bench/quant_quality.py all --model qwen2.5-coder-0.5b --calib-corpus stdlib \
       --settings w4g128,w3g128,w2g64 --methods float,rtn,gptq,gptqmodel,gptq-kl-adaquant,gptqmodel-matched \
       --device cuda --out $R/quant-qwen2.5-coder-0.5b-h100.json --resume 2>&1 | grep -v "^>>" | cut -c1-300;;
   select-qwen)
-    timeout $T py bench/quant_selection.py --model qwen2.5-coder-0.5b --device cuda \
+    timeout $T python3 bench/quant_selection.py --model qwen2.5-coder-0.5b --device cuda \
       --out $R/selection-qwen2.5-coder-0.5b-h100.json --resume 2>&1 | grep '^{';;
   select-smol)
-    timeout $T py bench/quant_selection.py --model smollm2-135m --device cuda \
+    timeout $T python3 bench/quant_selection.py --model smollm2-135m --device cuda \
       --out $R/selection-smollm2-135m-h100.json --resume 2>&1 | grep '^{';;
   drafters)  # issue 7: the self-drafter recipe and the stock 0.5B at W4
-    timeout 420 py -m compress run recipes/qwen-coder-1.5b-self-drafter.yaml --out /tmp/out/self-drafter --force \
+    timeout 420 python3 -m compress run recipes/qwen-coder-1.5b-self-drafter.yaml --out /tmp/out/self-drafter --force \
       2>&1 | grep -v "it/s" | tail -25 | tee $R/self-drafter.log
     cp /tmp/out/self-drafter/report.json $R/self-drafter-report.json
-    [ -d /tmp/out/q05-w4 ] || timeout 150 py -m compress run recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml \
+    [ -d /tmp/out/q05-w4 ] || timeout 150 python3 -m compress run recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml \
       --set stages[0].steps[0].bits=4 --out /tmp/out/q05-w4 --force 2>&1 | grep -v "it/s" | tail -5
     cp /tmp/out/q05-w4/report.json $R/q05-w4-report.json;;
   bench-code|bench-prose)  # the 1.5B target with each drafter, fixed gamma
@@ -63,7 +66,7 @@ case $1 in
   speed)  # compress eval --speed rows (issue 7, deliverable 1)
     for m in "qwen2.5-coder-1.5b" "qwen2.5-coder-0.5b" "/tmp/out/q05-w4 --int4" "/tmp/out/self-drafter --int4"; do
       name=$(echo $m | cut -d' ' -f1 | xargs basename)
-      timeout 150 py -m compress eval $m --corpus stdlib --seq-len 512 --max-windows 8 --device cuda --dtype bfloat16 \
+      timeout 150 python3 -m compress eval $m --corpus stdlib --seq-len 512 --max-windows 8 --device cuda --dtype bfloat16 \
         --speed --compile --new-tokens 128 > $R/eval-speed-$name.json 2> $R/eval-speed-$name.err; tail -c 400 $R/eval-speed-$name.json
     done;;
   *) py "$@";;
