@@ -46,7 +46,7 @@ from compress.config import StepConfig
 from compress.evaluate import evaluate_windows, on_device
 from compress.quantize.grid import QuantSpec, dequantize
 from compress.quantize.mixed import solve_allocation
-from compress.quantize.solvers import QuantResult, gptq_solve
+from compress.quantize.solvers import QuantResult, free_graphs, gptq_solve
 from compress.quantize.steps import _check_shapes, store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
 from compress.targets import match_modules
@@ -210,6 +210,7 @@ def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepCont
     final = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
                           make_accumulator=make_acc, solve=solve, device=ctx.device,
                           progress=ctx.progress, desc="gptq_mixed", share_inputs=True).reports
+    free_graphs()  # the column-loop CUDA graphs both passes reused
 
     # String keys: the report is written as JSON, and the in-memory report should read the same.
     report = {}

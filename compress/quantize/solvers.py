@@ -31,6 +31,7 @@ __all__ = [
     "gptq_solve",
     "hessian_from_inputs",
     "layer_output_error",
+    "free_graphs",
     "rtn_solve",
     "split_rows",
 ]
@@ -306,6 +307,13 @@ def _graph_pool(device: torch.device):
     if key not in _POOLS:
         _POOLS[key] = torch.cuda.graph_pool_handle()
     return _POOLS[key]
+
+
+def free_graphs() -> None:
+    """Drop the recorded column-loop graphs and their buffers (kept between calls so every layer of
+    a model reuses a few captures); quantization steps call this when they finish."""
+    _GRAPHS.clear()
+    _POOLS.clear()
 
 
 def _use_graphs(graphs: bool | None, device: torch.device) -> bool:

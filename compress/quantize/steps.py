@@ -15,7 +15,8 @@ from compress.algorithms import StepContext, register_algorithm
 from compress.config import StepConfig
 from compress.errors import CompressError
 from compress.quantize.grid import QuantSpec
-from compress.quantize.solvers import QuantResult, gptq_solve, layer_output_error, rtn_solve, split_rows
+from compress.quantize.solvers import (QuantResult, free_graphs, gptq_solve, layer_output_error, rtn_solve,
+                                      split_rows)
 from compress.runner import HessianAccumulator, run_layerwise
 from compress.targets import match_modules
 
@@ -97,9 +98,12 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
                              "gptq_error": res.error, "rtn_error": rtn_err}
         return reports
 
-    result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                           make_accumulator=make_acc, solve_group=solve_group, device=ctx.device,
-                           progress=ctx.progress, desc="gptq", share_inputs=True)
+    try:
+        result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                               make_accumulator=make_acc, solve_group=solve_group, device=ctx.device,
+                               progress=ctx.progress, desc="gptq", share_inputs=True)
+    finally:
+        free_graphs()
     reports = result.reports
     total_g = sum(r["gptq_error"] for r in reports.values())
     total_r = sum(r["rtn_error"] for r in reports.values())
