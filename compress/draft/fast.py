@@ -164,8 +164,7 @@ class FastDecoder:
             return
         if self.static:
             with _normal_tensors():
-                for layer in self.cache.layers:
-                    layer.cumulative_length.fill_(length)  # in place: the compiled graphs read this address
+                self._set_length(length)
         else:
             self.cache.crop(length - self.length)  # negative = remove from the end (5.17 and 5.23)
         self.length = length
@@ -257,7 +256,8 @@ class FastDecoder:
         return self._graphs[(n, keep)]
 
     def _set_length(self, length: int) -> None:
-        """Put every static layer's counter at ``length`` (after warm-up or capture calls)."""
+        """Put every static layer's counter at ``length``, in place: compiled steps and recorded
+        graphs read these addresses."""
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(length)
 
