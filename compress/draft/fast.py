@@ -26,7 +26,8 @@ of our own (``graphs="manual"``, the default there): static input-id and positio
 static cache's tensors, one replay per step. cudagraph trees (mode "reduce-overhead",
 ``graphs="trees"``) gave the same kernels, but their per-call Python (guards over every cache
 tensor, input checks) kept a 1.5B model's step at ~3.3 ms on an H100 against ~1 ms of weight
-traffic. A capture that fails falls back to the compiled step without graphs, with a log line. Only the ``step_shapes``
+traffic. A capture that fails falls back to the compiled step without graphs, with a log line.
+Only the ``step_shapes``
 (tokens fed, logits kept) go through it, each its own graph: (1, 1) for plain decoding, (1, 1)
 and (2, 1) for the drafter, (γ+1, γ+1) for a full verification (``decoder_pair``). Everything
 else — prefills, the shorter verifications of a last round or of confidence-stopped drafts — runs
@@ -136,8 +137,11 @@ class FastDecoder:
         cuda = self.device.type == "cuda"
         if graphs not in (None, "manual", "trees"):
             raise CompressError(f"graphs must be 'manual', 'trees' or None, got {graphs!r}")
-        if graphs is None and compile and cuda and compile_mode is None and compile_backend == "inductor":
-            graphs = "manual" if self.static else "trees"
+        if graphs is None and compile and cuda and compile_backend == "inductor":
+            if compile_mode is None and self.static:
+                graphs = "manual"
+            elif compile_mode in (None, "reduce-overhead", "max-autotune"):  # inductor records these itself
+                graphs = "trees"
         if graphs == "manual" and not (compile and cuda and self.static):
             raise CompressError(f"{name}: graphs='manual' needs compile=True, a CUDA model and a static cache")
         self.graph_mode = graphs if compile and cuda else None
@@ -151,10 +155,13 @@ class FastDecoder:
             mode = compile_mode or ("reduce-overhead" if self.graph_mode == "trees" else None)
             self.compiled = torch.compile(model.__call__, mode=mode, backend=compile_backend,
                                           dynamic=False, fullgraph=False)
-        self.cudagraphs = self.compiled is not None and cuda and compile_backend == "inductor" and (
-            self.graph_mode == "manual" or compile_mode in (None, "reduce-overhead", "max-autotune"))
         self.stats: dict[str, list] = {}  # "prefill" or "step{n}" -> [calls, seconds]
         self.seconds = 0.0
+
+    @property
+    def cudagraphs(self) -> bool:
+        """Whether compiled steps replay CUDA graphs (ours or inductor's)."""
+        return self.graph_mode is not None
 
     # ------------------------------------------------------------------ state
 
