@@ -218,13 +218,18 @@ def run_layerwise(
                 accs = {s: make_accumulator(prefix + s, mine[s], device) for s in subset}
                 owner: list = []  # this forward's (input tensor, module that accumulated it)
                 alias: dict[str, str] = {}
-                hooks = [mine[s].register_forward_hook(_accumulate(s, accs, owner, alias, share_inputs))
-                         for s in subset]
+                fired: set[str] = set()  # subset modules seen in this forward
+                hooks = [mine[s].register_forward_hook(
+                    _accumulate(s, accs, owner, alias, share_inputs, fired, len(subset))) for s in subset]
                 try:
                     with torch.no_grad():
                         for x in inputs:
-                            block(x.hidden.to(device), **_to(x.kwargs, device))
+                            try:
+                                block(x.hidden.to(device), **_to(x.kwargs, device))
+                            except StopForward:  # every module of the subset has its input: skip the rest
+                                pass
                             owner.clear()
+                            fired.clear()
                 finally:
                     for h in hooks:
                         h.remove()
@@ -244,15 +249,23 @@ def run_layerwise(
     return LayerwiseResult(reports, inputs)
 
 
-def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool):
+def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool, fired: set, total: int):
     def hook(_module, args, output):
         x = args[0]
+        first = None
         if share:
             # Identity, not data_ptr: a freed tensor's memory can be reused by another.
             first = next((n for t, n in owner if t is x), None)
             if first is not None and first != name:
                 alias[name] = first  # the same input was already accumulated by ``first``
-                return
-            owner.append((x, name))
-        accs[name].add_batch(x.detach(), output.detach())
+            else:
+                first = None
+                owner.append((x, name))
+        if first is None:
+            accs[name].add_batch(x.detach(), output.detach())
+        fired.add(name)
+        if len(fired) == total:
+            # The rest of the block feeds nothing this subset needs (q,k,v need only the first
+            # norm; o the attention): stopping here saves up to a block forward per subset.
+            raise StopForward
     return hook
