@@ -395,7 +395,6 @@ def gptq_solve(
         raise ValueError(f"percdamp must be a finite value >= 0, got {percdamp}")
 
     dev = W.device
-    maxq = spec.maxq
     grouped = spec.group_size != -1
     gs = spec.group_size_for(in_f)
     n_groups = spec.n_groups(in_f)
