@@ -49,7 +49,7 @@ from typing import Iterable, Sequence
 import torch
 
 from compress.draft.speculative import (MODES, Calibrator, SpecResult, _check_positive, _cut_at_eos, _eos_set,
-                                        as_prompt, check_context, check_gamma, model_device, process_logits,
+                                        as_prompt, check_context, check_gamma, draft_tokens, model_device,
                                         verify_round)
 from compress.errors import CompressError
 
@@ -344,24 +344,12 @@ def fast_speculative_generate(target: FastDecoder, drafter: FastDecoder, input_i
     start = time.perf_counter()
     while seq.numel() - n_prompt < max_new_tokens:
         budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)
-        drafts: list[torch.Tensor] = []
-        q_rows: list[torch.Tensor] = []
-        for j in range(budget):
-            feed = seq[drafter.length:] if j == 0 else drafts[-1][None]
-            logits = drafter(feed, 1)[0]
-            drafter_calls += 1
-            probs = process_logits(logits, temperature, top_p) if sample else torch.softmax(logits, -1)
-            tok = (torch.multinomial(probs.to(device), 1, generator=generator)[0] if sample
-                   else probs.argmax().to(device))
-            drafts.append(tok)
-            q_rows.append(probs.to(device))
-            if confidence_threshold is not None:
-                conf = probs.max().reshape(1)
-                if calibrator is not None:
-                    conf = calibrator(conf)
-                if float(conf.reshape(-1)[0]) < confidence_threshold:
-                    break
+        drafts, q_rows = draft_tokens(lambda feed: drafter(feed, 1)[0], seq[drafter.length:], budget,
+                                      sample=sample, temperature=temperature, top_p=top_p, generator=generator,
+                                      device=device, confidence_threshold=confidence_threshold,
+                                      calibrator=calibrator)
         k = len(drafts)
+        drafter_calls += k  # one drafter call per draft
         draft_ids = torch.stack(drafts) if drafts else prompt.new_empty(0)
         logits = target(torch.cat([seq[target.length:], draft_ids]), k + 1)
         target_calls += 1
