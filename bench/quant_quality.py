@@ -110,7 +110,9 @@ def worker(args) -> dict:
             if args.method == "gptq-kl-adaquant":
                 # the selection + refinement path: KL-guided calibration set, GPTQ, then AdaQuant
                 steps = [{"algorithm": "gptq", "bits": bits, "group_size": group}, {"algorithm": "adaquant"}]
-                calib_spec.update(strategy="kl", candidates=args.kl_candidates, probe_samples=32, probe_seq_len=64)
+                # candidates are scored after GPTQ alone (kl_steps): AdaQuant runs once, on the winner
+                calib_spec.update(strategy="kl", candidates=args.kl_candidates, probe_samples=32, probe_seq_len=64,
+                                  kl_steps=["gptq"])
             elif args.method == "gptq-domain":
                 # calibrate on the code corpus: the domain of the "code" evaluation
                 steps = [{"algorithm": "gptq", "bits": bits, "group_size": group}]

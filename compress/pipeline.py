@@ -94,6 +94,9 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         calib = selection.calibration
         report["calibration"] = {**calib.fingerprint, "digest": calib.digest, "selection": selection.report}
         report["calibration"].pop("indices", None)  # long; the digest pins them
+        if spec.strategy == "kl":
+            report["calibration"]["selection"]["scored_with"] = spec.kl_steps or [
+                st.algorithm for s in recipe.stages for st in s.steps]
         log(f"calibration set {calib.digest} ({spec.strategy}): {spec.num_samples} x {spec.seq_len} tokens "
             f"from {spec.corpus}/{spec.split}")
 
@@ -153,8 +156,14 @@ def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> l
 
 
 def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size) -> torch.nn.Module:
-    """KL-guided selection: the recipe's stages applied to a copy, with one candidate set."""
+    """KL-guided selection: the recipe's stages (only ``calibration.kl_steps`` if given) applied to a
+    copy, with one candidate set."""
     import copy
+    keep = recipe.calibration.kl_steps if recipe.calibration else None
+    if keep is not None:
+        stages = [s.model_copy(update={"steps": [st for st in s.steps if st.algorithm in keep]})
+                  for s in recipe.stages]
+        recipe = recipe.model_copy(update={"stages": [s for s in stages if s.steps]})
     clone = copy.deepcopy(model)
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib, batch_size=batch_size, progress=False)
     _apply_stages(clone, recipe, ctx, log=lambda *_: None)

@@ -79,6 +79,10 @@ class CalibrationSpec(StrictModel):
     probe_corpus: str | None = None  # kl: probe text (validation split); defaults to `corpus`
     probe_samples: int = Field(128, ge=1, le=100_000)
     probe_seq_len: int = Field(64, ge=8, le=131_072)
+    # Scoring a candidate with the full stage list costs candidates x (every step); scoring with the
+    # steps that set the weights (e.g. [gptq] ahead of an adaquant refinement) is a cheaper proxy.
+    kl_steps: list[str] | None = Field(None, description="kl: algorithms applied to score a candidate "
+                                       "(default: every step of the recipe)")
 
     _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
 
@@ -149,6 +153,19 @@ class Recipe(StrictModel):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"stage names must be unique; repeated: {dup}")
+        return self
+
+    @model_validator(mode="after")
+    def _kl_steps_in_recipe(self) -> "Recipe":
+        c = self.calibration
+        if c is None or c.kl_steps is None:
+            return self
+        present = [step.algorithm for s in self.stages for step in s.steps]
+        missing = [a for a in c.kl_steps if a not in present]
+        if missing or not c.kl_steps:
+            raise ValueError(f"calibration.kl_steps {c.kl_steps!r}: "
+                             + (f"{missing} not among the recipe's steps {present}" if missing
+                                else "empty (leave it out to score with every step)"))
         return self
 
     def needs_calibration(self) -> bool:

@@ -116,6 +116,35 @@ def test_calibration_selection_strategies_in_a_recipe(tmp_path, text_file, strat
         assert sel["chosen_seed"] == best["seed"] and sel["digest"] == res.report["calibration"]["digest"]
 
 
+@pytest.mark.parametrize("kl_steps", [None, ["gptq"]])
+def test_kl_steps_choose_what_scores_a_candidate(tmp_path, text_file, monkeypatch, kl_steps):
+    import dataclasses
+    from compress.algorithms import ALGORITHMS
+    calls = {"gptq": 0, "adaquant": 0}
+    for name in calls:
+        def counted(model, step, ctx, _apply=ALGORITHMS[name].apply, _name=name):
+            calls[_name] += 1
+            return _apply(model, step, ctx)
+        monkeypatch.setitem(ALGORITHMS, name, dataclasses.replace(ALGORITHMS[name], apply=counted))
+    recipe = _recipe(tiny_model_dir(tmp_path / "m"), text_file,
+                     [{"algorithm": "gptq", "bits": 3, "group_size": 32}, {"algorithm": "adaquant", "steps": 2}])
+    recipe["calibration"].update(strategy="kl", candidates=2, probe_samples=4, probe_seq_len=16, kl_steps=kl_steps)
+    res = run_recipe(recipe, progress=False, log=lambda *_: None)
+    # two candidates scored, then the winner run through the whole recipe
+    assert calls == {"gptq": 3, "adaquant": 1 if kl_steps else 3}
+    assert res.report["calibration"]["selection"]["scored_with"] == (kl_steps or ["gptq", "adaquant"])
+
+
+@pytest.mark.parametrize("kl_steps", [["rtn"], []])
+def test_kl_steps_must_name_recipe_steps(tmp_path, text_file, kl_steps):
+    from compress.errors import RecipeError
+    from compress.recipe import validate_recipe
+    recipe = _recipe(tiny_model_dir(tmp_path / "m"), text_file, [{"algorithm": "gptq"}])
+    recipe["calibration"].update(strategy="kl", kl_steps=kl_steps)
+    with pytest.raises(RecipeError, match="kl_steps"):
+        validate_recipe(recipe)
+
+
 def test_kl_on_its_own_probe_split_is_refused(tmp_path, text_file):
     from compress.errors import RecipeError
     from compress.recipe import validate_recipe
