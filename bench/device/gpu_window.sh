@@ -24,7 +24,7 @@ case $1 in
     bash bench/device/stage_parts.sh join q15 qwen2.5-coder-1.5b cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
     for m in smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do py -m compress models fetch $m 2>&1 | tail -1; done
     nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee $R/gpu.txt
-    timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
+    [ -n "${SKIP_TESTS:-}" ] || timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
   tests)
     timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
   recal)  # issue 6: the compression-calibration study on the Coder model
@@ -59,6 +59,10 @@ case $1 in
     draft qwen2.5-coder-0.5b $P q05
     draft /tmp/out/q05-w4 $P q05-w4 --int4-drafter
     draft /tmp/out/self-drafter $P self --int4-drafter;;
+  bench1)  # one drafter on one prompt set: bench1 q05|q05-w4|self code|prose [draft-bench args]
+    case $2 in q05) d=qwen2.5-coder-0.5b;; q05-w4) d="/tmp/out/q05-w4";; self) d=/tmp/out/self-drafter;; esac
+    [ $2 = q05 ] || set -- "$@" --int4-drafter
+    draft $d $3 $2 "${@:4}";;
   bench-extra)  # gamma 2 and confidence-stopped drafting with the best drafters, on code
     GAMMA=2 draft /tmp/out/q05-w4 code q05-w4-g2 --int4-drafter
     GAMMA=2 draft /tmp/out/self-drafter code self-g2 --int4-drafter
