@@ -127,7 +127,12 @@ def worker(args) -> dict:
             result["quantize_seconds"] = res.report["timings"]["stage:q"] + res.report["timings"].get("calibration_set", 0)
             result["pipeline_seconds"] = time.perf_counter() - t0
             result["peak_rss_mb"] = _peak_rss_mb()
-            result["peak_gpu_mb"] = _peak_gpu_mb()
+            # the calibration set and the quantize stage only: run_recipe moves the whole model to the
+            # device after its stages, which the peer's number (taken before any reload) leaves out
+            peaks = res.report.get("peak_device_mb", {})
+            result["peak_gpu_mb"] = max((peaks.get(k, 0.0) for k in ("calibration_set", "stage:q")), default=None) \
+                if peaks else _peak_gpu_mb()
+            result["peak_gpu_mb_process"] = _peak_gpu_mb()
             model, tokenizer = res.model, res.tokenizer
             if "summary" in res.report["stages"][0]["steps"][0]:
                 result["layer_error"] = res.report["stages"][0]["steps"][0]["summary"]

@@ -45,16 +45,26 @@ def versions() -> dict:
 
 
 class _Timer:
-    def __init__(self):
+    """Wall time per phase and, on CUDA, the peak allocated device memory within each phase (the
+    final move of the whole model to the device, after the stages, belongs to no phase)."""
+
+    def __init__(self, device: torch.device | None = None):
         self.timings: dict[str, float] = {}
+        self.peak_device_mb: dict[str, float] = {}
+        self._cuda = device if device is not None and device.type == "cuda" else None
 
     @contextmanager
     def __call__(self, key: str):
+        if self._cuda is not None:
+            torch.cuda.reset_peak_memory_stats(self._cuda)
         t0 = time.perf_counter()
         try:
             yield
         finally:
             self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - t0, 3)
+            if self._cuda is not None:
+                peak = torch.cuda.max_memory_allocated(self._cuda) / 2**20
+                self.peak_device_mb[key] = round(max(peak, self.peak_device_mb.get(key, 0.0)), 1)
 
 
 def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, force: bool = False,
@@ -64,8 +74,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         recipe = validate_recipe(recipe)
     if out_dir is not None:
         check_out_dir(out_dir, force=force)  # fail before the work, not after
-    timer = _Timer()
     device = resolve_device(recipe.model.device)
+    timer = _Timer(device)
     report: dict[str, Any] = {"model": {"source": recipe.model.id}, "stages": [], "versions": versions()}
 
     with timer("load"):
@@ -126,6 +136,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
                     report["verify"][f"{key}_before"] = report["baseline"][key]
         log(f"verify: perplexity {report['verify']['perplexity']:.3f}, ECE {report['verify']['ece']:.4f}")
     report["timings"] = timer.timings
+    if timer.peak_device_mb:
+        report["peak_device_mb"] = timer.peak_device_mb
 
     written = None
     if out_dir is not None:

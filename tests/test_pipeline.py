@@ -145,6 +145,22 @@ def test_kl_steps_must_name_recipe_steps(tmp_path, text_file, kl_steps):
         validate_recipe(recipe)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_report_has_each_phase_peak_device_memory(tmp_path, text_file):
+    recipe = _recipe(tiny_model_dir(tmp_path / "m"), text_file, [{"algorithm": "gptq", "bits": 4, "group_size": 32}])
+    recipe["model"]["device"] = "cuda"
+    res = run_recipe(recipe, progress=False, log=lambda *_: None)
+    peaks = res.report["peak_device_mb"]
+    assert set(peaks) == set(res.report["timings"]) and peaks["stage:quantize"] > 0
+
+
+def test_cpu_report_has_no_device_memory(tmp_path, text_file):
+    res = run_recipe(_recipe(tiny_model_dir(tmp_path / "m"), text_file, [{"algorithm": "rtn", "bits": 4, "group_size": 32}]),
+                     progress=False, log=lambda *_: None)
+    assert "peak_device_mb" not in res.report and "stage:quantize" in res.report["timings"]
+
+
 def test_kl_on_its_own_probe_split_is_refused(tmp_path, text_file):
     from compress.errors import RecipeError
     from compress.recipe import validate_recipe
