@@ -132,7 +132,6 @@ def worker(args) -> dict:
             peaks = res.report.get("peak_device_mb", {})
             result["peak_gpu_mb"] = max((peaks.get(k, 0.0) for k in ("calibration_set", "stage:q")), default=None) \
                 if peaks else _peak_gpu_mb()
-            result["peak_gpu_mb_process"] = _peak_gpu_mb()
             model, tokenizer = res.model, res.tokenizer
             if "summary" in res.report["stages"][0]["steps"][0]:
                 result["layer_error"] = res.report["stages"][0]["steps"][0]["summary"]

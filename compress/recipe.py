@@ -92,6 +92,13 @@ class CalibrationSpec(StrictModel):
         return None if v is None else _check_corpus(v)
 
     @model_validator(mode="after")
+    def _kl_steps_need_kl(self) -> "CalibrationSpec":
+        if self.kl_steps is not None and self.strategy != "kl":
+            raise ValueError(f"kl_steps {self.kl_steps!r} only applies to strategy kl (strategy is "
+                             f"{self.strategy!r})")
+        return self
+
+    @model_validator(mode="after")
     def _kl_probe_is_held_out(self) -> "CalibrationSpec":
         if self.strategy == "kl" and self.split == "validation" and self.probe_corpus in (None, self.corpus):
             raise ValueError("strategy kl scores candidates on the validation split of the probe corpus; "

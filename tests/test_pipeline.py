@@ -135,12 +135,12 @@ def test_kl_steps_choose_what_scores_a_candidate(tmp_path, text_file, monkeypatc
     assert res.report["calibration"]["selection"]["scored_with"] == (kl_steps or ["gptq", "adaquant"])
 
 
-@pytest.mark.parametrize("kl_steps", [["rtn"], []])
-def test_kl_steps_must_name_recipe_steps(tmp_path, text_file, kl_steps):
+@pytest.mark.parametrize("kl_steps,strategy", [(["rtn"], "kl"), ([], "kl"), (["gptq"], "random")])
+def test_kl_steps_must_name_recipe_steps(tmp_path, text_file, kl_steps, strategy):
     from compress.errors import RecipeError
     from compress.recipe import validate_recipe
     recipe = _recipe(tiny_model_dir(tmp_path / "m"), text_file, [{"algorithm": "gptq"}])
-    recipe["calibration"].update(strategy="kl", kl_steps=kl_steps)
+    recipe["calibration"].update(strategy=strategy, kl_steps=kl_steps)
     with pytest.raises(RecipeError, match="kl_steps"):
         validate_recipe(recipe)
 
