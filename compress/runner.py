@@ -11,9 +11,7 @@ work is on the compute device, so a model larger than the GPU still goes through
 """
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
 
@@ -248,29 +246,7 @@ def run_layerwise(
             inputs = _replay(block, inputs, device=device, offload=offload)
         finally:
             block.to(home)
-        trim_heap()
     return LayerwiseResult(reports, inputs)
-
-
-_MALLOC_TRIM: Any = None
-
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc only; elsewhere a no-op).
-
-    A block forward over the calibration set frees many tensors of a few to tens of MB; glibc
-    keeps them in its arenas, so without a trim the peak RSS of a CPU run creeps up block by block.
-    """
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        if sys.platform.startswith("linux"):
-            try:
-                _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-            except (OSError, AttributeError):  # musl and other libcs have no malloc_trim
-                pass
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
 
 
 def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool, fired: set, total: int):

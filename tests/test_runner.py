@@ -151,11 +151,3 @@ def test_solve_group_gets_each_shared_input_once():
         torch.testing.assert_close(grouped.reports[name], plain.reports[name])
     with pytest.raises(TypeError, match="solve_group"):
         run_layerwise(model, _batches(), solve_group=solve_group, **kw)  # needs share_inputs
-
-
-def test_trim_heap_finds_glibc_malloc_trim():
-    import platform
-    from compress import runner
-    runner.trim_heap()
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    assert bool(runner._MALLOC_TRIM) == glibc
