@@ -4,8 +4,12 @@ perplexity on 16 x 512 BBC-test tokens.
 
     python bench/gptq_order_sensitivity.py BATCH   # prints one JSON line
 """
-import json, sys, time
+import json
+import sys
+import time
+
 from compress.pipeline import run_recipe
+
 bs = int(sys.argv[1])
 recipe = {"model": {"id": "smollm2-135m", "device": "cpu"},
           "calibration": {"corpus": "bbc", "num_samples": 32, "seq_len": 512, "seed": 0, "batch_size": bs},

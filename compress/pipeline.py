@@ -105,8 +105,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         report["calibration"] = {**calib.fingerprint, "digest": calib.digest, "selection": selection.report}
         report["calibration"].pop("indices", None)  # long; the digest pins them
         if spec.strategy == "kl":
-            report["calibration"]["selection"]["scored_with"] = spec.kl_steps or [
-                st.algorithm for s in recipe.stages for st in s.steps]
+            report["calibration"]["selection"]["scored_with"] = spec.kl_steps or recipe.algorithms()
         log(f"calibration set {calib.digest} ({spec.strategy}): {spec.num_samples} x {spec.seq_len} tokens "
             f"from {spec.corpus}/{spec.split}")
 

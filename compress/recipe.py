@@ -167,7 +167,7 @@ class Recipe(StrictModel):
         c = self.calibration
         if c is None or c.kl_steps is None:
             return self
-        present = [step.algorithm for s in self.stages for step in s.steps]
+        present = self.algorithms()
         missing = [a for a in c.kl_steps if a not in present]
         if missing or not c.kl_steps:
             raise ValueError(f"calibration.kl_steps {c.kl_steps!r}: "
@@ -175,8 +175,12 @@ class Recipe(StrictModel):
                                 else "empty (leave it out to score with every step)"))
         return self
 
+    def algorithms(self) -> list[str]:
+        """Every step's algorithm, in run order."""
+        return [step.algorithm for s in self.stages for step in s.steps]
+
     def needs_calibration(self) -> bool:
-        return any(ALGORITHMS[step.algorithm].requires_calibration for s in self.stages for step in s.steps)
+        return any(ALGORITHMS[a].requires_calibration for a in self.algorithms())
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

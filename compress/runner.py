@@ -252,16 +252,13 @@ def run_layerwise(
 def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool, fired: set, total: int):
     def hook(_module, args, output):
         x = args[0]
-        first = None
-        if share:
-            # Identity, not data_ptr: a freed tensor's memory can be reused by another.
-            first = next((n for t, n in owner if t is x), None)
-            if first is not None and first != name:
-                alias[name] = first  # the same input was already accumulated by ``first``
-            else:
-                first = None
+        # Identity, not data_ptr: a freed tensor's memory can be reused by another.
+        first = next((n for t, n in owner if t is x), None) if share else None
+        if first is not None and first != name:
+            alias[name] = first  # the same input was already accumulated by ``first``
+        else:
+            if share:
                 owner.append((x, name))
-        if first is None:
             accs[name].add_batch(x.detach(), output.detach())
         fired.add(name)
         if len(fired) == total:
