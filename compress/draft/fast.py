@@ -30,7 +30,8 @@ traffic. A capture that fails falls back to the compiled step without graphs, wi
 Only the ``step_shapes`` (tokens fed, logits kept) go through it, each its own graph: (1, 1)
 for plain decoding, (1, 1) and (2, 1) for the drafter, (γ+1, γ+1) for a full verification
 (``decoder_pair``). Everything else — prefills, the shorter verifications of a last round or of
-confidence-stopped drafts — runs eagerly on the same cache (correct, just slower), so compile time stays at a few graphs per model.
+confidence-stopped drafts — runs eagerly on the same cache (correct, just slower), so compile
+time stays at a few graphs per model.
 :meth:`FastDecoder.warmup` compiles and records every step shape before anything is timed.
 Recording a step runs it first (warm-up, on a side stream, as CUDA graphs require) and so
 writes into the cache past the current length; the decoder rewinds its counters before the
