@@ -27,6 +27,7 @@ exact greedy identity of ``reference_generate`` (compress/draft/loop.py).
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,11 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compress.draft.fast import raise_recompile_limit
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+GRAPH_ROWS = 16  # passes of at most this many rows are compiled and recorded; longer ones (prefills) run eagerly
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "relu": F.relu}
 
@@ -151,7 +154,7 @@ def check_engine_model(model: nn.Module) -> None:
 class BlockEngine:
     """The model's decoder stack as plain tensors plus one KV tensor pair per layer (batch 1)."""
 
-    def __init__(self, model: nn.Module, max_len: int, *, fuse: bool = True, compile: bool = False):
+    def __init__(self, model: nn.Module, max_len: int, *, fuse: bool = True, compile: bool | str = False):
         check_engine_model(model)
         if max_len < 1:
             raise CompressError(f"max_len must be >= 1, got {max_len}")
@@ -174,11 +177,12 @@ class BlockEngine:
                                        torch.arange(self.max_len, device=self.device)[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
         self.slots = torch.arange(self.max_len, device=self.device)
-        self._layer = layer_forward
+        self._eager_layer = self._compiled_layer = layer_forward
+        self._force_eager = False
         if compile:
-            from compress.draft.fast import raise_recompile_limit
             raise_recompile_limit()
-            self._layer = torch.compile(layer_forward, dynamic=False, fullgraph=True)
+            backend = compile if isinstance(compile, str) else "inductor"  # "eager": dynamo alone (CPU tests)
+            self._compiled_layer = torch.compile(layer_forward, dynamic=False, fullgraph=True, backend=backend)
 
     @property
     def num_layers(self) -> int:
@@ -188,15 +192,31 @@ class BlockEngine:
         """[M, max_len] True where slot s may be read by the row at that position (s <= position)."""
         return self.slots.unsqueeze(0) <= positions.unsqueeze(1)
 
+    def layer_fn(self, rows: int):
+        """The compiled layer for decode-sized passes, the eager one for prefills."""
+        return self._compiled_layer if rows <= GRAPH_ROWS and not self._force_eager else self._eager_layer
+
+    @contextmanager
+    def eager(self):
+        """Run layers uncompiled inside (prefills: one-off shapes that must not compile)."""
+        before, self._force_eager = self._force_eager, True
+        try:
+            yield
+        finally:
+            self._force_eager = before
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Layers [start, stop) on rows h [M, hidden] at ``positions`` [M] (writing their KV)."""
+        """Layers [start, stop) on rows h [M, hidden] at ``positions`` [M] (writing their KV). Passes of
+        up to GRAPH_ROWS rows use the compiled layer (compiled once per row count), longer ones eager
+        code, so prompts of any length never trigger a compilation."""
         cos, sin, mask = self.cos[positions], self.sin[positions], self.mask(positions)
+        layer = self.layer_fn(h.shape[0])
         for i in range(start, stop):
             t = self.layers[i]
-            h = self._layer(h, cos, sin, mask, t.ln1, t.ln2, t.wqkv, t.bqkv, t.wo, t.wgu, t.wd, self.k[i], self.v[i],
+            h = layer(h, cos, sin, mask, t.ln1, t.ln2, t.wqkv, t.bqkv, t.wo, t.wgu, t.wd, self.k[i], self.v[i],
                             positions, t.n_q, t.n_kv, self.head_dim, self.eps, self.scale, self.act)
         return h
 
@@ -254,3 +274,49 @@ class StepGraphs:
             return fn(*inputs)
         self._graphs[key] = (graph, static, out)
         return out
+
+
+class EngineDecoder:
+    """A whole model on the block engine, as compress/draft/loop.py's decoder (target or drafter).
+
+    Rows of a call are written at positions ``length ..``; ``pad_to`` P runs the pass with P rows
+    (the extra rows repeat the last id, at the next positions; later calls overwrite their KV)."""
+
+    def __init__(self, engine: BlockEngine, *, graphs: bool = False, name: str = "model"):
+        self.engine, self.name = engine, name
+        self.device = engine.device
+        self.context = engine.max_len
+        self.graphs = StepGraphs(engine.device, graphs)
+        self.length = 0
+
+    def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
+        ids = ids.to(self.device).reshape(-1)
+        real = ids.numel()
+        if pad_to is not None and pad_to > real:
+            ids = torch.cat([ids, ids[-1:].expand(pad_to - real)])
+        n = ids.numel()
+        if not 1 <= keep <= real:
+            raise CompressError(f"{self.name}: feed at least one token and keep 1..{real} positions (keep={keep})")
+        if self.length + n > self.engine.max_len:
+            raise CompressError(f"{self.name}: {self.length} cached + {n} new tokens exceed the engine's "
+                                f"{self.engine.max_len} positions; size it for prompt + new tokens (+ γ when padding)")
+        positions = torch.arange(self.length, self.length + n, device=self.device)
+        first = real - keep  # the kept rows: real - keep .. real - 1
+
+        def program(ids_, pos_):
+            h = self.engine.run_layers(self.engine.embed(ids_), pos_, 0, self.engine.num_layers)
+            return self.engine.final(h[first:real]).float()
+
+        if self.length > 0 and n <= GRAPH_ROWS:
+            logits = self.graphs.run(("full", n, first, real), program, ids, positions).clone()
+        else:  # a prefill: eager and uncompiled, so no prompt length compiles anything
+            with self.engine.eager():
+                logits = program(ids, positions)
+        self.length += n
+        return logits
+
+    def rewind(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+    def reset(self) -> None:
+        self.length = 0
