@@ -21,6 +21,7 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+import compress.draft.selfspec.step  # noqa: F401
 import compress.finetune  # noqa: F401
 import compress.prune  # noqa: F401  (registers algorithms before the union is built)
 import compress.quantize  # noqa: F401
@@ -122,7 +123,7 @@ class VerifySpec(StrictModel):
 class ExportSpec(StrictModel):
     # hf: float safetensors; gptq: GPTQ v1 packed int (transformers via optimum+gptqmodel, vLLM);
     # compressed-tensors: pack-quantized (vLLM), uniform schemes only.
-    format: Literal["hf", "gptq", "compressed-tensors"] = "hf"
+    format: Literal["hf", "gptq", "compressed-tensors", "self-spec"] = "hf"
     dtype: DTYPES | None = None  # None keeps the model's dtype
 
 

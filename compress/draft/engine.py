@@ -305,7 +305,9 @@ class EngineDecoder:
 
         def program(ids_, pos_):
             h = self.engine.run_layers(self.engine.embed(ids_), pos_, 0, self.engine.num_layers)
-            return self.engine.final(h[first:real]).float()
+            # the head over every row, then the kept ones: a row's logits must not depend on how many
+            # rows are kept (a 1-row GEMM can round differently from an n-row one)
+            return self.engine.final(h).float()[first:real]
 
         if self.length > 0 and n <= GRAPH_ROWS:
             logits = self.graphs.run(("full", n, first, real), program, ids, positions).clone()

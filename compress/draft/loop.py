@@ -184,7 +184,9 @@ def run_target(decoder, input_ids, max_new_tokens: int, *, eos_token_id: int | I
     _sync(decoder.device)
     start = time.perf_counter()
     if prompt.numel() > 1:
+        clock.start("prefill")
         decoder(prompt[:-1], 1)
+        clock.stop()
     out: list[torch.Tensor] = []
     feed = prompt[-1:]
     while len(out) < max_new_tokens:
@@ -206,7 +208,8 @@ def run_target(decoder, input_ids, max_new_tokens: int, *, eos_token_id: int | I
     wall = time.perf_counter() - start
     spans = clock.totals()
     return SpecResult(tokens=tokens, target_calls=len(out), drafter_calls=0,
-                      target_time_s=spans.get("target", 0.0), wall_time_s=wall)
+                      target_time_s=spans.get("target", 0.0), prefill_time_s=spans.get("prefill", 0.0),
+                      wall_time_s=wall)
 
 
 @torch.no_grad()
@@ -242,8 +245,10 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
     _sync(device)
     start = time.perf_counter()
     if prompt.numel() > 1:  # the drafter first: a self-drafter's shallow pass serves the target's prefill
+        clock.start("prefill")
         drafter.prefill(prompt[:-1])
         target(prompt[:-1], 1)
+        clock.stop()
     seq, n_prompt = prompt, prompt.numel()
     drafted, accepted = [0] * gamma, [0] * gamma
     target_calls = drafter_calls = 0
@@ -278,7 +283,8 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
     spans = clock.totals()
     return SpecResult(tokens=seq[n_prompt:], target_calls=target_calls, drafter_calls=drafter_calls,
                       drafted=drafted, accepted=accepted, target_time_s=spans.get("verify", 0.0),
-                      drafter_time_s=spans.get("draft", 0.0), wall_time_s=wall)
+                      drafter_time_s=spans.get("draft", 0.0), prefill_time_s=spans.get("prefill", 0.0),
+                      wall_time_s=wall)
 
 
 def _full_q(q_rows, vocab: int):

@@ -45,6 +45,7 @@ class SpecResult:
     accepted: list[int] = field(default_factory=list)  # [γ] rounds whose j-th draft was accepted
     target_time_s: float = 0.0
     drafter_time_s: float = 0.0
+    prefill_time_s: float = 0.0  # the prompt's prefill (both models), inside wall_time_s
     wall_time_s: float = 0.0
 
     @property
@@ -67,6 +68,7 @@ class SpecResult:
                 "acceptance_rate": None if math.isnan(self.acceptance_rate) else self.acceptance_rate,
                 "drafted": self.drafted, "accepted": self.accepted,
                 "target_time_s": self.target_time_s, "drafter_time_s": self.drafter_time_s,
+                "prefill_time_s": self.prefill_time_s,
                 "wall_time_s": self.wall_time_s,
                 "tokens_per_s": self.new_tokens / self.wall_time_s if self.wall_time_s else None}
 

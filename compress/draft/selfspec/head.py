@@ -7,8 +7,8 @@ most frequent tokens of the training text (VocabTrim / FR-Spec), EOS always amon
 outside the trimmed vocabulary can never be drafted: when the target wants one, the draft is
 rejected there and the target's own token is committed, as with any rejection.
 
-Files (an export folder, ``self_spec.json`` naming everything): ``head-k{K}.safetensors`` per exit
-depth (layer, norm and the vocabulary map; the trimmed LM-head rows are re-gathered from the
+Files (an export folder, ``self_spec.json`` naming everything): ``head-<name>.safetensors`` per
+head (layer, norm and the vocabulary map; the trimmed LM-head rows are re-gathered from the
 target at load time), the target's fingerprint (a head only runs on the target it was trained
 for), and the chosen depth, draft length and confidence threshold.
 """
@@ -28,7 +28,7 @@ from compress.draft.engine import _ACTS, _rms, _rope, check_engine_model
 from compress.errors import CompressError
 
 MANIFEST = "self_spec.json"
-FORMAT = "self-spec-drafter"
+FORMAT = "self-spec"
 
 
 def eos_ids(model) -> set[int]:
@@ -157,10 +157,9 @@ class ExitHead(nn.Module):
         out["vocab_map"] = self.vocab_map.contiguous()
         return out
 
-    def save(self, folder: Path, dtype: torch.dtype = torch.bfloat16) -> str:
+    def save_as(self, folder: Path, name: str, dtype: torch.dtype = torch.bfloat16) -> str:
         from safetensors.torch import save_file
 
-        name = f"head-k{self.exit_layer}.safetensors"
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in self.state().items()}
         save_file(tensors, str(Path(folder) / name), metadata={"exit_layer": str(self.exit_layer)})
         return name
@@ -192,3 +191,25 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 def read_manifest(folder) -> dict | None:
     path = Path(folder) / MANIFEST
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+class HeadAsModel(nn.Module):
+    """A self-drafter as a plain model for teacher-forced scoring (``draft-eval``'s numbers): the
+    target's own pass up to the exit, the head, and the trimmed logits scattered into the full
+    vocabulary (−inf elsewhere). Slow (it runs the whole target); for measurement only."""
+
+    def __init__(self, target, head: ExitHead):
+        super().__init__()
+        self.target, self.head = target, head
+
+    @torch.no_grad()
+    def forward(self, input_ids, use_cache: bool = False, logits_to_keep: int = 0, **_):
+        from types import SimpleNamespace
+
+        h = self.target(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
+        x = h[self.head.exit_layer]
+        cos, sin = self.target.model.rotary_emb(x, torch.arange(x.shape[1], device=x.device)[None])
+        trimmed = self.head.forward_sequence(x, cos[0], sin[0])
+        full = trimmed.new_full((*trimmed.shape[:-1], self.target.lm_head.weight.shape[0]), float("-inf"))
+        full[..., self.head.vocab_map.to(full.device)] = trimmed
+        return SimpleNamespace(logits=full[:, -logits_to_keep:] if logits_to_keep else full)

@@ -73,7 +73,7 @@ class SelfSpecPair:
 
     def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
         h = self.engine.run_layers(self.hidden[pos], pos, self.k, self.engine.num_layers)
-        return self.engine.final(h[first:real]).float()
+        return self.engine.final(h).float()[first:real]  # all rows: a row's logits never depend on `keep`
 
     def _round(self, tok: torch.Tensor, pos0: torch.Tensor, gamma: int) -> tuple[torch.Tensor, torch.Tensor]:
         """γ greedy drafts from ``tok`` at position pos0: tokens [γ] and their confidences [γ]."""
