@@ -54,7 +54,8 @@ class SelfSpecPair:
         self.hidden = torch.zeros(e.max_len, e.config.hidden_size, device=e.device, dtype=e.dtype)
         self.graphs = StepGraphs(e.device, graphs)
         self.shallow_len = self.head_len = self.deep_len = 0
-        self.shallow_rows = {"drafter": 0, "verifier": 0}
+        self.shallow_rows = {"drafter": 0, "verifier": 0}  # since the last reset (one sequence)
+        self.shallow_total = {"drafter": 0, "verifier": 0}  # since construction
         self.drafter, self.target = _Drafter(self), _Verifier(self)
 
     # ---------------------------------------------------------------- programs (graph-safe)
@@ -107,6 +108,7 @@ class SelfSpecPair:
             pos = self._positions(start + skip, todo.numel())
             self._run(("shallow", todo.numel()), self._shallow, todo, pos)
             self.shallow_rows[who] += todo.numel()
+            self.shallow_total[who] += todo.numel()
             self.shallow_len = start + ids.numel()
 
     def reset(self) -> None:
@@ -164,6 +166,7 @@ class _Drafter:
         tokens, _ = p.graphs.run(("round", budget), lambda t, q: p._round(t, q, budget), feed, pos0)
         p.shallow_len = p.head_len = start + budget
         p.shallow_rows["drafter"] += budget
+        p.shallow_total["drafter"] += budget
         self.rounds_fused += 1
         return tokens.clone(), None
 

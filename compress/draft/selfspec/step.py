@@ -46,6 +46,9 @@ class SelfSpecConfig(StepConfig):
     train_corpora: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
     train_windows: int = Field(1024, ge=1, description="windows of seq_len tokens per corpus (train split)")
     eval_windows: int = Field(24, ge=2, description="held-out windows per corpus (validation split)")
+    exclude_prompts: list[str] = Field(default_factory=list,
+                                       description="prompt files (blank-line separated) whose documents are kept out "
+                                                   "of training: a benchmark's prompts must be unseen text")
     seq_len: int = Field(512, ge=16, le=8192)
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
@@ -89,10 +92,24 @@ class SelfSpecResult:
     curve: dict = field(default_factory=dict)
 
 
-def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int) -> torch.Tensor:
-    from compress.data import corpus_text
+def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
+             exclude: list[str] = ()) -> tuple[torch.Tensor, int]:
+    """Windows of each corpus's split (documents joined as for perplexity), leaving out documents
+    that contain the first line of any excluded prompt; (windows, documents left out)."""
+    from compress.data.corpora import split_documents
     from compress.evaluate import window_token_ids
-    return torch.cat([window_token_ids(tokenizer, corpus_text(c, split), seq_len, per_corpus) for c in corpora])
+    out, dropped = [], 0
+    for c in corpora:
+        docs = [d.text for d in split_documents(c, split)]
+        kept = [d for d in docs if not any(line in d for line in exclude)]
+        dropped += len(docs) - len(kept)
+        out.append(window_token_ids(tokenizer, "\n\n".join(kept), seq_len, per_corpus))
+    return torch.cat(out), dropped
+
+
+def _prompt_lines(files: list[str]) -> list[str]:
+    from compress.draft.agreement import read_prompts
+    return [p.strip().splitlines()[0].strip() for f in files for p in read_prompts(f) if p.strip()]
 
 
 def _split_events(agrees, confs):
@@ -104,10 +121,16 @@ def _flat(rows):
     return [x for r in rows for x in r]
 
 
+def _acceptance_quality(conf: torch.Tensor, accepted: torch.Tensor) -> dict:
+    """ECE and AUROC of confidence against acceptance (AUROC None when all or none were accepted)."""
+    from calibration.metrics import confidence_auroc, expected_calibration_error
+    both = 0 < int(accepted.sum()) < accepted.numel()
+    return {"ece": expected_calibration_error(conf, accepted), "auroc": confidence_auroc(conf, accepted) if both else None}
+
+
 @register_algorithm("self_spec", SelfSpecConfig, requires_calibration=False)
 def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContext) -> dict:
     """Shared-prefix self-drafter: distil exit heads at several depths, pick one, calibrate its stop."""
-    from calibration.metrics import confidence_auroc, expected_calibration_error
     from compress.recalibrate import fit_drafter_calibrator
 
     layers = model.config.num_hidden_layers
@@ -115,8 +138,9 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         if k >= layers:
             raise CompressError(f"{ctx.where}: exit layer {k} must be below the target's {layers} blocks")
     model.to(ctx.device)
-    train = _windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows)
-    held = _windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows)
+    exclude = _prompt_lines(cfg.exclude_prompts)
+    train, dropped = _windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows, exclude)
+    held, _ = _windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows, exclude)
     lm_rows = model.lm_head.weight.shape[0]
     full = torch.arange(lm_rows)
     trimmed = (full if cfg.vocab_size is None or cfg.vocab_size >= lm_rows else
@@ -135,7 +159,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     calibrator = None
     conf_rep = torch.tensor(_flat(rep_c), dtype=torch.float64)
     acc_rep = torch.tensor(_flat(rep_a))
-    before = {"ece": expected_calibration_error(conf_rep, acc_rep), "auroc": confidence_auroc(conf_rep, acc_rep)}
+    before = _acceptance_quality(conf_rep, acc_rep)
     thr_confs = fit_c
     if cfg.calibrator is not None:
         calibrator = fit_drafter_calibrator(_flat(fit_c), _flat(fit_a), method=cfg.calibrator,
@@ -144,7 +168,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         stop["calibrator"] = calibrator.describe()
         stop["acceptance_calibration"] = {
             "events": int(conf_rep.numel()), "before": before,
-            "after": {"ece": expected_calibration_error(cal_rep, acc_rep), "auroc": confidence_auroc(cal_rep, acc_rep)}}
+            "after": _acceptance_quality(cal_rep, acc_rep)}
         thr_confs = [calibrator(torch.tensor(c)).tolist() for c in fit_c]
     else:
         stop["acceptance_calibration"] = {"events": int(conf_rep.numel()), "before": before}
@@ -155,7 +179,9 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "file": f"head-{n}.safetensors"}
                           for n, h in heads.items()},
                 "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
-                "training": {**history, "corpora": cfg.train_corpora}, "depth_curve": curve, "stop": stop}
+                "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
+                             "held_out_windows": int(held.shape[0]), "documents_excluded": dropped},
+                "depth_curve": curve, "stop": stop}
     ctx.artifacts["self_spec"] = SelfSpecResult(heads, manifest, calibrator, curve)
     return {"heads": list(heads), "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
             "training": manifest["training"], "depth_curve": curve, "stop": stop}

@@ -19,6 +19,7 @@ and v = 1 (verification runs the deep blocks on γ+1 rows: at batch 1 about one 
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -29,6 +30,8 @@ from tqdm.auto import tqdm
 from compress.draft.agreement import replay_greedy_rounds
 from compress.draft.selfspec.head import ExitHead
 from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
 
 
 def _rope_tables(target, length: int, device, dtype):
@@ -45,7 +48,7 @@ def _teacher(target, ids: torch.Tensor, exit_layers):
 
 def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch.Tensor]], *, steps: int,
                   batch_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0, warmup: int = 20,
-                  seed: int = 0, progress: bool = True, log=print) -> tuple[dict[str, ExitHead], dict]:
+                  seed: int = 0, progress: bool = True) -> tuple[dict[str, ExitHead], dict]:
     """Heads ``{name: (exit_layer, vocab_map)}`` trained jointly on windows ``train`` [N, T]."""
     if steps < 1:
         raise CompressError(f"steps must be >= 1, got {steps}")
@@ -82,7 +85,8 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch
     seconds = time.perf_counter() - start
     for h in heads.values():
         h.requires_grad_(False)
-    log(f"exit heads {', '.join(heads)}: {steps} steps x {batch_size} x {train.shape[1]} tokens in {seconds:.1f} s")
+    log.info("exit heads %s: %d steps x %d x %d tokens in %.1f s", ", ".join(heads), steps, batch_size,
+             train.shape[1], seconds)
     history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
                "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in losses.items()}}
