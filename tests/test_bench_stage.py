@@ -64,10 +64,13 @@ def test_add_in_any_order_then_join_gives_the_same_bytes(source, tmp_path):
     assert stage.missing_chunks(staged, "toy") == ["p02"]
     with pytest.raises(stage.StageError, match="p02"):
         stage.join_model(staged, "toy", dest)
+    assert stage.pending_models(staged, dest) == []
     stage.add_chunk_folder(tmp_path / ".stage/toy/p02", staged)
     stage.add_chunk_folder(tmp_path / ".stage/toy/p02", staged)  # carried twice: harmless
+    assert stage.pending_models(staged, dest) == ["toy"]
     out = stage.join_model(staged, "toy", dest)
     assert out == dest / "toy-model.gguf" and out.read_bytes() == data
+    assert stage.pending_models(staged, dest) == []  # joined once
     assert sorted(p.name for p in dest.iterdir()) == ["toy-model.gguf"]
 
 

@@ -198,6 +198,17 @@ def join_model(stage_root: Path, model_id: str, dest_dir: Path) -> Path:
     return out
 
 
+def pending_models(stage_root: Path, dest_dir: Path) -> list[str]:
+    """Staged models whose chunks are all there and whose joined file is not in ``dest_dir`` yet."""
+    out = []
+    for manifest_path in sorted(Path(stage_root).glob(f"*/{MANIFEST}")):
+        model_id = manifest_path.parent.name
+        if not missing_chunks(stage_root, model_id) and \
+                not (Path(dest_dir) / read_manifest(manifest_path)["dest_name"]).is_file():
+            out.append(model_id)
+    return out
+
+
 # ----------------------------------------------------------------------------- this machine: plan calls
 
 def tree_bytes(repo: Path) -> int:
@@ -250,7 +261,8 @@ def print_plan(repo: Path, model_ids: list[str], extra: list[str]) -> None:
     repo = Path(repo)
     tree = tree_bytes(repo)
     calls = plan(repo, model_ids, extra)
-    print(f"working tree {tree / MiB:.1f} MiB; each call carries at most {(CALL_LIMIT - tree - MiB) / MiB:.1f} MiB more")
+    room = (CALL_LIMIT - tree - MiB) / MiB
+    print(f"working tree {tree / MiB:.1f} MiB; each call carries at most {room:.1f} MiB more")
     for model_id in model_ids:
         manifest = read_manifest(repo / ".stage" / model_id / MANIFEST)
         folders = [c["folder"] for c in manifest["chunks"]]
@@ -299,10 +311,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{m['id']}: added {Path(d).name}; {len(m['chunks']) - len(left)}/{len(m['chunks'])} staged")
         elif args.cmd == "join":
             ids = args.ids or sorted(p.parent.name for p in Path(args.stage).glob(f"*/{MANIFEST}"))
+            if args.pending:
+                ids = [i for i in ids if i in pending_models(Path(args.stage), Path(args.dest))]
             for model_id in ids:
-                if args.pending and (missing_chunks(Path(args.stage), model_id) or (
-                        Path(args.dest) / read_manifest(Path(args.stage) / model_id / MANIFEST)["dest_name"]).is_file()):
-                    continue
                 print(f"{model_id}: verified {join_model(Path(args.stage), model_id, Path(args.dest))}")
         elif args.cmd == "status":
             root = Path(args.stage)
