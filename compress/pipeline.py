@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from compress.algorithms import ALGORITHMS, StepContext
-from compress.export import check_out_dir, write_export, write_json_atomic
+from compress.export import check_out_dir, write_export
+from compress.fs import write_json_atomic
 from compress.models import load_model
 from compress.recipe import Recipe, validate_recipe
 

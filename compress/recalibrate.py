@@ -26,9 +26,8 @@ Other uses (functions below): a logistic head on ``minilm-l6`` mean-pooled embed
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,99 +37,11 @@ from pydantic import Field, field_validator, model_validator
 from compress.algorithms import StepContext, register_algorithm
 from compress.config import StepConfig
 from compress.errors import CompressError
+from compress.formats.calibrator import (CALIBRATOR_DIR, USE_FILE, LMCalibrator, attached_calibrator,  # noqa: F401
+                                         load_lm_calibrator)
 
-CALIBRATOR_DIR = "calibrator"  # export subfolder: calibrator.json + calibrator.safetensors + lm_use.json
-USE_FILE = "lm_use.json"  # what the calibrator applies to (target, form) and what it was fitted on
 ARTIFACT_KEY = "calibrator"
 FIT_SPLITS = ("train", "validation")
-
-
-# -- the shipped object ----------------------------------------------------------------------------
-
-@dataclass
-class LMCalibrator:
-    """A fitted calibrator and what it applies to.
-
-    ``form == "logits"``: ``calibrator.transform`` takes the logits (full vocabulary for a tokens
-    temperature, [N, 5] for topics). ``form == "top_label"``: it takes the 1-D score
-    logit(confidence) and its class-1 probability is the calibrated confidence.
-    """
-
-    calibrator: Any  # calibration.Calibrator, fitted
-    target: Literal["tokens", "topics", "drafter"]
-    form: Literal["logits", "top_label"]
-    fitted_on: dict = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.calibrator.name
-
-    @property
-    def temperature(self) -> float | None:
-        """T when this is a pure temperature on the logits (it can ship as generation temperature)."""
-        return self.calibrator.temperature if self.name == "temperature" and self.form == "logits" else None
-
-    def scale_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """Logits of any shape [..., V] divided by T for a pure temperature; unchanged otherwise."""
-        t = self.temperature
-        return logits if t is None else logits / t
-
-    def confidence(self, conf: torch.Tensor) -> torch.Tensor:
-        """Calibrated top-1 confidences (same shape, device and dtype) for the top-label form; a pure
-        temperature has already acted through ``scale_logits``, so confidences pass unchanged."""
-        if self.form != "top_label":
-            return conf
-        from calibration import confidence_score
-        flat = conf.reshape(-1)
-        return self.calibrator.transform(confidence_score(flat))[:, 1].to(conf.dtype).view_as(conf)
-
-    __call__ = confidence  # a drafter calibrator: raw confidences -> calibrated (compress.draft's Calibrator)
-
-    def transform(self, logits) -> torch.Tensor:
-        """Calibrated probabilities [N, C] for logits [N, C] (the ``logits`` form, e.g. topics)."""
-        if self.form != "logits":
-            raise CompressError(f"this {self.name} calibrator maps top-1 confidences ({self.target}, top_label "
-                                f"form), not logits; use .confidence(c)")
-        return self.calibrator.transform(logits)
-
-    def describe(self) -> dict:
-        out = {"method": self.name, "target": self.target, "form": self.form, "fitted_on": self.fitted_on}
-        if self.temperature is not None:
-            out["temperature"] = self.temperature
-        return out
-
-    def save(self, folder) -> Path:
-        folder = Path(folder)
-        self.calibrator.save(folder)
-        (folder / USE_FILE).write_text(json.dumps({"target": self.target, "form": self.form,
-                                                   "fitted_on": self.fitted_on}, indent=2) + "\n")
-        return folder
-
-
-def load_lm_calibrator(folder) -> LMCalibrator:
-    """Read what ``LMCalibrator.save`` wrote (no pickles: safetensors + JSON)."""
-    from calibration import load_calibrator
-    folder = Path(folder)
-    use_file = folder / USE_FILE
-    if not use_file.is_file():
-        raise CompressError(f"{folder} has no {USE_FILE}: not a calibrator written by the recalibrate step")
-    use = json.loads(use_file.read_text())
-    target, form = use.get("target"), use.get("form")
-    if target not in ("tokens", "topics", "drafter") or form not in ("logits", "top_label"):
-        raise CompressError(f"{use_file}: bad target/form {target!r}/{form!r}; allowed targets tokens, topics, "
-                            f"drafter and forms logits, top_label")
-    cal = load_calibrator(folder)
-    if target == "tokens" and form == "logits" and cal.name != "temperature":
-        raise CompressError(f"{use_file}: only a temperature can act on a vocabulary's logits, got {cal.name!r}")
-    return LMCalibrator(cal, target, form, use.get("fitted_on", {}))
-
-
-def attached_calibrator(model_dir) -> LMCalibrator | None:
-    """The calibrator a toolkit export ships (``<dir>/calibrator/``), or None (also for folders that are
-    not exports of this toolkit, whose ``calibrator/`` would be someone else's)."""
-    from compress.export import EXPORT_MARKER
-    folder = Path(model_dir) / CALIBRATOR_DIR
-    return load_lm_calibrator(folder) if folder.is_dir() and (Path(model_dir) / EXPORT_MARKER).is_file() else None
 
 
 # -- (a) next-token confidence ---------------------------------------------------------------------

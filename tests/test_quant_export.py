@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import compress.quantize  # noqa: F401  (registers the writers and loaders)
+import compress.quantize  # noqa: F401  (registers the quantize steps)
 from compress.algorithms import ALGORITHMS, StepContext
 from compress.errors import CompressError
 from compress.export import write_export
+from compress.formats.compressed_tensors import pack_dense, unpack_dense
 from compress.models import load_model
-from compress.quantize.export_ct import pack_dense, unpack_dense
 from compress.quantize.gptq_v1 import pack_bits
 from tests.tiny import TEXT, byte_tokenizer, tiny_config, tiny_model
 
@@ -223,7 +223,7 @@ def test_gptq_mixed_bits_become_dynamic_overrides(tmp_path):
 
 
 def test_gptq_dynamic_rules_match_vllm_fused_names():
-    from compress.quantize.export_gptq import dynamic_rules
+    from compress.formats.gptq import dynamic_rules
 
     names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")] + [
         "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj"]

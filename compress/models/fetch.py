@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from compress.cache import cache_dir
 from compress.errors import FetchError
-from compress.export import temp_dir_beside
+from compress.fs import temp_dir_beside
 from compress.models.zoo import ZooEntry
 from compress.packages import download_package
 
