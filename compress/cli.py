@@ -131,53 +131,18 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "eval":
-        import torch
-
-        from compress.data import corpus_text
-        from compress.evaluate import evaluate_text
-        from compress.models import load_model
-        from compress.pipeline import resolve_device
-        device = resolve_device(args.device)
-        loaded = load_model(args.model, dtype=args.dtype, device=device)
-        if args.int4:
-            from compress.draft.int4 import int4_linears_from_gptq
-            int4_linears_from_gptq(loaded.model, loaded.path)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if args.text:
-            text = corpus_text(args.text, "all")
-            source = {"text": args.text}
-        else:
-            corpus = args.corpus or "bbc"
-            text = corpus_text(corpus, args.split)
-            source = {"corpus": corpus, "split": args.split}
-        # A shipped calibrator applies to what it was fitted for: next tokens, or the BBC topics.
-        cal = None if args.no_calibrator else loaded.calibrator
-        target = cal.target if cal is not None else None
-        with torch.inference_mode():
-            result = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=args.seq_len,
-                                   max_windows=args.max_windows, batch_size=args.batch_size, device=device,
-                                   calibrator=cal if target == "tokens" else None)
-        if args.speed or args.topics:
-            from compress.draft.standalone import standalone_metrics
-            result.update(standalone_metrics(loaded.model, loaded.tokenizer, device=device, speed=args.speed,
-                                             new_tokens=args.new_tokens, compile=args.compile,
-                                             topics=0 if target == "topics" else args.topics,
-                                             bandwidth_gbs=args.bandwidth_gbs, prompt_text=text))
-        if args.topics and target == "topics":
-            from compress.tasks import bbc_topic_examples, topic_accuracy
-            with torch.inference_mode():
-                result["bbc_topics"] = topic_accuracy(loaded.model, loaded.tokenizer,
-                                                      bbc_topic_examples("test", max_examples=args.topics),
-                                                      device=device, calibrator=cal)
-        applied = target == "tokens" or (target == "topics" and args.topics)
-        result["calibrator"] = cal.name if applied else None  # what the numbers went through
-        print(json.dumps({"model": args.model, **source, **result}))
+        from compress.measure import evaluate_source
+        result = evaluate_source(args.model, text=args.text, corpus=args.corpus, split=args.split,
+                                 seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size,
+                                 device=args.device, dtype=args.dtype, topics=args.topics,
+                                 use_calibrator=not args.no_calibrator, int4=args.int4, speed=args.speed,
+                                 new_tokens=args.new_tokens, compile=args.compile, bandwidth_gbs=args.bandwidth_gbs)
+        print(json.dumps(result))
         return 0
 
     if args.command == "draft-eval":
         from compress.draft.agreement import draft_eval_sources, parse_gammas
-        from compress.pipeline import resolve_device
+        from compress.runtime import resolve_device
         result = draft_eval_sources(args.target, args.drafter, args.text, gammas=parse_gammas(args.gammas),
                                     max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
                                     temperature=args.temperature, device=resolve_device(args.device),
@@ -187,7 +152,7 @@ def _dispatch(args) -> int:
 
     if args.command == "draft-bench":
         from compress.draft.bench import draft_bench_sources
-        from compress.pipeline import resolve_device
+        from compress.runtime import resolve_device
         result = draft_bench_sources(args.target, args.drafter, args.prompts, gamma=args.gamma,
                                      max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
                                      device=resolve_device(args.device), dtype=args.dtype,

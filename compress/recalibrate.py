@@ -37,6 +37,7 @@ from pydantic import Field, field_validator, model_validator
 from compress.algorithms import StepContext, register_algorithm
 from compress.config import StepConfig
 from compress.errors import CompressError
+from compress.runtime import on_device
 from compress.formats.calibrator import (CALIBRATOR_DIR, USE_FILE, LMCalibrator, attached_calibrator,  # noqa: F401
                                          load_lm_calibrator)
 
@@ -245,8 +246,6 @@ class RecalibrateConfig(StepConfig):
 def apply_recalibrate(model: torch.nn.Module, cfg: RecalibrateConfig, ctx: StepContext) -> dict:
     """Fit a confidence calibrator (next-token or BBC-topic) on a held-out split; verify applies it,
     the export ships it."""
-    from compress.evaluate import on_device
-
     if ARTIFACT_KEY in ctx.artifacts:
         raise CompressError(f"{ctx.where}: an earlier recalibrate step already fitted a calibrator; a recipe ships "
                             f"one (put a single recalibrate step after the compressing steps)")

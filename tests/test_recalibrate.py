@@ -168,7 +168,7 @@ def test_a_second_recalibrate_step_is_refused(trained_dir, text_file):
 
 def test_topics_target_fits_on_validation_and_verify_and_eval_apply_it(trained_dir, text_file, tmp_path, capsys):
     from compress.algorithms import StepContext
-    from compress.pipeline import _verify
+    from compress.measure import verify
     from compress.recalibrate import RecalibrateConfig
     loaded = load_model(trained_dir)
     ctx = StepContext(tokenizer=loaded.tokenizer, device=torch.device("cpu"), progress=False)
@@ -181,7 +181,7 @@ def test_topics_target_fits_on_validation_and_verify_and_eval_apply_it(trained_d
     spec = validate_recipe({"verify": {"corpus": "bbc", "seq_len": 32, "max_windows": 1, "topics": 3,
                                        "baseline": False}}).verify
     windows = torch.arange(64).view(2, 32) % 250
-    out = _verify(loaded.model, loaded.tokenizer, windows[:1], spec, torch.device("cpu"), False, calibrator=cal)
+    out = verify(loaded.model, loaded.tokenizer, windows[:1], spec, torch.device("cpu"), False, calibrator=cal)
     assert out["topics"]["examples"] == 3 and "uncalibrated" in out["topics"] and "uncalibrated" not in out
     assert out["topics_ece"] == out["topics"]["ece"] and out["calibrator"]["target"] == "topics"
     # An export carrying a topics calibrator: eval applies it to --topics only, not to the tokens.

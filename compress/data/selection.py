@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from compress.data.calibration_set import (CalibrationSet, _positive_int, build_calibration_set,
                                            calibration_set_from_offsets)
 from compress.errors import CompressError
-from compress.evaluate import on_device
+from compress.runtime import on_device
 
 STRATEGIES = ("random", "domain", "diversity", "kl")
 

@@ -34,6 +34,7 @@ from compress.finetune.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_s2
 from compress.finetune.data import check_dataset, lm_dataset, micro_batches, topic_dataset
 from compress.finetune.select import S2FTConfig
 from compress.finetune.train import TrainConfig, train
+from compress.runtime import on_device
 
 ADAPTERS_KEY = "adapters"  # ctx.artifacts[ADAPTERS_KEY][folder name] -> AdapterSnapshot
 SELECTION_BATCHES = 4  # micro-batches the activation/gradient selection strategies look at
@@ -109,8 +110,6 @@ def pad_token_id(tokenizer) -> int:
 
 def s2ft_step(model: torch.nn.Module, cfg: S2FTStepConfig, ctx: StepContext) -> dict:
     """Apply S2FT, train the selected slices on the task's train split, merge, keep the adapter."""
-    from compress.evaluate import on_device
-
     defaults = StepConfig(algorithm="s2ft")
     if cfg.targets != defaults.targets or cfg.ignore != defaults.ignore:
         raise CompressError(f"{ctx.where}: s2ft chooses its modules with attention_modules/mlp_modules "

@@ -18,6 +18,7 @@ from compress.prune import scores as S
 from compress.prune.allocate import allocate
 from compress.prune.shrink import remove_units
 from compress.prune.units import block_params, block_parts, channel_params, group_params
+from compress.runtime import on_device
 
 
 class PruneConfig(StepConfig):
@@ -56,7 +57,6 @@ def _unit_scores(model, parts, cfg: PruneConfig, ctx: StepContext):
 
 def prune_structured(model: torch.nn.Module, cfg: PruneConfig, ctx: StepContext) -> dict:
     """Score KV groups and MLP channels, allocate the budget, and remove the losers for real."""
-    from compress.evaluate import on_device
     from compress.prune.shrink import Keep
     from compress.targets import match_modules
 

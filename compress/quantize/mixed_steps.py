@@ -43,12 +43,13 @@ from tqdm.auto import tqdm
 
 from compress.algorithms import StepContext, register_algorithm
 from compress.config import StepConfig
-from compress.evaluate import evaluate_windows, on_device
+from compress.evaluate import evaluate_windows
 from compress.quantize.grid import QuantSpec, dequantize
 from compress.quantize.mixed import solve_allocation
 from compress.quantize.solvers import QuantResult, free_graphs, gptq_solve
 from compress.quantize.steps import _check_shapes, store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
+from compress.runtime import on_device
 from compress.targets import match_modules
 
 
