@@ -93,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _dispatch(args)
-    except CompressError as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -101,7 +103,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """CompressError, or bad input to a calibrator: ``calibration`` is a library of its own whose
+    errors are ValueErrors. It is looked up only if it was imported (then it could have raised)."""
+    checks = sys.modules.get("calibration.checks")
+    return isinstance(exc, CompressError) or (checks is not None and isinstance(exc, checks.CalibrationError))
+
+
 def _dispatch(args) -> int:
+    # Each command imports what it runs, when it runs: `validate` must not pay for torch.
     if args.command == "models":
         from compress.models import ZOO, fetch_model, zoo_rows
         if args.models_command == "list":

@@ -10,6 +10,7 @@ registry's owner back).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,9 +32,15 @@ class Deferred:
 
 def deferred_names(package: str, table: dict[str, str]) -> Callable[[str], Any]:
     """A module ``__getattr__`` (PEP 562) for a package face: ``table`` maps a public name to the
-    submodule that defines it, imported on first access (``from package import name`` works)."""
+    module that defines it (``package.sub``), imported on first access (``from package import name``
+    works). A name must not also be a submodule's: importing that submodule would bind the package
+    attribute to the module, and the name would never reach this function."""
+    for name in table:
+        if importlib.util.find_spec(f"{package}.{name}") is not None:
+            raise ValueError(f"{package}.{name} is a submodule; a deferred name cannot share it")
+
     def __getattr__(name: str) -> Any:
         if name in table:
-            return getattr(importlib.import_module(f"{package}.{table[name]}"), name)
+            return getattr(importlib.import_module(table[name]), name)
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
     return __getattr__

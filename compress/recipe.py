@@ -26,20 +26,13 @@ import compress.prune  # noqa: F401  (registers algorithms before the union is b
 import compress.quantize  # noqa: F401
 import compress.recalibrate  # noqa: F401
 from compress.algorithms import ALGORITHMS
-from compress.config import StrictModel
+from compress.config import CorpusName, StrictModel
 from compress.errors import CompressError, RecipeError
 from compress.models import DEFAULT_MODEL, check_model_source
 from compress.recipe_io import apply_overrides, read_recipe_dict
 
 RECIPE_VERSION = 1
 DTYPES = Literal["float32", "float16", "bfloat16"]
-
-
-def _check_corpus(source: str) -> str:
-    from compress.data import list_corpora
-    if source in list_corpora() or Path(source).expanduser().exists():
-        return source
-    raise ValueError(f"unknown corpus {source!r}; known: {', '.join(list_corpora())}, or a path to a .txt/.jsonl file")
 
 
 class ModelSpec(StrictModel):
@@ -68,7 +61,7 @@ class ModelSpec(StrictModel):
 class CalibrationSpec(StrictModel):
     """Which calibration windows the data-driven steps see (compress/data/README.md)."""
 
-    corpus: str = "bbc"  # for `domain`, name the target-domain corpus here (e.g. stdlib for code)
+    corpus: CorpusName = "bbc"  # for `domain`, name the target-domain corpus here (e.g. stdlib for code)
     split: Literal["train", "validation"] = "train"  # never the test split: that is for verify
     num_samples: int = Field(128, ge=1, le=1_000_000)
     seq_len: int = Field(512, ge=8, le=131_072)
@@ -77,20 +70,13 @@ class CalibrationSpec(StrictModel):
     strategy: Literal["random", "domain", "diversity", "kl"] = "random"
     pool_factor: int = Field(4, ge=1, le=64, description="diversity: pool = pool_factor x num_samples windows")
     candidates: int = Field(4, ge=1, le=64, description="kl: candidate sets (seeds seed..seed+candidates-1)")
-    probe_corpus: str | None = None  # kl: probe text (validation split); defaults to `corpus`
+    probe_corpus: CorpusName | None = None  # kl: probe text (validation split); defaults to `corpus`
     probe_samples: int = Field(128, ge=1, le=100_000)
     probe_seq_len: int = Field(64, ge=8, le=131_072)
     # Scoring a candidate with the full stage list costs candidates x (every step); scoring with the
     # steps that set the weights (e.g. [gptq] ahead of an adaquant refinement) is a cheaper proxy.
     kl_steps: list[str] | None = Field(None, description="kl: algorithms applied to score a candidate "
                                        "(default: every step of the recipe)")
-
-    _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
-
-    @field_validator("probe_corpus")
-    @classmethod
-    def _probe(cls, v: str | None) -> str | None:
-        return None if v is None else _check_corpus(v)
 
     @model_validator(mode="after")
     def _kl_steps_need_kl(self) -> "CalibrationSpec":
@@ -109,15 +95,13 @@ class CalibrationSpec(StrictModel):
 
 
 class VerifySpec(StrictModel):
-    corpus: str = "bbc"
+    corpus: CorpusName = "bbc"
     split: Literal["validation", "test"] = "test"
     seq_len: int = Field(512, ge=8, le=131_072)
     max_windows: int | None = Field(32, ge=1)
     batch_size: int = Field(1, ge=1, le=4096)
     baseline: bool = Field(True, description="also evaluate the model before any stage")
     topics: int = Field(0, ge=0, description="BBC test articles for zero-shot topic accuracy (0: skip)")
-
-    _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
 
 
 class ExportSpec(StrictModel):

@@ -15,5 +15,5 @@ from compress.models.zoo import DEFAULT_MODEL, ZOO, ZooEntry, check_model_source
 __all__ = ["ZOO", "DEFAULT_MODEL", "ZooEntry", "LoadedModel", "load_model", "load_tokenizer", "resolve_model_dir",
            "fetch_model", "check_model_source", "parse_dtype", "zoo_rows"]
 
-__getattr__ = deferred_names(__name__, {name: "load" for name in (
+__getattr__ = deferred_names(__name__, {name: "compress.models.load" for name in (
     "LoadedModel", "load_model", "load_tokenizer", "resolve_model_dir", "fetch_model", "parse_dtype", "zoo_rows")})

@@ -9,34 +9,16 @@ come through the already-refined prefix of the model (sequential mode).
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 import torch.nn as nn
-from pydantic import Field
 
-from compress.algorithms import StepContext, register_algorithm
-from compress.config import StepConfig
+from compress.algorithms import StepContext
 from compress.errors import CompressError
+from compress.quantize.config import AdaQuantConfig, BiasCorrectionConfig
 from compress.quantize.refine import MeanAccumulator, adaquant_refine, output_shift
 from compress.quantize.steps import store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
 from compress.targets import match_modules
-
-
-class AdaQuantConfig(StepConfig):
-    algorithm: Literal["adaquant"] = "adaquant"
-    steps: int = Field(200, ge=0, le=100_000, description="Adam steps per layer")
-    lr_weight: float = Field(1e-3, ge=0, le=1, description="weights' rate, in grid steps (relative to the scale)")
-    lr_scale: float = Field(1e-3, ge=0, le=1, description="scales' relative rate")
-    lr_zero: float = Field(1e-3, ge=0, le=10, description="zero points' rate, in levels")
-    optimize_zero: bool = Field(True, description="learn zero points (asymmetric grids only)")
-    init: Literal["dequantized", "float"] = Field(
-        "dequantized", description="start from the quantized weights (best after gptq) or the float ones (after rtn)")
-
-
-class BiasCorrectionConfig(StepConfig):
-    algorithm: Literal["bias_correction"] = "bias_correction"
 
 
 def _float_weights(ctx: StepContext, modules: dict, *, need_quant: bool) -> dict:
@@ -55,7 +37,6 @@ def _float_weights(ctx: StepContext, modules: dict, *, need_quant: bool) -> dict
 # ----------------------------------------------------------------------------- adaquant
 
 
-@register_algorithm("adaquant", AdaQuantConfig, requires_calibration=True, uses_float_weights=True)
 def apply_adaquant(model: nn.Module, cfg: AdaQuantConfig, ctx: StepContext) -> dict:
     """AdaQuant (Hubara et al. 2020): per layer, Adam on weights, scales and zeros of the quantized layer."""
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)
@@ -136,7 +117,6 @@ def _enable_biases(model: nn.Module, flags: set[str]) -> list[str]:
     return created
 
 
-@register_algorithm("bias_correction", BiasCorrectionConfig, requires_calibration=True, uses_float_weights=True)
 def apply_bias_correction(model: nn.Module, cfg: BiasCorrectionConfig, ctx: StepContext) -> dict:
     """Bias correction: add (W0 − Ŵ)·E[x] to each quantized layer's bias (mean output = the float layer's)."""
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)

@@ -35,32 +35,15 @@ from typing import Callable, Iterable, Literal
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 from tqdm.auto import tqdm
 
-from compress.config import StrictModel
 from compress.errors import CompressError
+from compress.finetune.config import TrainConfig
 from compress.finetune.data import IGNORE, check_dataset, micro_batches
 
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-class TrainConfig(StrictModel):
-    """How to train (the data and the trainable parameters are given separately)."""
-
-    steps: int = Field(100, ge=1, description="optimizer steps")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(2e-4, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup: int = Field(0, ge=0, description="steps of linear warmup from 0 to lr")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, down to 0 at `steps`
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
-    seed: int = 0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (with checkpoint_dir)")
 
 
 @dataclass
