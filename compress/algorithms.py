@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable
 
 from compress.config import StepConfig, StrictModel
 from compress.deferred import Deferred
-from compress.state import Fact
+from compress.state import Fact, RunState
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class StepContext:
     batch_size: int = 8
     progress: bool = True
     where: str = "step"  # YAML path of the step, for error messages
-    artifacts: dict[str, Any] = field(default_factory=dict)  # e.g. quantization results for export
-    # Set by the pipeline when a later step uses float weights: quantizing steps then keep
-    # each module's pre-quantization weight in artifacts["float_weight"][fqn] (on the CPU).
+    state: RunState = field(default_factory=RunState)  # what earlier steps left (compress.state)
+    # Set by the pipeline when a later step needs FLOAT_WEIGHTS: quantizing steps then keep
+    # each module's pre-quantization weight in state.float_weight[fqn] (on the CPU).
     keep_float_weights: bool = False

@@ -125,10 +125,15 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "validate":
+        from compress.plan import check_plan
         from compress.recipe import load_recipe
+        from compress.structure import model_structure
         recipe = load_recipe(args.recipe, args.overrides)
+        structure, note = model_structure(recipe.model.id, trust_remote_code=recipe.model.trust_remote_code)
+        check_plan(recipe, structure)
         steps = sum(len(s.steps) for s in recipe.stages)
-        print(f"{args.recipe}: valid (model {recipe.model.id}, {len(recipe.stages)} stages, {steps} steps)")
+        print(f"{args.recipe}: valid (model {recipe.model.id}, {len(recipe.stages)} stages, {steps} steps)"
+              + (f"; {note}" if note else ""))
         return 0
 
     if args.command == "run":

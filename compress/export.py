@@ -17,6 +17,7 @@ from compress.errors import CompressError
 from compress.formats import EXPORT_MARKER, get_format
 from compress.formats.calibrator import write_calibrator
 from compress.fs import replace_dir, temp_dir_beside, write_json_atomic
+from compress.state import RunState
 
 
 def check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
@@ -29,7 +30,7 @@ def check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
 
 
 def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yaml: str,
-                 report: dict | Callable[[], dict], artifacts: dict | None = None, force: bool = False) -> Path:
+                 report: dict | Callable[[], dict], state: RunState | None = None, force: bool = False) -> Path:
     """Write the export atomically: a crash leaves either the old folder or the new one, never half.
 
     ``report`` may be a function: it is called once the weights are written, just before
@@ -37,16 +38,16 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
     out = check_out_dir(out_dir, force=force).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = get_format(spec.format)
-    artifacts = artifacts or {}
+    state = state or RunState()
     tmp = temp_dir_beside(out)
     try:
-        fmt.write(model, tokenizer, tmp, artifacts, spec)
+        fmt.write(model, tokenizer, tmp, state, spec)
         # Fine-tuning adapters (e.g. the s2ft step's): a subfolder each, so that the export's own
         # folder has no adapter_config.json for transformers/peft to mistake it for a PEFT adapter.
-        for name, adapter in artifacts.get("adapters", {}).items():
+        for name, adapter in state.adapters.items():
             adapter.save(tmp / name)
-        if artifacts.get("calibrator") is not None:
-            write_calibrator(tmp, artifacts["calibrator"])
+        if state.calibrator is not None:
+            write_calibrator(tmp, state.calibrator)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         write_json_atomic(tmp / "report.json", report() if callable(report) else report)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt.name, "toolkit": "compress",

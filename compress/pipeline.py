@@ -17,10 +17,13 @@ from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
 from compress.measure import verify
 from compress.models import load_model
+from compress.plan import check_plan
 from compress.recipe import CalibrationSpec, Recipe, validate_recipe
 # resolve_device and versions live in compress.runtime; they are imported here too, where callers
 # have always found them.
 from compress.runtime import resolve_device, versions
+from compress.state import RunState
+from compress.structure import structure_of
 
 __all__ = ["RunResult", "resolve_device", "run_recipe", "versions"]
 
@@ -32,7 +35,7 @@ class RunResult:
     recipe: Recipe  # fully resolved
     report: dict
     out_dir: Path | None = None
-    artifacts: dict = field(default_factory=dict)
+    state: RunState = field(default_factory=RunState)  # what the steps left: quantized levels, adapters, calibrator
 
 
 class _Timer:
@@ -84,6 +87,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
                             trust_remote_code=recipe.model.trust_remote_code, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
+    check_plan(recipe, structure_of(model))  # the step order and every step's targets, before any work
     report["model"].update(path=loaded.path, parameters=sum(p.numel() for p in model.parameters()),
                            dtype=recipe.model.dtype, device=str(device))
     # Layer-wise algorithms move one block at a time to the device; the rest go whole.
@@ -126,7 +130,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     if recipe.verify is not None:
         with timer("verify"):
             report["verify"] = verify(model, tokenizer, verify_windows, recipe.verify, device, progress,
-                                      calibrator=ctx.artifacts.get("calibrator"))
+                                      calibrator=ctx.state.calibrator)
         if "baseline" in report:  # the before/after pair in one place, as the recipes' reports promise
             for key in ("ece", "perplexity", "accuracy", "topics_ece"):
                 if key in report["baseline"]:
@@ -146,8 +150,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
         timer.start("export")
         written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
-                               report=final_report, artifacts=ctx.artifacts, force=force)
-    return RunResult(model, tokenizer, recipe, report, written, ctx.artifacts)
+                               report=final_report, state=ctx.state, force=force)
+    return RunResult(model, tokenizer, recipe, report, written, ctx.state)
 
 
 def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> list[dict]:

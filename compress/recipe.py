@@ -28,7 +28,8 @@ import compress.recalibrate  # noqa: F401
 from compress.algorithms import ALGORITHMS
 from compress.config import CorpusName, StrictModel
 from compress.errors import CompressError, RecipeError
-from compress.models import DEFAULT_MODEL, check_model_source
+from compress.formats import FORMATS
+from compress.models import ZOO, check_model_source
 from compress.recipe_io import apply_overrides, read_recipe_dict
 
 RECIPE_VERSION = 1
@@ -36,7 +37,7 @@ DTYPES = Literal["float32", "float16", "bfloat16"]
 
 
 class ModelSpec(StrictModel):
-    id: str = DEFAULT_MODEL
+    id: str  # a zoo id, a model folder or a hub id; required: a recipe says which model it compresses
     dtype: DTYPES = "float32"
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     trust_remote_code: bool = False
@@ -105,9 +106,9 @@ class VerifySpec(StrictModel):
 
 
 class ExportSpec(StrictModel):
-    # hf: float safetensors; gptq: GPTQ v1 packed int (transformers via optimum+gptqmodel, vLLM);
-    # compressed-tensors: pack-quantized (vLLM), uniform schemes only.
-    format: Literal["hf", "gptq", "compressed-tensors"] = "hf"
+    # compress.formats: hf: float safetensors; gptq: GPTQ v1 packed int (transformers via
+    # optimum+gptqmodel, vLLM); compressed-tensors: pack-quantized (vLLM), uniform schemes only.
+    format: Literal[tuple(FORMATS)] = "hf"  # type: ignore[valid-type]
     dtype: DTYPES | None = None  # None keeps the model's dtype
 
 
@@ -128,9 +129,9 @@ class Stage(StrictModel):
 
 class Recipe(StrictModel):
     version: Literal[1] = RECIPE_VERSION
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec  # required: no model is assumed
     calibration: CalibrationSpec | None = None
-    stages: list[Stage] = Field(default_factory=list)
+    stages: list[Stage] = Field(min_length=1)  # required: a recipe without a step would export a copy
     verify: VerifySpec | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
 
@@ -188,9 +189,20 @@ def format_loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
+# What a missing or empty top-level entry should have said (pydantic's "Field required" does not).
+_REQUIRED = {
+    "model": "the recipe names no model: give `model:` a zoo id (" + ", ".join(ZOO) + "), a model folder "
+             "or a hub id",
+    "stages": "the recipe has no stage: give `stages:` at least one stage with one step (to evaluate a model "
+              "as it is, use `compress eval`)",
+}
+
+
 def _describe(err: dict) -> str:
     path = format_loc(err["loc"])
     msg = err["msg"]
+    if err["loc"] in (("model",), ("stages",)) and err["type"] in ("missing", "too_short"):
+        return f"{path}: {_REQUIRED[path]}"
     if err["type"] == "union_tag_invalid":
         ctx = err.get("ctx", {})
         return (f"{path}.algorithm: unknown algorithm {ctx.get('tag')!r}; "

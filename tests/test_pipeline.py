@@ -60,7 +60,7 @@ def test_rtn_recipe_needs_no_calibration_and_is_deterministic(tmp_path, text_fil
     assert "calibration" not in a.report
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
-    levels = a.artifacts["quant"]["model.layers.0.self_attn.q_proj"].qweight
+    levels = a.state.quant["model.layers.0.self_attn.q_proj"].qweight
     assert int(levels.max()) <= 7 and int(levels.min()) >= 0
 
 

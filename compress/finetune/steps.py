@@ -7,7 +7,7 @@ as instruction data; ``task: lm``: causal-LM windows), then ``handle.remove(merg
 the model is a plain model again (original unit order, deltas in the weights), so verify,
 export and a later quantization step see an ordinary checkpoint. The adapter (deltas +
 config, relative to the model as it was *before* this step) goes to
-``ctx.artifacts["adapters"]``; the export writes it into ``s2ft_adapter/``.
+``ctx.state.adapters``; the export writes it into ``s2ft_adapter/``.
 
 Order with other steps:
 
@@ -34,7 +34,6 @@ from compress.finetune.config import S2FTStepConfig
 from compress.finetune.training import train
 from compress.runtime import on_device
 
-ADAPTERS_KEY = "adapters"  # ctx.artifacts[ADAPTERS_KEY][folder name] -> AdapterSnapshot
 SELECTION_BATCHES = 4  # micro-batches the activation/gradient selection strategies look at
 
 
@@ -79,7 +78,7 @@ def pad_token_id(tokenizer) -> int:
 
 def s2ft_step(model: torch.nn.Module, cfg: S2FTStepConfig, ctx: StepContext) -> dict:
     """Apply S2FT, train the selected slices on the task's train split, merge, keep the adapter."""
-    if ctx.artifacts.get("quant"):
+    if ctx.state.quant:
         raise CompressError(f"{ctx.where}: fine-tuning after quantization would move the weights off the "
                             f"quantization grid; put the s2ft stage before the quantization stage")
     s2ft_cfg, train_cfg = cfg.s2ft(), cfg.training()
@@ -101,7 +100,7 @@ def s2ft_step(model: torch.nn.Module, cfg: S2FTStepConfig, ctx: StepContext) -> 
             raise
         trainable = handle.num_trainable()
         handle.remove(merge=True)
-    adapters = ctx.artifacts.setdefault(ADAPTERS_KEY, {})
+    adapters = ctx.state.adapters  # folder name in the export -> AdapterSnapshot
     name = "s2ft_adapter" if "s2ft_adapter" not in adapters else f"s2ft_adapter_{len(adapters) + 1}"
     adapters[name] = snapshot
     total = sum(p.numel() for p in model.parameters())

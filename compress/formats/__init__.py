@@ -12,7 +12,7 @@ export ships (calibrator.py).
 from compress.deferred import Deferred
 from compress.formats.registry import (DEFAULT_FORMAT, EXPORT_MARKER, FORMATS, ExportFormat, format_of, get_format,
                                        is_export, register_format)
-
+from compress.state import Fact
 
 
 def _code(module: str, name: str) -> Deferred:
@@ -21,10 +21,10 @@ def _code(module: str, name: str) -> Deferred:
 
 register_format(ExportFormat("hf", _code("hf", "write_hf"), _code("hf", "load_hf"), doc="float safetensors"))
 register_format(ExportFormat("gptq", _code("gptq", "write_gptq"), _code("gptq", "load_gptq"),
-                             needs=frozenset({"quant"}), doc="GPTQ v1 packed ints"))
+                             needs=frozenset({Fact.QUANTIZED}), doc="GPTQ v1 packed ints"))
 register_format(ExportFormat("compressed-tensors", _code("compressed_tensors", "write_compressed_tensors"),
                              _code("compressed_tensors", "load_compressed_tensors"),
-                             needs=frozenset({"quant"}), doc="pack-quantized, one scheme per export"))
+                             needs=frozenset({Fact.QUANTIZED}), doc="pack-quantized, one scheme per export"))
 
 __all__ = ["DEFAULT_FORMAT", "EXPORT_MARKER", "FORMATS", "ExportFormat", "format_of", "get_format", "is_export",
            "register_format"]

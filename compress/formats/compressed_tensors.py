@@ -118,10 +118,10 @@ def pack_module(name: str, linear: nn.Linear, res: QuantResult, dtype: torch.dty
     return out
 
 
-def write_compressed_tensors(model, tokenizer, folder: Path, artifacts: dict, spec: Any) -> None:
+def write_compressed_tensors(model, tokenizer, folder: Path, state, spec: Any) -> None:
     """compressed-tensors pack-quantized checkpoint (see the module docstring)."""
     dtype = export_dtype(spec, "compressed-tensors", ("float16", "bfloat16"))
-    quantized = quantized_linears(model, artifacts, "compressed-tensors")
+    quantized = quantized_linears(model, state.quant, "compressed-tensors")
     qspec = _uniform_spec(quantized)
     tensors: dict[str, torch.Tensor] = {}
     for name, (linear, res) in quantized.items():

@@ -162,10 +162,10 @@ def pack_module(name: str, linear: nn.Linear, res: QuantResult) -> dict[str, tor
     return tensors
 
 
-def write_gptq(model, tokenizer, folder: Path, artifacts: dict, spec: Any) -> None:
+def write_gptq(model, tokenizer, folder: Path, state, spec: Any) -> None:
     """GPTQ v1 checkpoint (see the module docstring)."""
     dtype = export_dtype(spec, "gptq", ("float16",))
-    quantized = quantized_linears(model, artifacts, "gptq")
+    quantized = quantized_linears(model, state.quant, "gptq")
     block_list = block_list_of(model, list(quantized), "gptq")
     excluded = float_linears_in_blocks(model, block_list, quantized)
     check_zero_points(quantized)

@@ -15,7 +15,7 @@ from compress.errors import CompressError
 from compress.formats.pruned import has_pruned_layers, load_pruned_checkpoint
 
 
-def write_hf(model, tokenizer, folder: Path, artifacts: dict, spec: Any) -> None:
+def write_hf(model, tokenizer, folder: Path, state, spec: Any) -> None:
     dtype = getattr(torch, spec.dtype) if getattr(spec, "dtype", None) else None
     if dtype is not None and dtype != next(model.parameters()).dtype:
         model = model.to(dtype)

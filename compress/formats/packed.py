@@ -20,13 +20,13 @@ from compress.quantize.solvers import QuantResult
 WEIGHTS_NAME = "model.safetensors"
 
 
-def quantized_linears(model: nn.Module, artifacts: dict, fmt: str) -> dict[str, tuple[nn.Linear, QuantResult]]:
-    """The quantized linears of ``artifacts["quant"]``, checked against the model.
+def quantized_linears(model: nn.Module, quant: dict[str, QuantResult],
+                      fmt: str) -> dict[str, tuple[nn.Linear, QuantResult]]:
+    """The quantized linears of a run (``RunState.quant``), checked against the model.
 
     Refuses an empty set, a name the model lacks, a non-linear, and a weight that
     no longer equals the dequantized levels (a later step changed it, so the
     packed levels would describe a different model)."""
-    quant = artifacts.get("quant") or {}
     if not quant:
         raise CompressError(f"export format {fmt!r} packs quantized weights, but no step quantized any: "
                             f"run rtn or gptq before exporting format {fmt}")

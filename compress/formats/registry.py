@@ -1,6 +1,7 @@
 """The export-format registry: one entry per format, holding its writer *and* its loader.
 
-``write(model, tokenizer, folder, artifacts, spec)`` fills ``folder`` with the weights;
+``write(model, tokenizer, folder, state, spec)`` fills ``folder`` with the weights (``state``: the
+run's ``compress.state.RunState``, e.g. its quantized levels);
 ``load(path, *, dtype, device, trust_remote_code=False) -> (model, tokenizer)`` reads them back.
 A format is registered once; registering a name twice is an error (a second writer or loader
 must not silently replace the first).
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from compress.errors import CompressError
+from compress.state import Fact
 
 EXPORT_MARKER = "compress_export.json"
 DEFAULT_FORMAT = "hf"
@@ -26,9 +28,8 @@ class ExportFormat:
     name: str
     write: Callable[..., None]
     load: Callable[..., tuple]
-    # What the run must leave for the writer, as run-state facts (compress.state.Fact values):
-    # a packed format needs quantized weights that no later step moved off their grid.
-    needs: frozenset = frozenset()
+    # What the run must leave for the writer: a packed format needs quantized weights.
+    needs: frozenset[Fact] = frozenset()
     doc: str = ""
 
 

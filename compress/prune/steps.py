@@ -48,7 +48,7 @@ UNIT_SCORES = {NirvanaConfig: _nirvana, TaylorConfig: _taylor, WandaConfig: _wan
 
 def prune_structured(model: torch.nn.Module, cfg: StructuredPruneConfig, ctx: StepContext) -> dict:
     """Score KV groups and MLP channels, allocate the budget, and remove the losers for real."""
-    if ctx.artifacts.get("quant"):
+    if ctx.state.quant:
         raise CompressError(f"{ctx.where}: pruning after quantization would orphan the packed weights; "
                             f"put the pruning stage before the quantization stage")
     parts = block_parts(model)  # first: an unmappable architecture is the clearer error

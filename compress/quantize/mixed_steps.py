@@ -15,7 +15,7 @@ Three phases:
 2. **Allocate** with :func:`compress.quantize.mixed.solve_allocation` (budget =
    ``target_bits`` × Σ weight count; scales/zeros are not counted).
 3. **Quantize** for real: a true-sequential GPTQ pass, each module at its bits,
-   stored like the ``gptq`` step (``ctx.artifacts["quant"][fqn]``, ``spec.bits``
+   stored like the ``gptq`` step (``ctx.state.quant[fqn]``, ``spec.bits``
    per module).
 
 Cost: two calibration passes with ``len(candidate_bits) + 1`` GPTQ solves per

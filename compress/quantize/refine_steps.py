@@ -2,7 +2,7 @@
 
 Both run after ``rtn``/``gptq`` in the same recipe and compare the quantized
 layer with its float weight, which the pipeline keeps for them in
-``ctx.artifacts["float_weight"]`` (they register ``uses_float_weights=True``).
+``ctx.state.float_weight`` (they declare ``needs={FLOAT_WEIGHTS}``, config.py).
 Both go through the shared layer-wise runner, so each layer sees inputs that
 come through the already-refined prefix of the model (sequential mode).
 """
@@ -22,8 +22,7 @@ from compress.targets import match_modules
 
 
 def _float_weights(ctx: StepContext, modules: dict, *, need_quant: bool) -> dict:
-    quant = ctx.artifacts.get("quant", {})
-    floats = ctx.artifacts.get("float_weight", {})
+    quant, floats = ctx.state.quant, ctx.state.float_weight
     for name in modules:
         if need_quant and name not in quant:
             raise CompressError(f"{ctx.where}: module {name} has no quantization result; run rtn or gptq first "
@@ -41,7 +40,7 @@ def apply_adaquant(model: nn.Module, cfg: AdaQuantConfig, ctx: StepContext) -> d
     """AdaQuant (Hubara et al. 2020): per layer, Adam on weights, scales and zeros of the quantized layer."""
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)
     floats = _float_weights(ctx, modules, need_quant=True)
-    quant = ctx.artifacts["quant"]
+    quant = ctx.state.quant
 
     def make_acc(name, module, device):
         return HessianAccumulator(module.in_features, device)

@@ -2,7 +2,7 @@
 
 Each step fake-quantizes the targeted linears in place (the weights become the
 dequantized grid values) and leaves the integer levels, scales and zeros in
-``ctx.artifacts["quant"]`` so an export can pack them (GPTQ v1 layout).
+``ctx.state.quant`` so an export can pack them (GPTQ v1 layout).
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from compress.targets import match_modules
 
 def store_quant_result(ctx: StepContext, name: str, module: torch.nn.Module, res: QuantResult) -> None:
     if ctx.keep_float_weights:
-        ctx.artifacts.setdefault("float_weight", {}).setdefault(name, module.weight.data.detach().cpu().clone())
+        ctx.state.float_weight.setdefault(name, module.weight.data.detach().cpu().clone())
     module.weight.data.copy_(res.weight.to(module.weight.dtype))
     # Keep only what an export packs; the dequantized weight already lives in the module.
-    ctx.artifacts.setdefault("quant", {})[name] = QuantResult(
+    ctx.state.quant[name] = QuantResult(
         weight=None, qweight=res.qweight.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(),
         g_idx=res.g_idx.cpu(), spec=res.spec, error=res.error)
 

@@ -36,7 +36,7 @@ from compress.recalibrate.config import FIT_SPLITS, RecalibrateConfig  # registe
 _WHERE = {
     "compress.formats.calibrator": ("CALIBRATOR_DIR", "USE_FILE", "LMCalibrator", "attached_calibrator",
                                     "load_lm_calibrator"),
-    "compress.recalibrate.step": ("ARTIFACT_KEY", "apply_recalibrate"),
+    "compress.recalibrate.step": ("apply_recalibrate",),
     "compress.recalibrate.events": ("TokenEvents", "fit_token_calibrator", "logit_rows_within", "token_events",
                                     "topic_events"),
     "compress.recalibrate.embeddings": ("embedding_topic_logits", "mean_pooled_embeddings"),

@@ -18,13 +18,10 @@ from compress.recalibrate.config import RecalibrateConfig
 from compress.recalibrate.events import fit_token_calibrator, logit_rows_within, token_events, topic_events
 from compress.runtime import on_device
 
-ARTIFACT_KEY = "calibrator"
-
-
 def apply_recalibrate(model: torch.nn.Module, cfg: RecalibrateConfig, ctx: StepContext) -> dict:
     """Fit a confidence calibrator (next-token or BBC-topic) on a held-out split; verify applies it,
     the export ships it."""
-    if ARTIFACT_KEY in ctx.artifacts:
+    if ctx.state.calibrator is not None:
         raise CompressError(f"{ctx.where}: an earlier recalibrate step already fitted a calibrator; a recipe ships "
                             f"one (put a single recalibrate step after the compressing steps)")
     t0 = time.perf_counter()
@@ -33,7 +30,7 @@ def apply_recalibrate(model: torch.nn.Module, cfg: RecalibrateConfig, ctx: StepC
             lm_cal, fit_report = _fit_tokens(model, cfg, ctx)
         else:
             lm_cal, fit_report = _fit_topics(model, cfg, ctx)
-    ctx.artifacts[ARTIFACT_KEY] = lm_cal
+    ctx.state.calibrator = lm_cal
     return {**lm_cal.describe(), "fit_split": fit_report, "fit_seconds": round(time.perf_counter() - t0, 3)}
 
 
