@@ -1,8 +1,9 @@
 """Structured pruning quality: NIRVANA vs Taylor vs Wanda-sp vs magnitude, same units, same data.
 
 Every method starts from the same dense weights, scores on the same calibration windows
-(magnitude uses none), goes through the same allocation and physical removal, and is
-evaluated on the same held-out windows: perplexity on prose (BBC test) and on code
+(magnitude uses none), goes through the same allocation and physical removal — each row is a
+recipe (``compress.recipe`` objects) run by ``compress.pipeline.run_recipe``, as ``compress run``
+runs it — and is evaluated on the same held-out windows: perplexity on prose (BBC test) and on code
 (stdlib test), and BBC-topic zero-shot accuracy (label words scored by the LM).
 
     python bench/prune_quality.py --model smollm2-135m --calib-corpus bbc \
@@ -11,14 +12,30 @@ evaluated on the same held-out windows: perplexity on prose (BBC test) and on co
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import platform
-import time
 from pathlib import Path
 
 METHODS = ("nirvana", "taylor", "wanda", "magnitude")
 EVALS = {"prose": ("bbc", "test"), "code": ("stdlib", "test")}
+
+
+def recipe(args, method: str | None = None, sparsity: float = 0.0):
+    """The recipe of one row: the model alone (dense), or one pruning step on the calibration windows."""
+    from compress.recipe import CalibrationSpec, ModelSpec, Recipe, Stage
+    model = ModelSpec(id=args.model, dtype=args.dtype, device=args.device)
+    if method is None:
+        return Recipe(model=model)
+    return Recipe(model=model,
+                  calibration=CalibrationSpec(corpus=args.calib_corpus, split="train", num_samples=args.calib_samples,
+                                              seq_len=args.calib_seq_len, seed=args.seed, batch_size=8),
+                  stages=[Stage(name="prune", steps=[{"algorithm": method, "sparsity": sparsity, "gamma": args.gamma,
+                                                      "allocation": args.allocation}])])
+
+
+def quiet(*_) -> None:
+    """run_recipe's log: the rows printed here are the progress."""
 
 
 def evaluate(model, tokenizer, args, windows, device) -> dict:
@@ -61,44 +78,39 @@ def main() -> None:
 
     import torch
 
-    from compress.algorithms import ALGORITHMS, StepContext
-    from compress.data import build_calibration_set, corpus_text
+    from compress.data import corpus_text
     from compress.evaluate import window_token_ids
-    from compress.models import load_model
-    from compress.pipeline import resolve_device, versions
+    from compress.pipeline import run_recipe
 
-    device = resolve_device(args.device)
-    loaded = load_model(args.model, dtype=args.dtype, device=device, progress=False)
-    dense, tok = loaded.model, loaded.tokenizer
-    calib = build_calibration_set(tok, args.calib_corpus, split="train", num_samples=args.calib_samples,
-                                  seq_len=args.calib_seq_len, seed=args.seed)
+    # Every row is a recipe run as `compress run` runs it: the dense row has no stage, each
+    # pruned row one step; the same calibration windows (a seeded set: the same digest) each time.
+    dense = run_recipe(recipe(args), progress=False, log=quiet)
+    tok, device = dense.tokenizer, torch.device(dense.report["model"]["device"])
+    machine = dense.report["versions"]
     windows = {name: window_token_ids(tok, corpus_text(c, s), args.eval_seq_len, args.eval_windows)
                for name, (c, s) in EVALS.items()}
-    rows = [{"method": "dense", "sparsity": 0.0, **evaluate(dense, tok, args, windows, device)}]
+    rows = [{"method": "dense", "sparsity": 0.0, **evaluate(dense.model, tok, args, windows, device)}]
     print(json.dumps(rows[-1]), flush=True)
+    del dense
+    calib_digest = None
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
         for method in args.methods.split(","):
-            model = copy.deepcopy(dense)
-            cfg = ALGORITHMS[method].config(algorithm=method, sparsity=sparsity, gamma=args.gamma,
-                                            allocation=args.allocation)
-            ctx = StepContext(tokenizer=tok, device=device, calibration=calib, batch_size=8, progress=False)
-            t0 = time.perf_counter()
-            rep = ALGORITHMS[method].apply(model, cfg, ctx)
-            seconds = time.perf_counter() - t0
+            run = run_recipe(recipe(args, method, sparsity), progress=False, log=quiet)
+            rep = run.report["stages"][0]["steps"][0]
+            calib_digest = run.report["calibration"]["digest"]
             rows.append({"method": method, "sparsity": sparsity, "achieved_sparsity": rep["sparsity"],
                          "kv_groups_pruned": rep["kv_groups_pruned"], "channels_pruned": rep["channels_pruned"],
-                         "prune_seconds": round(seconds, 2),
-                         **evaluate(model, tok, args, windows, device)})
+                         "prune_seconds": round(rep["seconds"], 2),
+                         **evaluate(run.model, tok, args, windows, device)})
             print(json.dumps(rows[-1]), flush=True)
-            del model
+            del run
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result = {"command": "python bench/prune_quality.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None),
-              "machine": {"cpu_count": __import__("os").cpu_count(), "processor": platform.processor(),
-                          **versions()},
+              "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(), **machine},
               "calibration": {"corpus": args.calib_corpus, "samples": args.calib_samples,
-                              "seq_len": args.calib_seq_len, "digest": calib.digest},
+                              "seq_len": args.calib_seq_len, "digest": calib_digest},
               "eval": {"seq_len": args.eval_seq_len, "windows": args.eval_windows, "topics": args.topics},
               "gamma": args.gamma, "allocation": args.allocation, "rows": rows}
     out = Path(args.out)

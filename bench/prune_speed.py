@@ -1,6 +1,7 @@
 """Does structured pruning make the model faster? Dense vs NIRVANA-pruned, side by side.
 
-For each sparsity the model is pruned (NIRVANA, the given allocation), then dense and
+For each sparsity the model is pruned (NIRVANA, the given allocation; a recipe run by
+``compress.pipeline.run_recipe``, as ``compress run`` runs it), then dense and
 pruned are timed in alternation (``--repeats`` rounds, median reported) on the same inputs:
 a forward pass over a batch of windows (prefill), and batch-1 greedy decoding of
 ``--new-tokens`` tokens with the KV cache (eager ``generate``, no compile).
@@ -11,8 +12,8 @@ a forward pass over a batch of windows (prefill), and batch-1 greedy decoding of
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -49,6 +50,23 @@ def time_decode(model, prompt, new_tokens, device) -> float:
     return ((t2 - t1) - (t1 - t0)) / (new_tokens - 1)
 
 
+def recipe(args, sparsity: float | None = None):
+    """The dense model alone, or NIRVANA at ``sparsity`` on 32 x 128 calibration tokens (seed 0)."""
+    from compress.recipe import CalibrationSpec, ModelSpec, Recipe, Stage
+    model = ModelSpec(id=args.model, dtype=args.dtype, device=args.device)
+    if sparsity is None:
+        return Recipe(model=model)
+    return Recipe(model=model,
+                  calibration=CalibrationSpec(corpus=args.calib_corpus, split="train", num_samples=32, seq_len=128,
+                                              seed=0, batch_size=8),
+                  stages=[Stage(name="prune", steps=[{"algorithm": "nirvana", "sparsity": sparsity,
+                                                      "allocation": args.allocation}])])
+
+
+def quiet(*_) -> None:
+    """run_recipe's log: the rows printed here are the progress."""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -66,27 +84,22 @@ def main() -> None:
 
     import torch
 
-    from compress.algorithms import ALGORITHMS, StepContext
-    from compress.data import build_calibration_set, corpus_text
+    from compress.data import corpus_text
     from compress.evaluate import window_token_ids
-    from compress.models import load_model
-    from compress.pipeline import resolve_device, versions
-    from compress.prune.units import block_parts, block_params
+    from compress.pipeline import run_recipe
 
-    device = resolve_device(args.device)
-    loaded = load_model(args.model, dtype=args.dtype, device=device, progress=False)
-    dense, tok = loaded.model, loaded.tokenizer
+    # Dense and pruned models both come from recipes run as `compress run` runs them.
+    dense_run = run_recipe(recipe(args), progress=False, log=quiet)
+    dense, tok = dense_run.model, dense_run.tokenizer
+    device, machine = torch.device(dense_run.report["model"]["device"]), dense_run.report["versions"]
     dense.generation_config.pad_token_id = tok.eos_token_id
-    calib = build_calibration_set(tok, args.calib_corpus, split="train", num_samples=32, seq_len=128, seed=0)
     windows = window_token_ids(tok, corpus_text("bbc", "test"), args.seq_len, args.batch).to(device)
     prompt = windows[:1, :32]
     rows = []
     for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        pruned = copy.deepcopy(dense)
-        cfg = ALGORITHMS["nirvana"].config(algorithm="nirvana", sparsity=sparsity, allocation=args.allocation)
-        ALGORITHMS["nirvana"].apply(pruned, cfg, StepContext(tokenizer=tok, device=device, calibration=calib,
-                                                             progress=False))
-        pruned.to(device).eval()
+        run = run_recipe(recipe(args, sparsity), progress=False, log=quiet)
+        pruned, step = run.model.eval(), run.report["stages"][0]["steps"][0]
+        pruned.generation_config.pad_token_id = tok.eos_token_id
         times = {"dense": {"forward": [], "decode": []}, "pruned": {"forward": [], "decode": []}}
         for name, m in (("dense", dense), ("pruned", pruned)):  # warm-up
             time_forward(m, windows, device)
@@ -96,7 +109,7 @@ def main() -> None:
                 times[name]["forward"].append(time_forward(m, windows, device))
                 times[name]["decode"].append(time_decode(m, prompt, args.new_tokens, device))
         med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in times.items()}
-        params = {n: sum(block_params(p) for p in block_parts(m)) for n, m in (("dense", dense), ("pruned", pruned))}
+        params = {"dense": step["block_params_before"], "pruned": step["block_params_after"]}
         rows.append({
             "sparsity": sparsity, "allocation": args.allocation,
             "block_params": params,
@@ -106,11 +119,10 @@ def main() -> None:
             "decode_speedup": round(med["dense"]["decode"] / med["pruned"]["decode"], 3),
             "all_seconds": times})
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "all_seconds"}), flush=True)
-        del pruned
+        del pruned, run
     result = {"command": "python bench/prune_speed.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()),
-              "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
-                          **versions()},
+              "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), **machine},
               "forward_input": list(windows.shape), "decode": {"prompt_tokens": 32, "new_tokens": args.new_tokens},
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -78,7 +78,7 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args()
 
-    from compress.pipeline import run_recipe, versions
+    from compress.pipeline import run_recipe
 
     strategies = (args.strategies.split(",") if args.strategies else
                   ["random", "diversity", "kl"] + (["domain"] if TARGET[args.model] != POOL else []))
@@ -102,7 +102,7 @@ def main() -> None:
                 print(json.dumps({k: runs[-1][k] for k in ("setting", "strategy", "seed", "perplexity", "seconds")}),
                       flush=True)
                 result = {"model": args.model, "target_domain": TARGET[args.model], "pool": POOL,
-                          "args": vars(args), "versions": versions(), "runs": runs, "summary": summarize(runs)}
+                          "args": vars(args), "versions": report["versions"], "runs": runs, "summary": summarize(runs)}
                 tmp = out.with_suffix(".tmp")
                 out.parent.mkdir(parents=True, exist_ok=True)
                 tmp.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,7 +1,8 @@
 """Does compression hurt calibration, and does recalibration restore it? (SmolLM2-135M, CPU)
 
-For each configuration (float; RTN and GPTQ W4/W3 g128; NIRVANA 20% and 50%, no recovery) the
-compressed model is scored twice on BBC, with calibrators fitted on the *validation* split and
+For each configuration (float; RTN and GPTQ W4/W3 g128; NIRVANA 20% and 50%, no recovery), a
+recipe run by ``compress.pipeline.run_recipe`` as ``compress run`` runs it, the compressed model is
+scored twice on BBC, with calibrators fitted on the *validation* split and
 scored on the *test* split:
 
 - tokens: next-token predictions over non-overlapping windows. Temperature scaling is fitted on
@@ -21,7 +22,6 @@ Each configuration is written to the JSON as soon as it is done; ``--resume`` sk
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -45,13 +45,22 @@ CONFIGS = {
 }
 
 
-def compress_model(dense, tok, steps, calib, device):
-    from compress.algorithms import ALGORITHMS, StepContext
-    model = copy.deepcopy(dense)
-    ctx = StepContext(tokenizer=tok, device=device, calibration=calib, batch_size=8, progress=False)
-    for name, opts in steps:
-        ALGORITHMS[name].apply(model, ALGORITHMS[name].config(algorithm=name, **opts), ctx)
-    return model.to(device).eval()
+def recipe(args, steps):
+    """One configuration as a recipe (``compress.recipe`` objects): the model, and its steps as one
+    stage on BBC-train calibration windows when a step needs data."""
+    from compress.recipe import CalibrationSpec, ModelSpec, Recipe, Stage
+    r = Recipe(model=ModelSpec(id=args.model, device=args.device),
+               stages=[Stage(name="compress", steps=[{"algorithm": a, **opts} for a, opts in steps])] if steps else [])
+    if r.needs_calibration():
+        r = r.model_copy(update={"calibration": CalibrationSpec(
+            corpus="bbc", split="train", num_samples=args.calib_samples, seq_len=args.calib_seq_len,
+            seed=args.seed, batch_size=8)})
+    return r
+
+
+def bench_device(name: str) -> torch.device:
+    """The device ``model.device: NAME`` resolves to in a recipe (auto: cuda when there is one)."""
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
 
 
 @torch.no_grad()
@@ -210,6 +219,20 @@ def plot(curves_by_config: dict, path: Path, n_bins: int = 15) -> None:
     fig.savefig(path, format="png")
 
 
+def describe(args, data, versions: dict) -> dict:
+    """The machine and data fields of the result JSON."""
+    return {
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(), "torch_threads":
+                    torch.get_num_threads(), **versions},
+        "data": {"fit": f"bbc validation: {len(data['fit_windows'])} x {args.seq_len} tokens; "
+                        f"{args.topics_fit} articles (topics)",
+                 "test": f"bbc test: {len(data['test_windows'])} x {args.seq_len} tokens; "
+                         f"{args.topics_test} articles (topics), first {args.topic_chars} characters",
+                 "compression_calibration": f"bbc train: {args.calib_samples} x {args.calib_seq_len} tokens, "
+                                            f"seed {args.seed}"},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -237,18 +260,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from compress.data import build_calibration_set, corpus_text
+    from compress.data import corpus_text
     from compress.evaluate import window_token_ids
-    from compress.models import load_model
-    from compress.pipeline import resolve_device, versions
+    from compress.pipeline import run_recipe
     from compress.tasks import bbc_topic_examples
 
     t_start = time.perf_counter()
-    device = resolve_device(args.device)
-    loaded = load_model(args.model, device=device, progress=False)
-    dense, tok = loaded.model, loaded.tokenizer
-    data = {"fit_windows": window_token_ids(tok, corpus_text("bbc", "validation"), args.seq_len, args.fit_windows),
-            "test_windows": window_token_ids(tok, corpus_text("bbc", "test"), args.seq_len, args.test_windows)}
+    device = bench_device(args.device)
+    data = {}  # the token windows need the tokenizer: built after the first recipe run
     if args.topics_test:
         data["topics_fit"] = bbc_topic_examples("validation", max_examples=args.topics_fit,
                                                 max_chars=args.topic_chars, seed=args.seed)
@@ -257,31 +276,20 @@ def main() -> None:
     out = Path(args.out)
     result = json.loads(out.read_text()) if args.resume and out.is_file() else {"rows": []}
     done = {r["config"] for r in result["rows"]}
-    result.update({
-        "command": "python bench/recalibration_study.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor(), "torch_threads":
-                    torch.get_num_threads(), **versions()},
-        "model": args.model,
-        "data": {"fit": f"bbc validation: {len(data['fit_windows'])} x {args.seq_len} tokens; "
-                        f"{args.topics_fit} articles (topics)",
-                 "test": f"bbc test: {len(data['test_windows'])} x {args.seq_len} tokens; "
-                         f"{args.topics_test} articles (topics), first {args.topic_chars} characters",
-                 "compression_calibration": f"bbc train: {args.calib_samples} x {args.calib_seq_len} tokens, "
-                                            f"seed {args.seed}"},
-    })
-    calib = None
+    result.update({"command": "python bench/recalibration_study.py " + " ".join(sys.argv[1:]), "model": args.model})
     curves = {}
     for name in args.configs.split(","):
         if name in done:
             print(f"{name}: already in {out}", flush=True)
             continue
-        steps = CONFIGS[name]
-        if calib is None and any(s in ("gptq", "nirvana") for s, _ in steps):
-            calib = build_calibration_set(tok, "bbc", split="train", num_samples=args.calib_samples,
-                                          seq_len=args.calib_seq_len, seed=args.seed)
-        t0 = time.perf_counter()
-        model = compress_model(dense, tok, steps, calib, device) if steps else dense
-        compress_s = time.perf_counter() - t0
+        run = run_recipe(recipe(args, CONFIGS[name]), progress=False, log=lambda *_: None)
+        model, tok = run.model.eval(), run.tokenizer
+        if "test_windows" not in data:
+            data["fit_windows"] = window_token_ids(tok, corpus_text("bbc", "validation"), args.seq_len,
+                                                   args.fit_windows)
+            data["test_windows"] = window_token_ids(tok, corpus_text("bbc", "test"), args.seq_len, args.test_windows)
+            result.update(describe(args, data, run.report["versions"]))
+        compress_s = sum(v for k, v in run.report["timings"].items() if k.startswith("stage:"))
         row, curves[name] = run_config(name, model, tok, data, args, device)
         row["seconds_compress"] = round(compress_s, 1)
         row["parameters"] = sum(p.numel() for p in model.parameters())
@@ -290,8 +298,7 @@ def main() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         print(json.dumps(row), flush=True)
-        if model is not dense:
-            del model
+        del model, run
     if args.minilm_train and args.topics_test:
         result["classifier_minilm_logistic"] = classifier_rows(args, data, device)
         out.write_text(json.dumps(result, indent=2))

@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--confidence-threshold", type=float, default=None,
                     help="stop a round's drafting when the drafter's top-1 probability (through the calibrator a "
                          "drafter export ships, if it maps drafter confidences) falls below this; default: fixed γ")
+    db.add_argument("--head", default=None,
+                    help="a self-spec drafter export's head to use (default: the one it chose, e.g. k5)")
+    db.add_argument("--no-matched", action="store_true",
+                    help="skip the matched target-alone reference (exact identity check) and pad no verify pass")
     db.add_argument("--out", default=None, help="folder for draft_bench.json and draft_bench.png")
     db.add_argument("--device", default="auto")
     db.add_argument("--dtype", default="float32")
@@ -166,14 +170,67 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "draft-bench":
-        from compress.draft.bench import draft_bench_sources
-        from compress.runtime import resolve_device
-        result = draft_bench_sources(args.target, args.drafter, args.prompts, gamma=args.gamma,
-                                     max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
-                                     device=resolve_device(args.device), dtype=args.dtype,
-                                     int4_drafter=args.int4_drafter, compile=args.compile,
-                                     hf_baseline=args.hf_baseline, confidence_threshold=args.confidence_threshold,
-                                     out=args.out)
+        result = _draft_bench(args)
         print(json.dumps(result))
         return 0
     raise AssertionError(args.command)
+
+
+def _draft_bench(args) -> dict:
+    """Load the target and the drafter (a model, a GPTQ export with --int4-drafter, or a self-spec
+    export), build their decoders and time them (compress/draft/bench.py)."""
+    import torch
+
+    from compress.draft.agreement import read_prompts
+    from compress.draft.bench import draft_bench, write_bench
+    from compress.draft.decoders import cache_len, model_decoder, self_spec_pair, target_engine
+    from compress.draft.selfspec.head import read_manifest
+    from compress.draft.speculative import check_gamma, check_same_vocabulary
+    from compress.models import load_model
+    from compress.runtime import resolve_device, versions
+
+    check_gamma(args.gamma)
+    device = resolve_device(args.device)
+    texts = read_prompts(args.prompts, args.max_prompts)
+    t = load_model(args.target, dtype=args.dtype, device=device)
+    ids = [t.tokenizer(p, return_attention_mask=False)["input_ids"] for p in texts]
+    max_len = cache_len([len(i) for i in ids], args.max_new_tokens, args.gamma)
+    compile = args.compile
+    info: dict = {"target": args.target, "drafter": args.drafter, "prompts_file": args.prompts}
+    calibrator = teacher = None
+    if read_manifest(args.drafter) is not None:  # a self-spec drafter: heads on the target's own blocks
+        from compress.draft.selfspec.head import HeadAsModel
+        from compress.draft.selfspec.step import load_self_spec
+        if args.int4_drafter:
+            raise CompressError("--int4-drafter is for GPTQ exports; a self-spec drafter runs the target's own blocks")
+        head, manifest, calibrator = load_self_spec(args.drafter, t.model, args.head)
+        engine = target_engine(t.model, max_len, compile=compile)
+        target, drafter = self_spec_pair(engine, head, compile=compile)
+        teacher = HeadAsModel(t.model, head)
+        info["self_spec"] = {"head": args.head or manifest["default"], "exit_layer": head.exit_layer,
+                             "vocab_size": head.vocab_size}
+    else:
+        d = load_model(args.drafter, dtype=args.dtype, device=device)
+        check_same_vocabulary(t.tokenizer, d.tokenizer)
+        if args.int4_drafter:
+            from compress.quantize.int4 import int4_linears_from_gptq
+            int4 = int4_linears_from_gptq(d.model, d.path)
+            info["int4_drafter"] = {"linears": len(int4["converted"]), "kept_float": len(int4["kept_float"])}
+        calibrator = d.calibrator if getattr(d.calibrator, "target", None) == "drafter" else None
+        target = model_decoder(t.model, max_len, compile=compile, name="target",
+                               step_shapes={(1, 1), (args.gamma + 1, args.gamma + 1)})
+        drafter = model_decoder(d.model, max_len, compile=compile, name="drafter")
+        teacher = d.model
+    result = draft_bench(target, drafter, ids, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
+                         confidence_threshold=args.confidence_threshold,
+                         calibrator=calibrator if args.confidence_threshold is not None else None,
+                         teacher_drafter=teacher, target_model=t.model, hf_baseline=args.hf_baseline,
+                         matched=not args.no_matched)
+    machine = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch_threads": torch.get_num_threads(), **versions()}
+    result = {**info, "dtype": args.dtype, "compile": bool(compile),
+              "decoders": {"target": type(target).__name__, "drafter": type(drafter).__name__},
+              "machine": machine, **result}
+    if args.out:
+        write_bench(result, args.out)
+    return result

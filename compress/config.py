@@ -60,7 +60,7 @@ class UntargetedStepConfig(StrictModel):
         if not isinstance(data, dict):
             return data
         given = {k: data[k] for k in _TARGET_DEFAULTS if k in data}
-        if any(v != _TARGET_DEFAULTS[k] for k, v in given.items()):
+        if any(v not in (_TARGET_DEFAULTS[k], []) for k, v in given.items()):  # [] says "none" in so many words
             name = data.get("algorithm", cls.model_fields["algorithm"].default)
             raise ValueError(f"{name} takes no targets/ignore: {cls.untargeted_reason} (got {given})")
         return {k: v for k, v in data.items() if k not in _TARGET_DEFAULTS}

@@ -61,7 +61,7 @@ def evaluate_source(source: str, *, text: str | None = None, corpus: str | None 
     windows = window_token_ids(load_tokenizer(source), scored, seq_len, max_windows)
     loaded = load_model(source, dtype=dtype, device=device)
     if int4:
-        from compress.draft.int4 import int4_linears_from_gptq  # only --int4 needs the kernels
+        from compress.quantize.int4 import int4_linears_from_gptq  # only --int4 needs the kernels
         int4_linears_from_gptq(loaded.model, loaded.path)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

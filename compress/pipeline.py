@@ -87,7 +87,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
                             trust_remote_code=recipe.model.trust_remote_code, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
-    check_plan(recipe, structure_of(model))  # the step order and every step's targets, before any work
+    check_plan(recipe, structure_of(model), exports=out_dir is not None)  # order and targets, before any work
     report["model"].update(path=loaded.path, parameters=sum(p.numel() for p in model.parameters()),
                            dtype=recipe.model.dtype, device=str(device))
     # Layer-wise algorithms move one block at a time to the device; the rest go whole.

@@ -24,12 +24,18 @@ from compress.targets import match_names
 
 # Where a producer of the fact stands in a recipe, for "put X before ...".
 _MADE_IN = {Fact.QUANTIZED: "the quantization stage", Fact.FLOAT_WEIGHTS: "the quantization stage",
-            Fact.ADAPTER: "the s2ft step", Fact.CALIBRATOR: "the recalibrate step"}
+            Fact.ADAPTER: "the s2ft step", Fact.CALIBRATOR: "the recalibrate step",
+            Fact.DRAFTER_HEADS: "the self_spec step"}
 
 
-def check_plan(recipe, structure: Structure | None = None) -> None:
+def check_plan(recipe, structure: Structure | None = None, *, exports: bool = True) -> None:
     """Raise a RecipeError naming the first step (and the earlier one it clashes with) whose place in
-    ``recipe`` cannot work; with ``structure``, targets are matched and needs checked per module."""
+    ``recipe`` cannot work; with ``structure``, targets are matched and needs checked per module.
+    ``exports``: the run writes an export (``compress run`` always does), so it must change something."""
+    if exports and not recipe.stages:
+        raise RecipeError("stages: the recipe has no stage, so it would export an unchanged copy of the model: give "
+                          "`stages:` at least one stage with one step (to evaluate a model as it is, use "
+                          "`compress eval`)")
     produced: dict[Fact, str] = {}  # fact -> the last step that produced it ("stages[0].steps[1] (gptq)")
     per_module: dict[Fact, set[str]] = {f: set() for f in Fact if f.per_module}
     for si, stage in enumerate(recipe.stages):

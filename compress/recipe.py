@@ -21,8 +21,10 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+# Registering every algorithm (and the self-spec format) before the step union is built:
+import compress.draft.selfspec.config  # noqa: F401
 import compress.finetune  # noqa: F401
-import compress.prune  # noqa: F401  (registers algorithms before the union is built)
+import compress.prune  # noqa: F401
 import compress.quantize  # noqa: F401
 import compress.recalibrate  # noqa: F401
 from compress.algorithms import ALGORITHMS
@@ -131,7 +133,9 @@ class Recipe(StrictModel):
     version: Literal[1] = RECIPE_VERSION
     model: ModelSpec  # required: no model is assumed
     calibration: CalibrationSpec | None = None
-    stages: list[Stage] = Field(min_length=1)  # required: a recipe without a step would export a copy
+    # Empty only for measuring a model as it is (run_recipe without an export); compress.plan refuses
+    # an empty recipe that exports (compress validate, compress run): it would write an unchanged copy.
+    stages: list[Stage] = Field(default_factory=list)
     verify: VerifySpec | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
 
@@ -189,20 +193,12 @@ def format_loc(loc: tuple) -> str:
     return out or "(top level)"
 
 
-# What a missing or empty top-level entry should have said (pydantic's "Field required" does not).
-_REQUIRED = {
-    "model": "the recipe names no model: give `model:` a zoo id (" + ", ".join(ZOO) + "), a model folder "
-             "or a hub id",
-    "stages": "the recipe has no stage: give `stages:` at least one stage with one step (to evaluate a model "
-              "as it is, use `compress eval`)",
-}
-
-
 def _describe(err: dict) -> str:
     path = format_loc(err["loc"])
     msg = err["msg"]
-    if err["loc"] in (("model",), ("stages",)) and err["type"] in ("missing", "too_short"):
-        return f"{path}: {_REQUIRED[path]}"
+    if err["loc"] == ("model",) and err["type"] == "missing":  # pydantic's "Field required" says less
+        return (f"model: the recipe names no model: give `model:` a zoo id ({', '.join(ZOO)}), a model folder "
+                f"or a hub id")
     if err["type"] == "union_tag_invalid":
         ctx = err.get("ctx", {})
         return (f"{path}.algorithm: unknown algorithm {ctx.get('tag')!r}; "

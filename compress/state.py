@@ -20,6 +20,7 @@ class Fact(str, Enum):
     FLOAT_WEIGHTS = "float_weight"  # each quantized linear's weight before quantization (refinement steps)
     ADAPTER = "adapters"  # fine-tuning adapters the export ships beside the model
     CALIBRATOR = "calibrator"  # the confidence calibrator the export ships
+    DRAFTER_HEADS = "self_spec"  # a self-spec drafter's exit heads, trained on the model as it was
 
     @property
     def what(self) -> str:
@@ -37,7 +38,8 @@ class Fact(str, Enum):
 
 
 _WHAT = {Fact.QUANTIZED: "quantized weights", Fact.FLOAT_WEIGHTS: "the float weights kept by a quantizing step",
-         Fact.ADAPTER: "a fine-tuning adapter", Fact.CALIBRATOR: "a calibrator"}
+         Fact.ADAPTER: "a fine-tuning adapter", Fact.CALIBRATOR: "a calibrator",
+         Fact.DRAFTER_HEADS: "drafter exit heads"}
 
 
 @dataclass
@@ -52,6 +54,8 @@ class RunState:
     adapters: dict[str, Any] = field(default_factory=dict)
     # compress.formats.calibrator.LMCalibrator, or None
     calibrator: Any = None
+    # compress.draft.selfspec.step.SelfSpecResult (heads, manifest, calibrator), or None
+    self_spec: Any = None
 
     def has(self, fact: Fact) -> bool:
         return bool(getattr(self, fact.value))

@@ -7,11 +7,15 @@ from compress.errors import CompressError
 from compress.formats import EXPORT_MARKER, FORMATS, ExportFormat, format_of, get_format, register_format
 
 
-def test_every_format_has_a_writer_and_a_loader():
-    assert set(FORMATS) == {"hf", "gptq", "compressed-tensors"}
-    for fmt in FORMATS.values():
-        assert callable(fmt.write) and callable(fmt.load)
+def test_every_format_has_a_writer_and_a_loader(tmp_path):
+    import compress.recipe  # noqa: F401  (the schema registers every step and format, self-spec's too)
+    assert set(FORMATS) == {"hf", "gptq", "compressed-tensors", "self-spec"}
+    for name in ("hf", "gptq", "compressed-tensors"):
+        fmt = FORMATS[name]
         assert fmt.write.resolve().__name__.startswith("write_") and fmt.load.resolve().__name__.startswith("load_")
+    assert FORMATS["self-spec"].write.resolve().__name__ == "write_self_spec"
+    with pytest.raises(CompressError, match="a self-spec drafter export: exit heads for a target, not a model"):
+        FORMATS["self-spec"].load(str(tmp_path), dtype=None, device="cpu")
 
 
 def test_registering_a_format_twice_is_refused():

@@ -226,7 +226,7 @@ def test_embedding_classifier_logits_and_calibration():
 # -- (d) drafter confidence against acceptance -------------------------------------------------------
 
 def test_drafter_calibrator_is_a_speculative_calibrator():
-    from compress.draft.speculative import speculative_generate
+    from compress.draft import speculative_generate
     g = torch.Generator().manual_seed(1)
     conf = torch.rand(3000, generator=g)
     accepted = torch.rand(3000, generator=g) < conf ** 3

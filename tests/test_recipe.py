@@ -113,23 +113,27 @@ def test_set_errors_name_the_path_too(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("step, where", [
-    ({"algorithm": "recalibrate", "targets": ["re:q_proj"]}, "recalibrate takes no targets/ignore: recalibrate changes no module"),
-    ({"algorithm": "s2ft", "ignore": []}, "s2ft takes no targets/ignore: s2ft chooses its modules"),
+    ({"algorithm": "recalibrate", "targets": ["re:q_proj"]},
+     "recalibrate takes no targets/ignore: recalibrate changes no module"),
+    ({"algorithm": "s2ft", "ignore": ["re:.*"]}, "s2ft takes no targets/ignore: s2ft chooses its modules"),
+    ({"algorithm": "self_spec", "targets": ["Linear", "Embedding"]}, "self_spec takes no targets/ignore"),
 ])
 def test_steps_that_take_no_targets_refuse_them(step, where):
     with pytest.raises(RecipeError, match=where):
         validate_recipe({"model": "smollm2-135m", "stages": [{"name": "s", "steps": [step]}]})
-    # A resolved recipe written before these steps lost the fields carries the defaults: still accepted.
-    old = {**step, "targets": ["Linear"], "ignore": ["lm_head"]}
-    recipe = validate_recipe({"model": "smollm2-135m", "stages": [{"name": "s", "steps": [old]}]})
-    assert "targets" not in recipe.stages[0].steps[0].model_dump()
+    # A resolved recipe written before these steps lost the fields carries the defaults, and an empty
+    # list says "none": both still accepted.
+    for given in ({"targets": ["Linear"], "ignore": ["lm_head"]}, {"targets": [], "ignore": []}):
+        recipe = validate_recipe({"model": "smollm2-135m", "stages": [{"name": "s", "steps": [{**step, **given}]}]})
+        assert "targets" not in recipe.stages[0].steps[0].model_dump()
 
 
 @pytest.mark.parametrize("where, data", [
     ("calibration.corpus", {"calibration": {"corpus": "wikipedia"}}),
     ("calibration.probe_corpus", {"calibration": {"strategy": "kl", "probe_corpus": "wikipedia"}}),
     ("verify.corpus", {"verify": {"corpus": "wikipedia"}}),
-    ("stages[0].steps[0].corpus", {"stages": [{"name": "r", "steps": [{"algorithm": "recalibrate", "corpus": "wikipedia"}]}]}),
+    ("stages[0].steps[0].corpus",
+     {"stages": [{"name": "r", "steps": [{"algorithm": "recalibrate", "corpus": "wikipedia"}]}]}),
     ("stages[0].steps[0].corpus", {"stages": [{"name": "f", "steps": [{"algorithm": "s2ft", "corpus": "wikipedia"}]}]}),
 ])
 def test_every_corpus_field_is_checked_by_the_one_corpus_type(where, data):

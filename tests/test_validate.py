@@ -55,7 +55,8 @@ def test_a_recipe_names_its_model_and_has_a_stage(tmp_path, capsys):
 
 def test_targets_are_matched_against_the_structure_without_weights(weightless_dir, tmp_path, capsys):
     code, err = _validate(tmp_path, capsys, _recipe(weightless_dir, {**RTN, "targets": ["re:^nothing$"]}))
-    assert code == 2 and "stages[0].steps[0] (rtn): targets ['re:^nothing$'] (ignore ['lm_head']) match no module" in err
+    assert code == 2
+    assert "stages[0].steps[0] (rtn): targets ['re:^nothing$'] (ignore ['lm_head']) match no module" in err
     code, err = _validate(tmp_path, capsys, _recipe(weightless_dir, {**RTN, "targets": ["re:(unclosed"]}))
     assert code == 2 and "bad regular expression" in err
     code, out = _validate(tmp_path, capsys, _recipe(weightless_dir, {**RTN, "targets": ["re:mlp"]}))
@@ -129,3 +130,15 @@ def test_validate_imports_no_torch_once_the_structure_is_cached(weightless_dir, 
     done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
                           env={**__import__("os").environ, "COMPRESS_CACHE": str(tmp_path / "cache")})
     assert done.stdout.strip().endswith("0 []"), done.stdout + done.stderr
+
+
+def test_a_recipe_without_stages_measures_but_does_not_export(tmp_path):
+    from compress.errors import RecipeError as Refused
+    from compress.pipeline import run_recipe
+    model_dir = tiny_model_dir(tmp_path / "m")
+    recipe = {"model": {"id": model_dir, "device": "cpu"}}
+    run = run_recipe(recipe, progress=False, log=lambda *_: None)  # the model as it is (a benchmark's dense row)
+    assert run.report["stages"] == [] and run.out_dir is None
+    with pytest.raises(Refused, match="stages: the recipe has no stage, so it would export an unchanged copy"):
+        run_recipe(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None)
+    assert not (tmp_path / "out").exists()

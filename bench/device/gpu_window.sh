@@ -3,8 +3,8 @@
 #   bash bench/device/gpu_window.sh PHASE
 # Results accumulate in /tmp/results and go back as $OUT/<phase>.tar.gz after every phase (the
 # device returns at most 8 files per call; a phase cut off by its limit keeps what it wrote).
-# Before `prep`: the carried wheels (bench/device/setup_python.sh) and the staged model chunks
-# (bench/device/stage_parts.sh add ...).
+# Before `prep`: the staging calls that bench/device/prepare.sh printed (each runs
+# `bash bench/device/gpu_setup.sh stage`: wheels into /tmp/site, model chunks joined and verified).
 set -uo pipefail
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   PYTHONUNBUFFERED=1
@@ -18,11 +18,8 @@ draft() {  # draft-bench of the 1.5B target with drafter $1 on prompt set $2 int
 }
 case $1 in
   prep)
-    mkdir -p $COMPRESS_CACHE/packages && cp -r .stage/pkgs/* $COMPRESS_CACHE/packages/ 2>/dev/null
-    bash bench/device/stage_parts.sh join smol smollm2-135m b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 SmolLM2-135M-Instruct.Q4_1.gguf
-    bash bench/device/stage_parts.sh join q05 qwen2.5-coder-0.5b 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
-    bash bench/device/stage_parts.sh join q15 qwen2.5-coder-1.5b cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046
-    for m in smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b; do py -m compress models fetch $m 2>&1 | tail -1; done
+    bash bench/device/gpu_setup.sh stage  # whatever this call carries; joins complete models
+    bash bench/device/gpu_setup.sh convert smollm2-135m qwen2.5-coder-0.5b qwen2.5-coder-1.5b
     nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv | tee $R/gpu.txt
     [ -n "${SKIP_TESTS:-}" ] || timeout 300 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
   tests)

@@ -32,8 +32,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from compress.draft.speculative import (Calibrator, as_prompt, check_context, check_gamma,
-                                        model_device, pad_vocab, target_generate)
+from compress.draft.eager import target_generate
+from compress.draft.speculative import Calibrator, as_prompt, check_context, check_gamma, model_device, pad_vocab
 from compress.errors import CompressError
 
 DEFAULT_GAMMAS = tuple(range(1, 9))

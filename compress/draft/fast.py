@@ -48,9 +48,8 @@ from typing import Iterable, Sequence
 
 import torch
 
-from compress.draft.speculative import (MODES, Calibrator, SpecResult, _check_positive, _cut_at_eos, _eos_set,
-                                        as_prompt, check_context, check_gamma, draft_tokens, model_device,
-                                        verify_round)
+from compress.draft.loop import run_speculative, run_target
+from compress.draft.speculative import Calibrator, SpecResult, _check_positive, model_device
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -93,7 +92,7 @@ def _normal_tensors():
         yield
 
 
-def _raise_recompile_limit() -> None:
+def raise_recompile_limit() -> None:
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # new name (torch >= 2.6), old name
         if hasattr(cfg, name) and getattr(cfg, name) < _RECOMPILE_LIMIT:
@@ -113,13 +112,17 @@ class FastDecoder:
     def __init__(self, model: torch.nn.Module, max_cache_len: int, *, static: bool = True,
                  compile: bool = False, step_shapes: Iterable[tuple[int, int]] = ((1, 1),),
                  compile_mode: str | None = None, compile_backend: str = "inductor", graphs: str | None = None,
-                 name: str = "model"):
+                 name: str = "model", timed: bool = True):
         _check_positive("max_cache_len", max_cache_len)
         self.model, self.name = model, name
         self.device = model_device(model)
         ctx = getattr(model.config, "max_position_embeddings", None)
         # no slot past the context is ever usable; __call__ says so if a sequence needs one
         self.max_cache_len = min(max_cache_len, ctx) if ctx else max_cache_len
+        self.context = self.max_cache_len
+        # timed: synchronize around every call and keep per-shape seconds in `stats`; off, calls are
+        # asynchronous (the loop's RoundClock times phases with CUDA events instead)
+        self.timed = timed
         self.step_shapes = {(int(n), int(k)) for n, k in step_shapes}
         self.eager_steps = 0
         self.cache, self.static = None, False
@@ -151,7 +154,7 @@ class FastDecoder:
         if compile:
             if not self.static:
                 log.info("%s: compiling without a static cache: every new length recompiles; expect it slow", name)
-            _raise_recompile_limit()
+            raise_recompile_limit()
             mode = compile_mode or ("reduce-overhead" if self.graph_mode == "trees" else None)
             self.compiled = torch.compile(model.__call__, mode=mode, backend=compile_backend,
                                           dynamic=False, fullgraph=False)
@@ -189,8 +192,14 @@ class FastDecoder:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def __call__(self, ids: torch.Tensor, keep: int = 1) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
+        """float32 logits of the last ``keep`` of ``ids``; ``pad_to`` P: the pass runs with P rows, the
+        rows past ``ids`` repeating its last id (padding whose KV later calls overwrite)."""
         with _normal_tensors():
+            real = int(ids.numel())
+            if pad_to is not None and pad_to > real:
+                ids = torch.cat([ids.to(self.device), ids[-1:].to(self.device).expand(pad_to - real)])
+                return self._forward(ids, ids.numel() - real + keep)[:keep]
             return self._forward(ids, keep)
 
     def _forward(self, ids: torch.Tensor, keep: int) -> torch.Tensor:
@@ -209,7 +218,8 @@ class FastDecoder:
                       position_ids=self.positions[self.length:self.length + n].unsqueeze(0),
                       past_key_values=self.cache, use_cache=True, logits_to_keep=keep)
         graph = self._graph(n, keep, kwargs) if step and self.graph_mode == "manual" else None
-        self._sync()
+        if self.timed:
+            self._sync()
         start = time.perf_counter()
         if graph is not None:
             g, static_ids, static_pos, static_logits = graph
@@ -222,14 +232,16 @@ class FastDecoder:
                 torch.compiler.cudagraph_mark_step_begin()
             out = fn(**kwargs)
             logits = out.logits[0, -keep:].float().clone()  # before the next replay overwrites the buffer
+        self.length += n
+        if not self.timed:
+            return logits
         self._sync()
         elapsed = time.perf_counter() - start
-        key = f"step{n}" if self.length else "prefill"
+        key = f"step{n}" if self.length > n else "prefill"
         calls = self.stats.setdefault(key, [0, 0.0])
         calls[0] += 1
         calls[1] += elapsed
         self.seconds += elapsed
-        self.length += n
         return logits
 
     def _graph(self, n: int, keep: int, kwargs: dict):
@@ -295,78 +307,21 @@ class FastDecoder:
 
 
 def fast_target_generate(decoder: FastDecoder, input_ids, max_new_tokens: int, *,
-                         eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
-    """``target_generate`` on a decoder: the target alone, greedy, one call per new token."""
-    _check_positive("max_new_tokens", max_new_tokens)
-    prompt = as_prompt(input_ids).to(decoder.device)
-    check_context({"target": decoder.model}, prompt.numel(), max_new_tokens)
-    eos = _eos_set(eos_token_id)
-    decoder.reset()
-    seconds, out = decoder.seconds, []
-    feed, start = prompt, time.perf_counter()
-    while len(out) < max_new_tokens:
-        tok = decoder(feed, 1)[0].argmax()
-        out.append(tok)
-        if eos and int(tok) in eos:
-            break
-        feed = tok[None]
-    return SpecResult(tokens=torch.stack(out), target_calls=len(out), drafter_calls=0,
-                      target_time_s=decoder.seconds - seconds, wall_time_s=time.perf_counter() - start)
+                         eos_token_id: int | Iterable[int] | None = None, pad_to: int | None = None) -> SpecResult:
+    """The target alone on a decoder (compress/draft/loop.py's ``run_target``)."""
+    return run_target(decoder, input_ids, max_new_tokens, eos_token_id=eos_token_id, pad_to=pad_to)
 
 
 def fast_speculative_generate(target: FastDecoder, drafter: FastDecoder, input_ids, *, max_new_tokens: int,
                               gamma: int, mode: str = "greedy", temperature: float = 1.0,
                               top_p: float | None = None, confidence_threshold: float | None = None,
                               calibrator: Calibrator | None = None, seed: int = 0,
-                              eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
-    """``speculative_generate`` on decoders: the same rounds (prompt prefilled in the first one),
-    acceptance rules and counts; caches rewound to the committed tokens after every round."""
-    _check_positive("max_new_tokens", max_new_tokens)
-    check_gamma(gamma)
-    if mode not in MODES:
-        raise CompressError(f"unknown speculative mode {mode!r}; allowed: {', '.join(MODES)}")
-    if mode == "sample" and not temperature > 0:
-        raise CompressError(f"temperature must be > 0 for sampling, got {temperature}")
-    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
-        raise CompressError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-    device = target.device
-    prompt = as_prompt(input_ids).to(device)
-    check_context({"target": target.model, "drafter": drafter.model}, prompt.numel(), max_new_tokens)
-    sample = mode == "sample"
-    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
-    eos = _eos_set(eos_token_id)
-    target.reset()
-    drafter.reset()
-    t0, d0 = target.seconds, drafter.seconds
-    seq, n_prompt = prompt, prompt.numel()
-    drafted, accepted = [0] * gamma, [0] * gamma
-    target_calls = drafter_calls = 0
-    start = time.perf_counter()
-    while seq.numel() - n_prompt < max_new_tokens:
-        budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)
-        drafts, q_rows = draft_tokens(lambda feed: drafter(feed, 1)[0], seq[drafter.length:], budget,
-                                      sample=sample, temperature=temperature, top_p=top_p, generator=generator,
-                                      device=device, confidence_threshold=confidence_threshold,
-                                      calibrator=calibrator)
-        k = len(drafts)
-        drafter_calls += k  # one drafter call per draft
-        draft_ids = torch.stack(drafts) if drafts else prompt.new_empty(0)
-        logits = target(torch.cat([seq[target.length:], draft_ids]), k + 1)
-        target_calls += 1
-        n, nxt = verify_round(logits, q_rows, draft_ids, sample=sample, temperature=temperature, top_p=top_p,
-                              generator=generator)
-        for j in range(k):
-            drafted[j] += 1
-            accepted[j] += j < n
-        new, stop = _cut_at_eos(torch.cat([draft_ids[:n], nxt.reshape(1)]), eos)
-        seq = torch.cat([seq, new])
-        target.rewind(seq.numel() - 1)
-        drafter.rewind(seq.numel() - 1)
-        if stop:
-            break
-    return SpecResult(tokens=seq[n_prompt:], target_calls=target_calls, drafter_calls=drafter_calls,
-                      drafted=drafted, accepted=accepted, target_time_s=target.seconds - t0,
-                      drafter_time_s=drafter.seconds - d0, wall_time_s=time.perf_counter() - start)
+                              eos_token_id: int | Iterable[int] | None = None,
+                              pad_verify: bool = False) -> SpecResult:
+    """Speculative decoding on decoders: compress/draft/loop.py's one loop."""
+    return run_speculative(target, drafter, input_ids, max_new_tokens=max_new_tokens, gamma=gamma, mode=mode,
+                           temperature=temperature, top_p=top_p, confidence_threshold=confidence_threshold,
+                           calibrator=calibrator, seed=seed, eos_token_id=eos_token_id, pad_verify=pad_verify)
 
 
 def cache_len_for(prompt_lens: Sequence[int], max_new_tokens: int, multiple: int = 64) -> int:

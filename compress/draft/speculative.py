@@ -1,15 +1,14 @@
-"""Speculative decoding, measured: our own loop over a target and a drafter, batch 1.
+"""Speculative decoding's rules: the result record, input checks and the acceptance maths (batch 1).
 
-One *round*: the drafter proposes up to γ tokens one forward at a time; the target scores
-the not-yet-cached committed tokens plus all drafts in ONE forward; the longest acceptable
-prefix of the drafts is kept plus one token from the target (the correction at the first
-rejection, or a bonus token when every draft is accepted); both KV caches are cropped back
-to the committed tokens. The prompt is prefilled inside the first round, so every round is
-exactly one target call and ``tokens_per_target_call`` = new tokens / rounds.
+The loop itself is compress/draft/loop.py (one loop for every decoder); this module says what a
+round accepts. One *round*: the drafter proposes up to γ tokens; the target scores its pending
+token plus all drafts in ONE call; the longest acceptable prefix of the drafts is kept plus one
+token from the target (the correction at the first rejection, or a bonus token when every draft
+is accepted). ``tokens_per_target_call`` = new tokens / rounds.
 
 Acceptance
 - greedy: a draft is accepted iff it equals the target's argmax, so the output is
-  token-identical to the target's own greedy decoding (``target_generate``).
+  token-identical to the target's own greedy decoding.
 - sample: exact speculative sampling (Leviathan et al. 2023, Chen et al. 2023) on the
   processed distributions (temperature, then top-p, applied to both models): accept a draft
   d with probability min(1, p(d)/q(d)); on rejection sample from norm(max(p − q, 0)); the
@@ -22,17 +21,12 @@ mapped through ``calibrator`` if one is given) is below ``confidence_threshold``
 stops. That token is still proposed: verifying one more token costs the target nothing at
 batch 1, but no further drafter call is spent continuing a draft that is probably rejected.
 Every round drafts at least one token (except a last round with one token left to produce).
-
-Cache cropping: transformers changed ``DynamicCache.crop``'s argument from "final length"
-(5.17) to "tokens to remove" (5.23); a negative count removes tokens from the end in both.
 """
 from __future__ import annotations
 
 import math
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -51,6 +45,7 @@ class SpecResult:
     accepted: list[int] = field(default_factory=list)  # [γ] rounds whose j-th draft was accepted
     target_time_s: float = 0.0
     drafter_time_s: float = 0.0
+    prefill_time_s: float = 0.0  # the prompt's prefill (both models), inside wall_time_s
     wall_time_s: float = 0.0
 
     @property
@@ -73,6 +68,7 @@ class SpecResult:
                 "acceptance_rate": None if math.isnan(self.acceptance_rate) else self.acceptance_rate,
                 "drafted": self.drafted, "accepted": self.accepted,
                 "target_time_s": self.target_time_s, "drafter_time_s": self.drafter_time_s,
+                "prefill_time_s": self.prefill_time_s,
                 "wall_time_s": self.wall_time_s,
                 "tokens_per_s": self.new_tokens / self.wall_time_s if self.wall_time_s else None}
 
@@ -192,46 +188,6 @@ def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
     return n, nxt
 
 
-# --------------------------------------------------------------------------- model plumbing
-
-class _Stopwatch:
-    """Accumulated seconds of one model's calls; synchronizes CUDA so GPU time is counted."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.seconds = device, 0.0
-
-    @contextmanager
-    def __call__(self):
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if cuda:
-                torch.cuda.synchronize(self.device)
-            self.seconds += time.perf_counter() - start
-
-
-def new_cache(model: torch.nn.Module):
-    from transformers import DynamicCache
-    return DynamicCache(config=model.config)
-
-
-def crop_cache(cache, length: int) -> None:
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)  # negative = remove from the end, in transformers 5.17 and 5.23 alike
-
-
-def forward_last(model: torch.nn.Module, cache, new_ids: torch.Tensor, keep: int) -> torch.Tensor:
-    """Feed ``new_ids`` [n] after what ``cache`` holds; float32 logits of the last ``keep`` positions."""
-    ids = new_ids.to(model_device(model))[None]
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=keep)
-    return out.logits[0, -keep:].float()
-
-
 def _eos_set(eos_token_id) -> set[int]:
     if eos_token_id is None:
         return set()
@@ -252,28 +208,6 @@ def _check_positive(name: str, value: int) -> None:
 
 # --------------------------------------------------------------------------- decoding
 
-@torch.inference_mode()
-def target_generate(target: torch.nn.Module, input_ids, max_new_tokens: int, *,
-                    eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
-    """Baseline: the target alone, greedy, with a KV cache (one target call per new token)."""
-    _check_positive("max_new_tokens", max_new_tokens)
-    device = model_device(target)
-    prompt = as_prompt(input_ids).to(device)
-    check_context({"target": target}, prompt.numel(), max_new_tokens)
-    eos, cache, clock = _eos_set(eos_token_id), new_cache(target), _Stopwatch(device)
-    out: list[torch.Tensor] = []
-    feed, start = prompt, time.perf_counter()
-    while len(out) < max_new_tokens:
-        with clock():
-            tok = forward_last(target, cache, feed, 1)[0].argmax()
-        out.append(tok)
-        if eos and int(tok) in eos:
-            break
-        feed = tok[None]
-    tokens = torch.stack(out)
-    return SpecResult(tokens=tokens, target_calls=len(out), drafter_calls=0,
-                      target_time_s=clock.seconds, wall_time_s=time.perf_counter() - start)
-
 
 @torch.inference_mode()
 def verify_round(logits: torch.Tensor, q_rows: list[torch.Tensor], draft_ids: torch.Tensor, *, sample: bool,
@@ -287,90 +221,6 @@ def verify_round(logits: torch.Tensor, q_rows: list[torch.Tensor], draft_ids: to
     q = pad_vocab(torch.stack(q_rows), vocab) if q_rows else p.new_zeros(0, vocab)
     n, nxt = verify_sampled(p, q, draft_ids, generator)
     return int(n), nxt
-
-
-def draft_tokens(step, first_feed: torch.Tensor, budget: int, *, sample: bool, temperature: float,
-                 top_p: float | None, generator, device, confidence_threshold: float | None,
-                 calibrator: Calibrator | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """One round's drafts: up to ``budget`` tokens from ``step(feed) -> last-position logits``, stopping
-    after a draft whose (calibrated) confidence is below ``confidence_threshold``; that draft is still
-    verified, since at batch 1 it costs the target nothing. Returns (tokens, drafter distributions)."""
-    drafts: list[torch.Tensor] = []
-    q_rows: list[torch.Tensor] = []
-    for j in range(budget):
-        logits = step(first_feed if j == 0 else drafts[-1][None])
-        probs = process_logits(logits, temperature, top_p) if sample else torch.softmax(logits, -1)
-        tok = (torch.multinomial(probs.to(device), 1, generator=generator)[0] if sample
-               else probs.argmax().to(device))
-        drafts.append(tok)
-        q_rows.append(probs.to(device))
-        if confidence_threshold is not None:
-            conf = probs.max().reshape(1)
-            if calibrator is not None:
-                conf = calibrator(conf)
-            if float(conf.reshape(-1)[0]) < confidence_threshold:
-                break
-    return drafts, q_rows
-
-
-def speculative_generate(target: torch.nn.Module, drafter: torch.nn.Module, input_ids, *,
-                         max_new_tokens: int, gamma: int, mode: str = "greedy",
-                         temperature: float = 1.0, top_p: float | None = None,
-                         confidence_threshold: float | None = None,
-                         calibrator: Calibrator | None = None, seed: int = 0,
-                         eos_token_id: int | Iterable[int] | None = None) -> SpecResult:
-    """Generate ``max_new_tokens`` tokens (fewer if ``eos_token_id`` comes) with speculative decoding."""
-    _check_positive("max_new_tokens", max_new_tokens)
-    check_gamma(gamma)
-    if mode not in MODES:
-        raise CompressError(f"unknown speculative mode {mode!r}; allowed: {', '.join(MODES)}")
-    if mode == "sample" and not temperature > 0:
-        raise CompressError(f"temperature must be > 0 for sampling, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise CompressError(f"top_p must be in (0, 1], got {top_p}")
-    if confidence_threshold is not None and not 0 <= confidence_threshold <= 1:
-        raise CompressError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-    device, d_device = model_device(target), model_device(drafter)
-    prompt = as_prompt(input_ids).to(device)
-    check_context({"target": target, "drafter": drafter}, prompt.numel(), max_new_tokens)
-    sample = mode == "sample"
-    generator = torch.Generator(device=device).manual_seed(seed) if sample else None
-
-    eos = _eos_set(eos_token_id)
-    t_cache, d_cache = new_cache(target), new_cache(drafter)
-    t_clock, d_clock = _Stopwatch(device), _Stopwatch(d_device)
-    seq, n_prompt = prompt, prompt.numel()  # committed tokens; caches hold KV of a prefix of seq[:-1]
-    drafted, accepted = [0] * gamma, [0] * gamma
-    target_calls = drafter_calls = 0
-    start = time.perf_counter()
-    while seq.numel() - n_prompt < max_new_tokens:
-        budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)  # never draft past the end
-        with d_clock():
-            drafts, q_rows = draft_tokens(
-                lambda feed: forward_last(drafter, d_cache, feed, 1)[0], seq[d_cache.get_seq_length():], budget,
-                sample=sample, temperature=temperature, top_p=top_p, generator=generator, device=device,
-                confidence_threshold=confidence_threshold, calibrator=calibrator)
-        drafter_calls += len(drafts)
-        k = len(drafts)
-        draft_ids = torch.stack(drafts) if drafts else prompt.new_empty(0)
-        with t_clock():
-            feed = torch.cat([seq[t_cache.get_seq_length():], draft_ids])
-            logits = forward_last(target, t_cache, feed, k + 1)
-            target_calls += 1
-            n, nxt = verify_round(logits, q_rows, draft_ids, sample=sample, temperature=temperature,
-                                  top_p=top_p, generator=generator)
-        for j in range(k):
-            drafted[j] += 1
-            accepted[j] += j < n
-        new, stop = _cut_at_eos(torch.cat([draft_ids[:n], nxt.reshape(1)]), eos)
-        seq = torch.cat([seq, new])
-        crop_cache(t_cache, seq.numel() - 1)
-        crop_cache(d_cache, seq.numel() - 1)
-        if stop:
-            break
-    return SpecResult(tokens=seq[n_prompt:], target_calls=target_calls, drafter_calls=drafter_calls,
-                      drafted=drafted, accepted=accepted, target_time_s=t_clock.seconds,
-                      drafter_time_s=d_clock.seconds, wall_time_s=time.perf_counter() - start)
 
 
 def mean_tokens_per_target_call(results: Sequence[SpecResult]) -> float:

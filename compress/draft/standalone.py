@@ -40,7 +40,7 @@ def nominal_bandwidth_gbs(device_name: str) -> float | None:
 
 
 def _int4_modules(model: nn.Module):
-    from compress.draft.int4 import Int4Linear
+    from compress.quantize.int4 import Int4Linear
     return [m for m in model.modules() if isinstance(m, Int4Linear)]
 
 

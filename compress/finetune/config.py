@@ -103,5 +103,5 @@ class S2FTStepConfig(UntargetedStepConfig, S2FTConfig, TrainConfig):
 
 register_algorithm("s2ft", S2FTStepConfig, step=Deferred("compress.finetune.steps", "s2ft_step"),
                    requires_calibration=False, produces={Fact.ADAPTER},
-                   invalidates={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS, Fact.CALIBRATOR},
+                   invalidates={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS, Fact.CALIBRATOR, Fact.DRAFTER_HEADS},
                    doc="Apply S2FT, train the selected slices on the task's train split, merge, keep the adapter.")

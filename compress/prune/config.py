@@ -56,7 +56,7 @@ class MagnitudeConfig(StructuredPruneConfig):
 PruneConfig = NirvanaConfig  # the name nirvana's config had when it was also the others' base
 
 _STEP = Deferred("compress.prune.steps", "prune_structured")
-_PRUNING = dict(step=_STEP, invalidates={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS, Fact.CALIBRATOR},
+_PRUNING = dict(step=_STEP, invalidates={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS, Fact.CALIBRATOR, Fact.DRAFTER_HEADS},
                 doc="Score KV groups and MLP channels, allocate the budget, and remove the losers for real.")
 register_algorithm("nirvana", NirvanaConfig, requires_calibration=True, **_PRUNING)
 register_algorithm("taylor", TaylorConfig, requires_calibration=True, **_PRUNING)

@@ -88,7 +88,10 @@ class BiasCorrectionConfig(StepConfig):
     algorithm: Literal["bias_correction"] = "bias_correction"
 
 
-_QUANTIZING = dict(produces={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS}, invalidates={Fact.CALIBRATOR})
+# Whatever was fitted to the model as it was (a calibrator, a self-drafter's heads) no longer fits
+# once a step changes the weights.
+_FITTED_TO_THE_MODEL = {Fact.CALIBRATOR, Fact.DRAFTER_HEADS}
+_QUANTIZING = dict(produces={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS}, invalidates=_FITTED_TO_THE_MODEL)
 register_algorithm("rtn", RTNConfig, step=Deferred("compress.quantize.steps", "apply_rtn"),
                    requires_calibration=False, **_QUANTIZING,
                    doc="Round-to-nearest weight quantization, per group of input columns (data-free baseline).")
@@ -100,9 +103,9 @@ register_algorithm("gptq_mixed", GPTQMixedConfig, step=Deferred("compress.quanti
                    doc="GPTQ at a bit width per module, allocated by an integer program over measured sensitivities.")
 register_algorithm("adaquant", AdaQuantConfig, step=Deferred("compress.quantize.refine_steps", "apply_adaquant"),
                    requires_calibration=True, needs={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS}, produces={Fact.QUANTIZED},
-                   invalidates={Fact.CALIBRATOR},
+                   invalidates=_FITTED_TO_THE_MODEL,
                    doc="AdaQuant (Hubara et al. 2020): per layer, Adam on weights, scales and zeros.")
 register_algorithm("bias_correction", BiasCorrectionConfig,
                    step=Deferred("compress.quantize.refine_steps", "apply_bias_correction"),
-                   requires_calibration=True, needs={Fact.FLOAT_WEIGHTS}, invalidates={Fact.CALIBRATOR},
+                   requires_calibration=True, needs={Fact.FLOAT_WEIGHTS}, invalidates=_FITTED_TO_THE_MODEL,
                    doc="Bias correction: each quantized layer's mean output made the float layer's.")

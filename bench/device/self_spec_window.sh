@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Issue 14's GPU window, one `device run` per phase (bench/README.md: staging):
+#   smoke  carry .whl .stage/pkgs + one chunk: installs the wheels, stages the chunk, then times the
+#          block engine, a random self-drafter head and a distillation step on a random-weight model
+#          of Qwen2.5-Coder-1.5B's shape (bench/self_spec_smoke.py) — mechanics before the real run
+#   (then one `bash bench/device/gpu_setup.sh stage` call per remaining chunk folder, back to back)
+#   prep   convert both models; train the self-drafter (recipes/qwen-coder-1.5b-self-spec.yaml)
+#   w4     the stock 0.5B at GPTQ W4 (int4 drafter row); the GPU tests
+#   bench  every drafter row on both prompt sets (bench/self_spec_bench.py)
+# Results go to /tmp/results and back as files in $OUT after every phase.
+set -uo pipefail
+export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+  PYTHONUNBUFFERED=1
+R=/tmp/results; mkdir -p $R /tmp/out
+quiet() { grep -v -e "it/s]" -e "s/it]" -e "Warning" -e "warn(" -e "^W1" -e "pytree" | cut -c1-400; }
+case $1 in
+  smoke)
+    bash bench/device/gpu_setup.sh stage 2>&1 | tail -3
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee $R/gpu.txt
+    timeout ${T:-400} python3 bench/self_spec_smoke.py --shape qwen2.5-coder-1.5b --device cuda --compile --hf \
+      --train-steps 10 --out $R/smoke.json 2>&1 | quiet | tail -25;;
+  prep)
+    bash bench/device/gpu_setup.sh stage 2>&1 | tail -2
+    bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+    timeout ${T:-500} python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml --out /tmp/out/self-spec --force \
+      ${SETS:-} 2>&1 | quiet | tail -20 | tee $R/self-spec-run.log
+    cp /tmp/out/self-spec/report.json $R/self-spec-report.json 2>/dev/null
+    cp /tmp/out/self-spec/self_spec.json $R/self-spec-manifest.json 2>/dev/null;;
+  w4)
+    timeout 200 python3 -m compress run recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml --set 'stages[0].steps[0].bits=4' \
+      --out /tmp/out/q05-w4 --force 2>&1 | quiet | tail -4
+    cp /tmp/out/q05-w4/report.json $R/q05-w4-report.json 2>/dev/null
+    timeout ${T:-300} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
+  bench)
+    W4=""; [ -d /tmp/out/q05-w4 ] && W4="--stock-w4 /tmp/out/q05-w4"
+    timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --stock qwen2.5-coder-0.5b $W4 \
+      --self-spec /tmp/out/self-spec ${HEADS:+--heads $HEADS} --prompts bench/draft_bench_prompts/code.txt \
+      bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-4} --device cuda --dtype bfloat16 --compile \
+      ${HF:---hf-assisted} --out $R/self-spec-bench.json 2>&1 | quiet | tail -40;;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench" >&2; exit 2;;
+esac
+cp $R/*.json $R/*.txt $R/*.log $OUT/ 2>/dev/null; ls $OUT

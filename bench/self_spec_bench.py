@@ -1,0 +1,180 @@
+"""The side-by-side drafter run (issue 14): one process, one target, every drafter, both prompt sets.
+
+    python bench/self_spec_bench.py --target qwen2.5-coder-1.5b --stock qwen2.5-coder-0.5b \
+        --stock-w4 OUT/q05-w4 --self-spec OUT/self-spec --prompts bench/draft_bench_prompts/code.txt \
+        bench/draft_bench_prompts/prose.txt --gamma 4 --device cuda --dtype bfloat16 --compile \
+        --hf-assisted --out results.json
+
+Rows per prompt set (compress/draft/bench.py says what each number is):
+- ``target alone``: the compiled target on our block engine, one-row steps — every speedup's
+  denominator — and its matched references (the same through a verify pass's kernels);
+- ``hf assisted``: transformers' assisted generation with the stock drafter, its defaults;
+- ``stock bf16`` / ``stock W4``: our loop with the stock 0.5B (block engine; W4 on the int4 kernel
+  through its own forward), ``old self-drafter``: a width-pruned GPTQ export if given;
+- ``self <head>``: the shared-prefix self-drafter's heads (fixed γ), and the default head with the
+  export's calibrated confidence threshold.
+The target's engine, its compiled steps and recorded graphs are built once and shared by every row;
+results are written after every row, so a cut run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from compress.draft.agreement import read_prompts  # noqa: E402
+from compress.draft.bench import (hf_static_generate, spec_row, teacher_forced, time_speculative,  # noqa: E402
+                                  time_target, warm_up)
+from compress.draft.decoders import cache_len, model_decoder, self_spec_pair, target_engine  # noqa: E402
+from compress.draft.engine import EngineDecoder  # noqa: E402
+from compress.draft.selfspec.head import HeadAsModel  # noqa: E402
+from compress.draft.selfspec.step import load_self_spec  # noqa: E402
+from compress.models import load_model  # noqa: E402
+from compress.pipeline import resolve_device, versions  # noqa: E402
+
+
+def _row(name, spec, alone, matched, gamma, extra=None):
+    row = spec_row(spec, alone, matched, gamma)
+    row.pop("per_prompt")
+    return {"row": name, **(extra or {}), **row,
+            "first_divergence": [r["first_divergence"] for r in spec_row(spec, alone, matched, gamma)["per_prompt"]]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--stock", help="a stock drafter (zoo id / folder), run in bf16 on the block engine")
+    ap.add_argument("--stock-w4", help="a GPTQ W4 export of the stock drafter (int4 kernel)")
+    ap.add_argument("--old-self", help="a width-pruned GPTQ self-drafter export (int4 kernel)")
+    ap.add_argument("--self-spec", help="a self-spec drafter export")
+    ap.add_argument("--heads", default=None, help="comma-separated heads of the export (default: all)")
+    ap.add_argument("--prompts", nargs="+", required=True)
+    ap.add_argument("--max-prompts", type=int, default=None)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--hf-assisted", action="store_true")
+    ap.add_argument("--out", required=True, help="JSON file, rewritten after every row")
+    args = ap.parse_args(argv)
+
+    device, gamma, n_new = resolve_device(args.device), args.gamma, args.max_new_tokens
+    t0 = time.perf_counter()
+    t = load_model(args.target, dtype=args.dtype, device=device)
+    sets = {Path(p).stem: [torch.tensor(t.tokenizer(x, return_attention_mask=False)["input_ids"])
+                           for x in read_prompts(p, args.max_prompts)] for p in args.prompts}
+    max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new, gamma)
+    engine = target_engine(t.model, max_len, compile=args.compile)
+    target = EngineDecoder(engine, graphs=args.compile and device.type == "cuda", name="target")
+    result = {"command": " ".join(sys.argv), "machine": {**versions(), "torch_threads": torch.get_num_threads()},
+              "gamma": gamma, "max_new_tokens": n_new, "sets": {}}
+    out = Path(args.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+    drafters = []  # (name, factory -> (target decoder, drafter, teacher model, matched reference key, info))
+    heads = {}
+    if args.self_spec:
+        manifest = json.loads((Path(args.self_spec) / "self_spec.json").read_text())
+        names = args.heads.split(",") if args.heads else list(manifest["heads"])
+        for name in names:
+            head, _, cal = load_self_spec(args.self_spec, t.model, name)
+            heads[name] = (head, cal)
+        result["self_spec"] = {k: manifest[k] for k in ("default", "gamma", "confidence_threshold", "stop",
+                                                          "training", "depth_curve")}
+    stock = load_model(args.stock, dtype=args.dtype, device=device).model if args.stock else None
+    w4 = old = None
+    if args.stock_w4 or args.old_self:
+        from compress.quantize.int4 import int4_linears_from_gptq
+        if args.stock_w4:
+            w4 = load_model(args.stock_w4, dtype=args.dtype, device=device)
+            int4_linears_from_gptq(w4.model, w4.path)
+        if args.old_self:
+            old = load_model(args.old_self, dtype=args.dtype, device=device)
+            int4_linears_from_gptq(old.model, old.path)
+    result["load_s"] = round(time.perf_counter() - t0, 1)
+
+    pairs = {}
+    for name, (head, cal) in heads.items():
+        pairs[name] = self_spec_pair(engine, head, compile=args.compile) + (HeadAsModel(t.model, head), cal)
+    models = {}
+    if stock is not None:
+        models["stock bf16"] = (model_decoder(stock, max_len, compile=args.compile, name="stock"), stock)
+    if w4 is not None:
+        models["stock W4"] = (model_decoder(w4.model, max_len, compile=args.compile, name="stock-w4"), w4.model)
+    if old is not None:
+        models["old self-drafter W4"] = (model_decoder(old.model, max_len, compile=args.compile, name="old"), old.model)
+
+    for set_name, prompts in sets.items():
+        prompts = [p.to(device) for p in prompts]
+        rows = []
+        result["sets"][set_name] = {"prompts": len(prompts), "rows": rows}
+        run_target_warm = lambda dec, pad=None: time_target(dec, prompts[:1], 4, pad_to=pad)  # noqa: E731
+        run_target_warm(target)
+        alone = time_target(target, prompts, n_new)
+        run_target_warm(target, gamma + 1)
+        matched_full = time_target(target, prompts, n_new, pad_to=gamma + 1)
+        rows.append({"row": "target alone", "tokens_per_s": alone["tokens_per_s"], "step_ms": alone["step_ms"],
+                     "matched_tokens_per_s": matched_full["tokens_per_s"],
+                     "matched_identical_to_fast": sum(a.tokens.tolist() == b.tokens.tolist()
+                                                      for a, b in zip(alone["runs"], matched_full["runs"]))})
+        save()
+        print(f"[{set_name}] target alone {alone['tokens_per_s']:.1f} tok/s, step {alone['step_ms']:.3f} ms", flush=True)
+        outputs = [r.tokens for r in alone["runs"]]
+        for name, (tdec, ddec, teacher, cal) in pairs.items():
+            for threshold in ([None, result["self_spec"]["confidence_threshold"]]
+                              if name == result["self_spec"]["default"] and
+                              result["self_spec"]["confidence_threshold"] is not None else [None]):
+                kw = dict(confidence_threshold=threshold, calibrator=cal if threshold is not None else None,
+                          pad_verify=True)
+                warm_up(tdec, ddec, prompts[0], gamma, **kw)
+                run_target_warm(tdec, gamma + 1)
+                matched = time_target(tdec, prompts, n_new, pad_to=gamma + 1)
+                before, fused = dict(ddec.pair.shallow_total), ddec.rounds_fused
+                spec = time_speculative(tdec, ddec, prompts, n_new, gamma, **kw)
+                row = _row(f"self {name}" + ("" if threshold is None else f" stop@{threshold}"), spec, alone,
+                           matched, gamma, {"exit_layer": heads[name][0].exit_layer,
+                                            "vocab_size": heads[name][0].vocab_size, "threshold": threshold,
+                                            "shallow_rows": {k: v - before[k] for k, v in ddec.pair.shallow_total.items()},
+                                            "fused_rounds": ddec.rounds_fused - fused})
+                row.update(teacher_forced(t.model, teacher, prompts, outputs, gamma))
+                rows.append(row)
+                save()
+                print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s "
+                      f"x{row['speedup']:.2f} tau {row['speculative']['tau']:.2f} c {row['c']:.3f} "
+                      f"v {row['verify_cost_ratio']:.2f} book {row['time_split']['bookkeeping']:.3f} "
+                      f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+        for name, (ddec, dmodel) in models.items():
+            kw = dict(pad_verify=True)
+            warm_up(target, ddec, prompts[0], gamma, **kw)
+            spec = time_speculative(target, ddec, prompts, n_new, gamma, **kw)
+            row = _row(f"{name} (our loop)", spec, alone, matched_full, gamma)
+            row.update(teacher_forced(t.model, dmodel, prompts, outputs, gamma))
+            rows.append(row)
+            save()
+            print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s x{row['speedup']:.2f} "
+                  f"tau {row['speculative']['tau']:.2f} c {row['c']:.3f} v {row['verify_cost_ratio']:.2f} "
+                  f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+        if args.hf_assisted and stock is not None:
+            hf = hf_static_generate(t.model, prompts, n_new, assistant=stock)
+            rows.append({"row": "hf assisted (stock bf16, transformers defaults)", "tokens_per_s": hf["tokens_per_s"],
+                         "speedup": hf["tokens_per_s"] / alone["tokens_per_s"],
+                         "identical_to_fast_prompts": sum(o == r.tokens.tolist() for o, r in zip(hf["outputs"], alone["runs"]))})
+            save()
+            print(f"[{set_name}] hf assisted: {hf['tokens_per_s']:.1f} tok/s x{rows[-1]['speedup']:.2f}", flush=True)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""The exit head of a shared-prefix self-drafter, its trimmed vocabulary and its files.
+
+A self-drafter is the target's first k blocks (the target's own weights, never copied) followed
+by an *exit head*: one decoder layer of the target's shape (initialised as a copy of the target's
+last block), an RMSNorm, and the target's LM head restricted to a trimmed vocabulary — the N
+most frequent tokens of the training text (VocabTrim / FR-Spec), EOS always among them. A token
+outside the trimmed vocabulary can never be drafted: when the target wants one, the draft is
+rejected there and the target's own token is committed, as with any rejection.
+
+Files (an export folder, ``self_spec.json`` naming everything): ``head-<name>.safetensors`` per
+head (layer, norm and the vocabulary map; the trimmed LM-head rows are re-gathered from the
+target at load time), the target's fingerprint (a head only runs on the target it was trained
+for), and the chosen depth, draft length and confidence threshold.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.draft.engine import _ACTS, _rms, _rope, check_engine_model
+from compress.errors import CompressError
+
+MANIFEST = "self_spec.json"
+FORMAT = "self-spec"
+
+
+def eos_ids(model) -> set[int]:
+    ids = set()
+    for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+        eos = getattr(cfg, "eos_token_id", None)
+        if eos is not None:
+            ids |= {int(eos)} if isinstance(eos, int) else {int(t) for t in eos}
+    return ids
+
+
+def trimmed_vocabulary(token_lists: Iterable[Iterable[int]], size: int, *, vocab_size: int,
+                       always: Iterable[int] = ()) -> torch.Tensor:
+    """The ``size`` most frequent ids of the given token sequences (ties by id), plus ``always``
+    (e.g. EOS), sorted; at most ``vocab_size`` ids. Rarer ids pad the list when the text has fewer."""
+    if size < 1:
+        raise CompressError(f"the trimmed vocabulary size must be >= 1, got {size}")
+    always = sorted({int(t) for t in always})
+    counts = Counter()
+    for ids in token_lists:
+        counts.update(int(t) for t in ids)
+    ranked = sorted(counts, key=lambda t: (-counts[t], t))
+    keep = set(always)
+    for t in ranked:
+        if len(keep) >= size:
+            break
+        keep.add(t)
+    t = 0
+    while len(keep) < min(size, vocab_size):  # a short text: fill with the lowest unused ids
+        keep.add(t)
+        t += 1
+    return torch.tensor(sorted(keep), dtype=torch.long)
+
+
+def check_vocabulary(vocab_map: torch.Tensor, vocab_size: int, eos: set[int]) -> None:
+    if vocab_map.dim() != 1 or vocab_map.numel() == 0:
+        raise CompressError("the trimmed vocabulary must be a non-empty 1-D list of token ids")
+    if int(vocab_map.min()) < 0 or int(vocab_map.max()) >= vocab_size:
+        raise CompressError(f"the trimmed vocabulary holds ids outside the target's 0..{vocab_size - 1}")
+    if vocab_map.unique().numel() != vocab_map.numel():
+        raise CompressError("the trimmed vocabulary repeats token ids")
+    missing = sorted(eos - set(vocab_map.tolist()))
+    if missing:
+        raise CompressError(f"the trimmed vocabulary misses the target's EOS token(s) {missing}: the drafter "
+                            f"could never propose the end of a sequence; keep EOS in the vocabulary")
+
+
+def target_fingerprint(model) -> dict:
+    """What identifies a target to a head: shapes plus a hash of a few weight slices rounded to
+    bfloat16 (the same for the float32 and bfloat16 loads of the same weights)."""
+    cfg = model.config
+    h = hashlib.sha256()
+    base = model.model
+    for t in (base.embed_tokens.weight[:4], base.norm.weight, base.layers[0].input_layernorm.weight,
+              base.layers[-1].mlp.down_proj.weight[:2]):
+        h.update(t.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+            "vocab_size": cfg.vocab_size, "weights_sha256": h.hexdigest()}
+
+
+class ExitHead(nn.Module):
+    """One decoder layer + RMSNorm + a trimmed LM head, reading the target's hidden state after
+    block ``exit_layer`` (parameters float32 for training; cast for inference)."""
+
+    def __init__(self, target, exit_layer: int, vocab_map: torch.Tensor):
+        super().__init__()
+        check_engine_model(target)
+        cfg = target.config
+        layers = target.model.layers
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < len(layers):
+            raise CompressError(f"exit_layer must be an integer in 1..{len(layers) - 1} (the target has "
+                                f"{len(layers)} blocks; the drafter runs the first exit_layer of them), got {exit_layer!r}")
+        check_vocabulary(vocab_map, target.lm_head.weight.shape[0], eos_ids(target))
+        self.exit_layer = exit_layer
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
+        self.act = getattr(cfg, "hidden_act", "silu")
+        src = layers[-1]  # the last block: its output is what the final norm and the head expect
+        a, m = src.self_attn, src.mlp
+        f32 = lambda t: nn.Parameter(t.detach().float().clone())  # noqa: E731
+        self.ln1, self.ln2 = f32(src.input_layernorm.weight), f32(src.post_attention_layernorm.weight)
+        self.wqkv = f32(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        self.bqkv = (f32(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])) if a.q_proj.bias is not None
+                     else None)
+        self.wo, self.wd = f32(a.o_proj.weight), f32(m.down_proj.weight)
+        self.wgu = f32(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+        self.norm = f32(target.model.norm.weight)
+        self.n_q, self.n_kv = a.q_proj.out_features // self.head_dim, a.k_proj.out_features // self.head_dim
+        self.register_buffer("vocab_map", vocab_map.long().clone())
+        # the trimmed LM head: rows of the target's head, frozen (not a parameter, not saved)
+        self.register_buffer("lm_rows", target.lm_head.weight.detach()[vocab_map.to(target.lm_head.weight.device)]
+                             .float().clone(), persistent=False)
+        self.fingerprint = target_fingerprint(target)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.vocab_map.numel())
+
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def forward_sequence(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: h [B, T, hidden] (the target's state after ``exit_layer`` blocks) at
+        positions 0..T−1 (``cos``/``sin`` [T, head_dim]) -> trimmed logits [B, T, N] (float32)."""
+        b, t, _ = h.shape
+        d = self.head_dim
+        x = _rms(h, self.ln1.to(h.dtype), self.eps)
+        qkv = F.linear(x, self.wqkv.to(h.dtype), None if self.bqkv is None else self.bqkv.to(h.dtype))
+        q, k, v = qkv.split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
+        q = _rope(q.view(b, t, self.n_q, d).transpose(1, 2), cos, sin)
+        k = _rope(k.view(b, t, self.n_kv, d).transpose(1, 2), cos, sin)
+        v = v.view(b, t, self.n_kv, d).transpose(1, 2)
+        g = self.n_q // self.n_kv
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5)
+        h = h + F.linear(attn.transpose(1, 2).reshape(b, t, self.n_q * d), self.wo.to(h.dtype))
+        x = _rms(h, self.ln2.to(h.dtype), self.eps)
+        gate, up = F.linear(x, self.wgu.to(h.dtype)).chunk(2, dim=-1)
+        h = h + F.linear(_ACTS[self.act](gate) * up, self.wd.to(h.dtype))
+        return F.linear(_rms(h, self.norm.to(h.dtype), self.eps), self.lm_rows.to(h.dtype)).float()
+
+    # ---------------------------------------------------------------- files
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {k: v.detach().contiguous() for k, v in self.named_parameters()}
+        out["vocab_map"] = self.vocab_map.contiguous()
+        return out
+
+    def save_as(self, folder: Path, name: str, dtype: torch.dtype = torch.bfloat16) -> str:
+        from safetensors.torch import save_file
+
+        tensors = {k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in self.state().items()}
+        save_file(tensors, str(Path(folder) / name), metadata={"exit_layer": str(self.exit_layer)})
+        return name
+
+    @classmethod
+    def load(cls, target, path: Path, exit_layer: int, fingerprint: dict | None) -> "ExitHead":
+        from safetensors.torch import load_file
+
+        if fingerprint is not None and fingerprint != target_fingerprint(target):
+            raise CompressError(f"{path} holds a head trained for another target ({fingerprint}); the target "
+                                f"given is {target_fingerprint(target)}: train a head for this target")
+        tensors = load_file(str(path))
+        head = cls(target, exit_layer, tensors.pop("vocab_map"))
+        own = dict(head.named_parameters())
+        if set(tensors) != set(own):
+            raise CompressError(f"{path}: head tensors {sorted(tensors)} do not match {sorted(own)}")
+        with torch.no_grad():
+            for k, v in tensors.items():
+                if v.shape != own[k].shape:
+                    raise CompressError(f"{path}: {k} has shape {tuple(v.shape)}, the target needs {tuple(own[k].shape)}")
+                own[k].copy_(v.float())
+        return head
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def read_manifest(folder) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class HeadAsModel(nn.Module):
+    """A self-drafter as a plain model for teacher-forced scoring (``draft-eval``'s numbers): the
+    target's own pass up to the exit, the head, and the trimmed logits scattered into the full
+    vocabulary (−inf elsewhere). Slow (it runs the whole target); for measurement only."""
+
+    def __init__(self, target, head: ExitHead):
+        super().__init__()
+        self.target, self.head = target, head
+
+    @torch.no_grad()
+    def forward(self, input_ids, use_cache: bool = False, logits_to_keep: int = 0, **_):
+        from types import SimpleNamespace
+
+        h = self.target(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
+        x = h[self.head.exit_layer]
+        cos, sin = self.target.model.rotary_emb(x, torch.arange(x.shape[1], device=x.device)[None])
+        trimmed = self.head.forward_sequence(x, cos[0], sin[0])
+        full = trimmed.new_full((*trimmed.shape[:-1], self.target.lm_head.weight.shape[0]), float("-inf"))
+        full[..., self.head.vocab_map.to(full.device)] = trimmed
+        return SimpleNamespace(logits=full[:, -logits_to_keep:] if logits_to_keep else full)

@@ -1,0 +1,217 @@
+"""Self-speculation on the block engine: the drafter and the verifier share the target's first blocks.
+
+State per position p of the sequence: the shallow blocks' KV (the target's own layers 0..k−1)
+and their output h_k(p) kept in a buffer; the exit head's KV; the deep blocks' KV (layers k..L−1).
+Three lengths say how far each is written; rewinding is lowering them (positions are explicit,
+the next write overwrites a rejected slot).
+
+Drafting a token runs the shallow blocks once on it (writing the target's layer-0..k−1 KV and
+h_k) and the exit head; verification then runs the shallow blocks only on the one token no
+drafting step has seen (the last draft) and the deep blocks on all γ+1 rows, reading h_k from
+the buffer: drafting never redoes work that verification needs, and verification never redoes
+the shallow work of drafting (``shallow_rows`` counts the shallow rows each side ran).
+
+Every committed token's shallow state is computed by a one-row pass (the drafting step of it, or
+the verifier's pass over the last draft, or a one-token target step) — the same kernels a
+one-token target step uses — and its deep state by a (γ+1)-row verify pass. ``run_target(pair.
+target, pad_to=γ+1)`` decodes the target alone through exactly those shapes: the matched reference
+against which greedy output is identical by construction (compress/draft/loop.py).
+
+Greedy drafting with a fixed γ records the whole round — γ × (shallow step, exit head, argmax,
+next input) — as ONE CUDA graph: no host sync and no kernel launch from Python per drafted token.
+Sampling and confidence stopping draft one graph step at a time (stopping reads the confidence
+on the host after each draft)."""
+from __future__ import annotations
+
+import torch
+
+from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms
+from compress.draft.loop import DraftRule, draft_by_steps
+from compress.draft.selfspec.head import ExitHead
+from compress.errors import CompressError
+
+
+def head_tensors(head: ExitHead, dtype: torch.dtype, device) -> tuple[LayerTensors, torch.Tensor, torch.Tensor]:
+    cast = lambda t: None if t is None else t.detach().to(device=device, dtype=dtype)  # noqa: E731
+    layer = LayerTensors(ln1=cast(head.ln1), ln2=cast(head.ln2), wqkv=cast(head.wqkv), bqkv=cast(head.bqkv),
+                         wo=cast(head.wo), wgu=cast(head.wgu), wd=cast(head.wd), n_q=head.n_q, n_kv=head.n_kv)
+    return layer, cast(head.norm), cast(head.lm_rows)
+
+
+class SelfSpecPair:
+    """The shared state; ``.drafter`` and ``.target`` are its two views for the loop."""
+
+    def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False):
+        if head.fingerprint["num_hidden_layers"] != engine.num_layers:
+            raise CompressError(f"the head was trained for a {head.fingerprint['num_hidden_layers']}-block target, "
+                                f"this one has {engine.num_layers}")
+        self.engine, self.k = engine, head.exit_layer
+        e = engine
+        self.layer, self.norm, self.lm_rows = head_tensors(head, e.dtype, e.device)
+        self.vocab_map = head.vocab_map.to(e.device)
+        self.head_k = torch.zeros(head.n_kv, e.max_len, e.head_dim, device=e.device, dtype=e.dtype)
+        self.head_v = torch.zeros_like(self.head_k)
+        self.hidden = torch.zeros(e.max_len, e.config.hidden_size, device=e.device, dtype=e.dtype)
+        self.graphs = StepGraphs(e.device, graphs)
+        self.shallow_len = self.head_len = self.deep_len = 0
+        self.shallow_rows = {"drafter": 0, "verifier": 0}  # since the last reset (one sequence)
+        self.shallow_total = {"drafter": 0, "verifier": 0}  # since construction
+        self.drafter, self.target = _Drafter(self), _Verifier(self)
+
+    # ---------------------------------------------------------------- programs (graph-safe)
+
+    def _shallow(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        h = self.engine.run_layers(self.engine.embed(ids), pos, 0, self.k)
+        self.hidden.index_copy_(0, pos, h)
+        return h
+
+    def _head(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Exit head on rows h at ``pos`` (writing its KV): trimmed logits of the last row, float32."""
+        e, t = self.engine, self.layer
+        x = e.layer_fn(h.shape[0])(h, e.cos[pos], e.sin[pos], e.mask(pos), t.ln1, t.ln2, t.wqkv, t.bqkv, t.wo, t.wgu, t.wd,
+                  self.head_k, self.head_v, pos, t.n_q, t.n_kv, e.head_dim, e.eps, e.scale, e.act)
+        return torch.nn.functional.linear(_rms(x[-1:], self.norm, e.eps), self.lm_rows).float()[0]
+
+    def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
+        h = self.engine.run_layers(self.hidden[pos], pos, self.k, self.engine.num_layers)
+        return self.engine.final(h).float()[first:real]  # all rows: a row's logits never depend on `keep`
+
+    def _round(self, tok: torch.Tensor, pos0: torch.Tensor, gamma: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ greedy drafts from ``tok`` at position pos0: tokens [γ] and their confidences [γ]."""
+        drafts, confs = [], []
+        for j in range(gamma):
+            pos = pos0 + j
+            logits = self._head(self._shallow(tok, pos), pos)
+            probs = torch.softmax(logits, -1)
+            conf, idx = probs.max(-1)
+            tok = self.vocab_map[idx].reshape(1)
+            drafts.append(tok)
+            confs.append(conf.reshape(1))
+        return torch.cat(drafts), torch.cat(confs)
+
+    def _positions(self, start: int, n: int) -> torch.Tensor:
+        return torch.arange(start, start + n, device=self.engine.device)
+
+    def _run(self, key, fn, *inputs):
+        """A program as a recorded graph for decode-sized passes; prefills (the first call of a
+        sequence, or many rows) run eagerly and uncompiled, so no prompt length compiles anything."""
+        if key[1] <= GRAPH_ROWS and self.deep_len > 0:
+            return self.graphs.run(key, fn, *inputs)
+        with self.engine.eager():
+            return fn(*inputs)
+
+    def shallow_upto(self, ids: torch.Tensor, start: int, who: str) -> None:
+        """Shallow blocks for the tokens ``ids`` at ``start ..`` that have none yet."""
+        skip = max(self.shallow_len - start, 0)
+        todo = ids[skip:]
+        if todo.numel():
+            pos = self._positions(start + skip, todo.numel())
+            self._run(("shallow", todo.numel()), self._shallow, todo, pos)
+            self.shallow_rows[who] += todo.numel()
+            self.shallow_total[who] += todo.numel()
+            self.shallow_len = start + ids.numel()
+
+    def reset(self) -> None:
+        self.shallow_len = self.head_len = self.deep_len = 0
+        self.shallow_rows = {"drafter": 0, "verifier": 0}
+
+    def rewind(self, length: int) -> None:
+        self.shallow_len = min(self.shallow_len, length)
+        self.head_len = min(self.head_len, length)
+        self.deep_len = min(self.deep_len, length)
+
+
+class _Drafter:
+    """The loop's drafter: feeds are the committed tokens it has not seen; drafts come from the head."""
+
+    def __init__(self, pair: SelfSpecPair):
+        self.pair = pair
+        self.device = pair.engine.device
+        self.context = pair.engine.max_len
+        self.vocab_map = pair.vocab_map
+        self.rounds_fused = 0
+
+    @property
+    def length(self) -> int:
+        return min(self.pair.shallow_len, self.pair.head_len)
+
+    def _step(self, feed: torch.Tensor) -> torch.Tensor:
+        """Shallow blocks where missing and the exit head for ``feed`` (after ``length`` tokens);
+        trimmed logits of the last position."""
+        p = self.pair
+        start = self.length
+        p.shallow_upto(feed, start, "drafter")
+        n = feed.numel()
+        pos = p._positions(start, n)
+        logits = p._run(("head", n), lambda pos_: p._head(p.hidden[pos_], pos_), pos).clone()
+        p.head_len = start + n
+        return logits
+
+    def prefill(self, ids: torch.Tensor) -> None:
+        self._step(ids)
+
+    def draft(self, feed: torch.Tensor, budget: int, rule: DraftRule):
+        p = self.pair
+        if budget < 1:
+            return torch.zeros(0, dtype=torch.long, device=self.device), ([] if rule.sample else None)
+        if feed.numel() > 1:
+            # after a fully accepted round the last draft has shallow state (the verifier ran it) but
+            # no exit-head state: catch up on all but the newest token, then draft from that one
+            self._step(feed[:-1])
+            feed = feed[-1:]
+        if rule.sample or rule.threshold is not None or p.deep_len == 0:
+            return draft_by_steps(self._step, feed, budget, rule, self.device, self.vocab_map)
+        start = self.length
+        pos0 = p._positions(start, 1)
+        tokens, _ = p.graphs.run(("round", budget), lambda t, q: p._round(t, q, budget), feed, pos0)
+        p.shallow_len = p.head_len = start + budget
+        p.shallow_rows["drafter"] += budget
+        p.shallow_total["drafter"] += budget
+        self.rounds_fused += 1
+        return tokens.clone(), None
+
+    def rewind(self, length: int) -> None:
+        self.pair.rewind(length)
+
+    def reset(self) -> None:
+        self.pair.reset()
+
+
+class _Verifier:
+    """The loop's target: deep blocks over the pending rows, shallow blocks only where missing."""
+
+    def __init__(self, pair: SelfSpecPair):
+        self.pair = pair
+        self.device = pair.engine.device
+        self.context = pair.engine.max_len
+
+    @property
+    def length(self) -> int:
+        return self.pair.deep_len
+
+    def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
+        p = self.pair
+        ids = ids.to(self.device).reshape(-1)
+        real = ids.numel()
+        if not 1 <= keep <= real:
+            raise CompressError(f"target: feed at least one token and keep 1..{real} positions (keep={keep})")
+        n = max(real, pad_to or 0)
+        if p.deep_len + n > p.engine.max_len:
+            raise CompressError(f"target: {p.deep_len} cached + {n} new tokens exceed the engine's "
+                                f"{p.engine.max_len} positions")
+        start = p.deep_len
+        if p.shallow_len < start:
+            raise CompressError("internal: shallow state behind the deep state")  # the loop never does this
+        p.shallow_upto(ids, start, "verifier")
+        # padding rows read whatever h the buffer holds there: their rows never touch the real ones
+        pos = p._positions(start, n)
+        first = real - keep
+        logits = p._run(("deep", n, first, real), lambda pos_: p._deep(pos_, first, real), pos).clone()
+        p.deep_len = start + n
+        return logits
+
+    def rewind(self, length: int) -> None:
+        self.pair.rewind(length)
+
+    def reset(self) -> None:
+        self.pair.reset()

@@ -1,0 +1,168 @@
+"""Recipe step ``self_spec`` and the ``self-spec`` export: a drafter cut from the target itself.
+
+    - algorithm: self_spec
+      exit_layers: [3, 5, 8]          # candidate depths; one head each, trained together
+      vocab_size: 32768               # trimmed LM head (null: the full vocabulary)
+      full_vocab_layers: [5]          # extra full-vocabulary heads, for comparison
+      train_corpora: [stdlib, bbc]    # distillation text (train split)
+      steps: 600
+
+The step leaves the target unchanged. It trains the heads (compress/draft/selfspec/train.py),
+measures the depth curve on held-out windows (validation split), picks the depth and draft
+length with the best predicted speedup, fits a calibrator of the chosen head's confidence against
+acceptance on one half of the held-out events (reporting ECE / AUROC on the other half, before
+and after) and picks the stopping threshold there. ``export: {format: self-spec}`` writes the
+heads, the manifest and the calibrator — no copy of the target: ``compress draft-bench --target
+T --drafter DIR`` rebuilds the drafter from the target's own blocks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compress.algorithms import StepContext
+from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
+                                          trimmed_vocabulary, write_manifest)
+from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
+                                           summarise_heads)
+from compress.draft.selfspec.config import SelfSpecConfig
+from compress.errors import CompressError
+
+CALIBRATOR_DIR = "calibrator"
+
+
+@dataclass
+class SelfSpecResult:
+    """What the step leaves for the export (``ctx.state.self_spec``)."""
+
+    heads: dict[str, ExitHead]
+    manifest: dict
+    calibrator: object | None = None
+    curve: dict = field(default_factory=dict)
+
+
+def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
+             exclude: list[str] = ()) -> tuple[torch.Tensor, int]:
+    """Windows of each corpus's split (documents joined as for perplexity), leaving out documents
+    that contain the first line of any excluded prompt; (windows, documents left out)."""
+    from compress.data.corpora import split_documents
+    from compress.evaluate import window_token_ids
+    out, dropped = [], 0
+    for c in corpora:
+        docs = [d.text for d in split_documents(c, split)]
+        kept = [d for d in docs if not any(line in d for line in exclude)]
+        dropped += len(docs) - len(kept)
+        out.append(window_token_ids(tokenizer, "\n\n".join(kept), seq_len, per_corpus))
+    return torch.cat(out), dropped
+
+
+def _prompt_lines(files: list[str]) -> list[str]:
+    from compress.draft.agreement import read_prompts
+    return [p.strip().splitlines()[0].strip() for f in files for p in read_prompts(f) if p.strip()]
+
+
+def _split_events(agrees, confs):
+    """Alternate windows into a fitting half and a reporting half."""
+    return (agrees[0::2], confs[0::2]), (agrees[1::2], confs[1::2])
+
+
+def _flat(rows):
+    return [x for r in rows for x in r]
+
+
+def _acceptance_quality(conf: torch.Tensor, accepted: torch.Tensor) -> dict:
+    """ECE and AUROC of confidence against acceptance (AUROC None when all or none were accepted)."""
+    from calibration.metrics import confidence_auroc, expected_calibration_error
+    both = 0 < int(accepted.sum()) < accepted.numel()
+    return {"ece": expected_calibration_error(conf, accepted), "auroc": confidence_auroc(conf, accepted) if both else None}
+
+
+def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContext) -> dict:
+    """Shared-prefix self-drafter: distil exit heads at several depths, pick one, calibrate its stop."""
+    from compress.recalibrate import fit_drafter_calibrator
+
+    layers = model.config.num_hidden_layers
+    for k in cfg.exit_layers + cfg.full_vocab_layers:
+        if k >= layers:
+            raise CompressError(f"{ctx.where}: exit layer {k} must be below the target's {layers} blocks")
+    model.to(ctx.device)
+    exclude = _prompt_lines(cfg.exclude_prompts)
+    train, dropped = _windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows, exclude)
+    held, _ = _windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows, exclude)
+    lm_rows = model.lm_head.weight.shape[0]
+    full = torch.arange(lm_rows)
+    trimmed = (full if cfg.vocab_size is None or cfg.vocab_size >= lm_rows else
+               trimmed_vocabulary(train.tolist(), cfg.vocab_size, vocab_size=lm_rows, always=eos_ids(model)))
+    specs = {f"k{k}": (k, trimmed) for k in cfg.exit_layers}
+    specs.update({f"k{k}-full": (k, full) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
+    heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                   seed=cfg.seed, progress=ctx.progress)
+    events = head_events(model, heads, held)
+    curve = summarise_heads(events, heads, layers, cfg.gammas)
+    trimmed_names = [f"k{k}" for k in cfg.exit_layers]
+    best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
+    gamma = curve[best]["best_gamma"]
+    (fit_a, fit_c), (rep_a, rep_c) = _split_events(events[best]["agree"], events[best]["confidence"])
+    stop = {"gamma": gamma, "calibrator": None}
+    calibrator = None
+    conf_rep = torch.tensor(_flat(rep_c), dtype=torch.float64)
+    acc_rep = torch.tensor(_flat(rep_a))
+    before = _acceptance_quality(conf_rep, acc_rep)
+    thr_confs = fit_c
+    if cfg.calibrator is not None:
+        calibrator = fit_drafter_calibrator(_flat(fit_c), _flat(fit_a), method=cfg.calibrator,
+                                            fitted_on={"windows": len(fit_a), "split": "validation"})
+        cal_rep = calibrator(conf_rep.float()).double()
+        stop["calibrator"] = calibrator.describe()
+        stop["acceptance_calibration"] = {
+            "events": int(conf_rep.numel()), "before": before,
+            "after": _acceptance_quality(cal_rep, acc_rep)}
+        thr_confs = [calibrator(torch.tensor(c)).tolist() for c in fit_c]
+    else:
+        stop["acceptance_calibration"] = {"events": int(conf_rep.numel()), "before": before}
+    choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
+    stop.update(threshold=choice["threshold"], predicted=choice)
+    manifest = {"format": FORMAT, "target": {"source": getattr(model.config, "_name_or_path", None),
+                                             **target_fingerprint(model)},
+                "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "file": f"head-{n}.safetensors"}
+                          for n, h in heads.items()},
+                "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
+                "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
+                             "held_out_windows": int(held.shape[0]), "documents_excluded": dropped},
+                "depth_curve": curve, "stop": stop}
+    ctx.state.self_spec = SelfSpecResult(heads, manifest, calibrator, curve)
+    return {"heads": list(heads), "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
+            "training": manifest["training"], "depth_curve": curve, "stop": stop}
+
+
+def write_self_spec(model, tokenizer, folder: Path, state, spec) -> None:
+    result = state.self_spec
+    if result is None:
+        raise CompressError("export format self-spec needs a self_spec step in the recipe")
+    for name, head in result.heads.items():
+        head.save_as(folder, result.manifest["heads"][name]["file"])
+    if result.calibrator is not None:
+        result.calibrator.save(folder / CALIBRATOR_DIR)
+    write_manifest(folder, result.manifest)
+
+
+def load_self_spec(folder, target, head: str | None = None):
+    """(ExitHead on the target's device, manifest, drafter calibrator or None) from a self-spec export."""
+    from compress.recalibrate import load_lm_calibrator
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("format") != FORMAT:
+        raise CompressError(f"{folder} is not a self-spec drafter export (no {FORMAT} self_spec.json)")
+    name = head or manifest["default"]
+    if name not in manifest["heads"]:
+        raise CompressError(f"{folder} has no head {name!r}; it has {', '.join(manifest['heads'])}")
+    info = manifest["heads"][name]
+    fp = {k: manifest["target"][k] for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
+                                            "weights_sha256")}
+    exit_head = ExitHead.load(target, folder / info["file"], info["exit_layer"], fp)
+    cal_dir = folder / CALIBRATOR_DIR
+    calibrator = load_lm_calibrator(cal_dir) if cal_dir.is_dir() else None
+    return exit_head.to(next(target.parameters()).device), manifest, calibrator

@@ -1,0 +1,173 @@
+"""Training exit heads by distillation, and choosing the exit depth, draft length and stop threshold.
+
+Distillation (DistillSpec's lesson: match the target's distribution, not the data): on windows of
+the training text the frozen target runs once per batch with every hidden state kept; each
+candidate exit depth k has its own head reading h_k, trained to minimise the cross-entropy of its
+trimmed-vocabulary distribution against the target's next-token distribution restricted to the
+same ids, Σ_v p_target(v) · −log q_head(v) (mass outside the trimmed vocabulary cannot be drafted
+and carries no gradient). All heads share the one target forward per batch, so a sweep over
+depths costs little more than one head. The target's weights never change, so greedy speculative
+output stays the target's own.
+
+Held-out evaluation (windows of another split), per head: greedy agreement (head argmax, mapped
+to vocabulary ids, equals the target's), α = Σ min(p, q) over the full vocabulary, τ(γ) by
+replaying the greedy loop on each window's agreement sequence, and how well the head's confidence
+predicts acceptance (AUROC, ECE). The depth and γ are chosen by the cost model
+speedup ≈ τ(γ) / (v + γ·c(k)) with c(k) = (k + 1)/L (a draft step runs k target blocks plus one
+head block; at batch 1 a step's cost follows its layer count, measured in bench/results/draft/)
+and v = 1 (verification runs the deep blocks on γ+1 rows: at batch 1 about one step).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from compress.draft.agreement import replay_greedy_rounds
+from compress.draft.selfspec.head import ExitHead
+from compress.errors import CompressError
+
+log = logging.getLogger(__name__)
+
+
+def _rope_tables(target, length: int, device, dtype):
+    cos, sin = target.model.rotary_emb(torch.zeros(1, device=device, dtype=dtype),
+                                       torch.arange(length, device=device)[None])
+    return cos[0], sin[0]
+
+
+@torch.no_grad()
+def _teacher(target, ids: torch.Tensor, exit_layers):
+    out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
+    return {k: out.hidden_states[k] for k in exit_layers}, out.logits
+
+
+def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch.Tensor]], *, steps: int,
+                  batch_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0, warmup: int = 20,
+                  seed: int = 0, progress: bool = True) -> tuple[dict[str, ExitHead], dict]:
+    """Heads ``{name: (exit_layer, vocab_map)}`` trained jointly on windows ``train`` [N, T]."""
+    if steps < 1:
+        raise CompressError(f"steps must be >= 1, got {steps}")
+    if train.dim() != 2 or train.shape[0] == 0:
+        raise CompressError("the training text gave no windows")
+    device = next(target.parameters()).device
+    dtype = next(target.parameters()).dtype
+    heads = {name: ExitHead(target, k, vmap).to(device) for name, (k, vmap) in specs.items()}
+    depths = sorted({h.exit_layer for h in heads.values()})
+    params = [p for h in heads.values() for p in h.trainable()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    cos, sin = _rope_tables(target, train.shape[1], device, dtype)
+    gen = torch.Generator().manual_seed(seed)
+    losses = {k: [] for k in heads}
+    start = time.perf_counter()
+    for step in tqdm(range(steps), desc="exit heads", unit="step", disable=not progress):
+        idx = torch.randint(0, train.shape[0], (batch_size,), generator=gen)
+        hidden, logits = _teacher(target, train[idx].to(device), depths)
+        p_full = torch.softmax(logits.float(), -1)
+        del logits
+        opt.zero_grad(set_to_none=True)
+        for name, head in heads.items():  # backward head by head: one head's activations at a time
+            p = p_full[..., head.vocab_map]  # the target's mass on this head's ids
+            logq = F.log_softmax(head.forward_sequence(hidden[head.exit_layer], cos, sin), -1)
+            loss = -(p * logq).sum(-1).mean()
+            loss.backward()
+            losses[name].append(float(loss.detach()))
+            del p, logq, loss
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    seconds = time.perf_counter() - start
+    for h in heads.values():
+        h.requires_grad_(False)
+    log.info("exit heads %s: %d steps x %d x %d tokens in %.1f s", ", ".join(heads), steps, batch_size,
+             train.shape[1], seconds)
+    history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
+               "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
+               "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in losses.items()}}
+    return heads, history
+
+
+@torch.no_grad()
+def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, batch_size: int = 4) -> dict:
+    """Per head, teacher-forced over ``windows`` [N, T]: per-window agreement sequences, confidences
+    and overlaps (positions 0..T−2 predicting tokens 1..T−1)."""
+    device = next(target.parameters()).device
+    dtype = next(target.parameters()).dtype
+    cos, sin = _rope_tables(target, windows.shape[1], device, dtype)
+    out = {k: {"agree": [], "confidence": [], "overlap": []} for k in heads}
+    for s in range(0, windows.shape[0], batch_size):
+        ids = windows[s:s + batch_size].to(device)
+        hidden, logits = _teacher(target, ids, sorted({h.exit_layer for h in heads.values()}))
+        p = torch.softmax(logits.float()[:, :-1], -1)
+        t_arg = p.argmax(-1)
+        for k, head in heads.items():
+            q_trim = torch.softmax(head.forward_sequence(hidden[head.exit_layer], cos, sin)[:, :-1], -1)
+            conf, idx = q_trim.max(-1)
+            vmap = head.vocab_map.to(device)
+            agree = vmap[idx] == t_arg
+            overlap = torch.minimum(p[..., vmap], q_trim).sum(-1)  # q is zero off the trimmed ids
+            for b in range(ids.shape[0]):
+                out[k]["agree"].append(agree[b].cpu().tolist())
+                out[k]["confidence"].append(conf[b].float().cpu().tolist())
+                out[k]["overlap"].append(overlap[b].float().cpu())
+    return out
+
+
+def _tau(agrees, gamma, confs=None, threshold=None) -> tuple[float, float]:
+    """(tokens per round, drafts per round) of the greedy loop replayed on each sequence."""
+    runs = [replay_greedy_rounds(a, gamma, None if confs is None else c, threshold)
+            for a, c in zip(agrees, confs or [None] * len(agrees))]
+    rounds = sum(r["rounds"] for r in runs)
+    return sum(r["tokens"] for r in runs) / rounds, sum(sum(r["drafted"]) for r in runs) / rounds
+
+
+def cost_per_draft(exit_layer: int, num_layers: int) -> float:
+    """c(k): a draft step's cost in target steps by layer count (k target blocks + the head block)."""
+    return (exit_layer + 1) / num_layers
+
+
+def summarise_heads(events: dict, heads: dict[str, ExitHead], num_layers: int, gammas=(2, 3, 4, 5, 6)) -> dict:
+    """The depth curve: per head, agreement, α, AUROC / ECE of confidence, τ(γ) and the predicted speedup."""
+    from sklearn.metrics import roc_auc_score
+
+    from calibration.metrics import expected_calibration_error
+
+    curve = {}
+    for k, ev in sorted(events.items()):
+        agree = torch.tensor([a for row in ev["agree"] for a in row])
+        conf = torch.tensor([c for row in ev["confidence"] for c in row], dtype=torch.float64)
+        c = cost_per_draft(heads[k].exit_layer, num_layers)
+        taus = {g: _tau(ev["agree"], g)[0] for g in gammas}
+        pred = {g: taus[g] / (1 + g * c) for g in gammas}
+        both = 0 < int(agree.sum()) < agree.numel()
+        curve[k] = {"exit_layer": heads[k].exit_layer, "vocab_size": heads[k].vocab_size,
+                    "greedy_agreement": float(agree.double().mean()),
+                    "alpha": float(torch.cat(ev["overlap"]).double().mean()),
+                    "confidence_auroc": float(roc_auc_score(agree.numpy(), conf.numpy())) if both else None,
+                    "confidence_ece": expected_calibration_error(conf, agree),
+                    "c_layers": c, "tau": taus, "predicted_speedup": pred,
+                    "best_gamma": max(pred, key=pred.get)}
+    return curve
+
+
+def choose_threshold(agrees, confs, gamma: int, c: float, candidates=None) -> dict:
+    """The stopping threshold with the highest predicted speedup τ_t / (1 + c · drafts per round) on
+    held-out sequences (drafts after a first rejection are not seen by a replay: an optimistic count
+    for thresholds that keep drafting past it); ``None`` (fixed γ) competes too."""
+    candidates = candidates or [round(0.05 * i, 2) for i in range(1, 20)]
+    tau0, drafts0 = _tau(agrees, gamma)
+    best = {"threshold": None, "tau": tau0, "drafts_per_round": drafts0, "predicted_speedup": tau0 / (1 + c * drafts0)}
+    table = [dict(best)]
+    for t in candidates:
+        tau, drafts = _tau(agrees, gamma, confs, t)
+        row = {"threshold": t, "tau": tau, "drafts_per_round": drafts, "predicted_speedup": tau / (1 + c * drafts)}
+        table.append(row)
+        if row["predicted_speedup"] > best["predicted_speedup"]:
+            best = row
+    return {**best, "table": table}
