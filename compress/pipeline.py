@@ -23,7 +23,7 @@ from compress.recipe import CalibrationSpec, Recipe, validate_recipe
 # have always found them.
 from compress.runtime import resolve_device, versions
 from compress.state import RunState
-from compress.structure import structure_of
+from compress.structure import remember_structure, structure_of
 
 __all__ = ["RunResult", "resolve_device", "run_recipe", "versions"]
 
@@ -87,7 +87,9 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
                             trust_remote_code=recipe.model.trust_remote_code, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
-    check_plan(recipe, structure_of(model), exports=out_dir is not None)  # order and targets, before any work
+    structure = structure_of(model)
+    check_plan(recipe, structure, exports=out_dir is not None)  # order and targets, before any work
+    remember_structure(loaded.path, structure)  # so that validating a recipe for this model builds nothing
     report["model"].update(path=loaded.path, parameters=sum(p.numel() for p in model.parameters()),
                            dtype=recipe.model.dtype, device=str(device))
     # Layer-wise algorithms move one block at a time to the device; the rest go whole.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -45,17 +46,31 @@ def model_structure(source: str, *, trust_remote_code: bool = False) -> tuple[St
         folder = Path(source).expanduser()
         if not (folder / "config.json").is_file():
             return None, f"targets not checked: {source} has no local config.json"
-    config_bytes = (folder / "config.json").read_bytes()
-    key = hashlib.sha256(config_bytes + f"\0transformers {version('transformers')}".encode()).hexdigest()[:32]
-    cached = cache_dir("structure") / f"{key}.json"
+    cached = _cache_file(folder)
     if cached.is_file():
         data = json.loads(cached.read_text())
         return Structure(data["model_type"], tuple(map(tuple, data["linears"]))), ""
     structure = _meta_structure(folder, trust_remote_code)
-    tmp = cached.with_name(cached.name + ".tmp")
+    remember_structure(folder, structure)
+    return structure, ""
+
+
+def remember_structure(folder: str | Path, structure: Structure) -> None:
+    """Cache ``structure`` as that of the model in ``folder`` (``compress run`` does, having loaded the
+    model anyway: a later ``compress validate`` of it then builds nothing)."""
+    if not (Path(folder) / "config.json").is_file():
+        return  # a hub id: nothing local to key the cache by
+    cached = _cache_file(Path(folder))
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # two processes may write it at once
     tmp.write_text(json.dumps({"model_type": structure.model_type, "linears": structure.linears}))
     tmp.replace(cached)
-    return structure, ""
+
+
+def _cache_file(folder: Path) -> Path:
+    """Keyed by the config's bytes and the transformers version (which decides the module tree)."""
+    key = hashlib.sha256((folder / "config.json").read_bytes()
+                         + f"\0transformers {version('transformers')}".encode()).hexdigest()[:32]
+    return cache_dir("structure") / f"{key}.json"
 
 
 def _meta_structure(folder: Path, trust_remote_code: bool) -> Structure:

@@ -120,6 +120,15 @@ def test_the_meta_structure_is_the_model_s_and_is_cached(weightless_dir, tmp_pat
     assert model_structure(weightless_dir) == (built, "")
 
 
+def test_a_run_leaves_the_structure_cached_for_validate(tmp_path, monkeypatch):
+    from compress.pipeline import run_recipe
+    monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_model_dir(tmp_path / "m")
+    run_recipe(_recipe(model_dir, RTN), progress=False, log=lambda *_: None)
+    monkeypatch.setattr("compress.structure._meta_structure", lambda *a: pytest.fail("built the structure again"))
+    assert model_structure(model_dir)[0] == structure_of(tiny_model())
+
+
 def test_validate_imports_no_torch_once_the_structure_is_cached(weightless_dir, tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe(weightless_dir, GPTQ, export={"format": "gptq"})))
