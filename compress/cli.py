@@ -179,6 +179,7 @@ def _dispatch(args) -> int:
 def _draft_bench(args) -> dict:
     """Load the target and the drafter (a model, a GPTQ export with --int4-drafter, or a self-spec
     export), build their decoders and time them (compress/draft/bench.py)."""
+    # Imported here, as every command's code is: the CLI must start without torch for `validate`.
     import torch
 
     from compress.draft.agreement import read_prompts

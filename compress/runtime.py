@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from compress import __version__
 from compress.errors import CompressError
 
 
@@ -23,9 +24,8 @@ def resolve_device(name: str | torch.device) -> torch.device:
 
 def versions() -> dict:
     """What a report records about the software and the machine it ran on."""
-    import transformers  # slow import; every caller has a model loaded already, so it is cached
+    import transformers  # slow to import: only for a report, whose caller has loaded a model (and it)
 
-    from compress import __version__
     return {"compress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}

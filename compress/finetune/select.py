@@ -28,8 +28,10 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+
 from compress.errors import CompressError
 from compress.finetune.config import S2FTConfig, check_ratio  # noqa: F401  (check_ratio: importable here too)
+from compress.runner import LAYOUTS
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -57,8 +59,6 @@ class Block:
 
 
 def _blocks_path(model: nn.Module) -> str:
-    from compress.runner import LAYOUTS
-
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return LAYOUTS[model_type].blocks if model_type in LAYOUTS else "model.layers"
 

@@ -18,11 +18,13 @@ Order with other steps:
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from compress.algorithms import StepContext
 from compress.errors import CompressError
@@ -50,9 +52,6 @@ class AdapterSnapshot:
         return cls(meta, tensors)
 
     def save(self, folder: str | Path) -> Path:
-        import json
-
-        from safetensors.torch import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.tensors, str(folder / ADAPTER_WEIGHTS),

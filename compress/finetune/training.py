@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from compress.errors import CompressError
@@ -145,8 +146,6 @@ def _json_ok(value) -> bool:
 def save_checkpoint(folder: Path, step: int, named, optimizer, scheduler, losses: list[float],
                     fingerprint: dict, keep: int = 1) -> Path:
     """Write ``folder/checkpoint-<step>`` atomically; keep only the newest ``keep`` checkpoints."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     index = {id(p): i for i, (_, p) in enumerate(named)}
     tensors = {f"param.{n}": p.detach().to("cpu").contiguous() for n, p in named}
@@ -190,8 +189,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, named, optimizer, scheduler, fingerprint: dict) -> tuple[int, list[float]]:
     """Restore params, optimizer, scheduler and RNGs from ``path``; returns (step, losses)."""
-    from safetensors.torch import load_file
-
     try:
         state = json.loads((path / CHECKPOINT_STATE).read_text())
         tensors = load_file(str(path / CHECKPOINT_TENSORS))

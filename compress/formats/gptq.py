@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compress import __version__
 from compress.errors import CompressError
 from compress.formats.packed import (block_list_of, export_dtype, float_linears_in_blocks, float_tensors,
                                      load_packed_model, quantized_linears, write_model_files)
@@ -100,8 +101,6 @@ def gptq_quantization_config(specs: dict[str, dict], excluded: list[str], partia
     for diff, names in overrides.items():
         for rule in dynamic_rules(names):
             dynamic["+:" + rule] = json.loads(diff)
-    from compress import __version__
-
     cfg = {
         "quant_method": "gptq",
         "bits": default["bits"],

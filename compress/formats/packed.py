@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.errors import CompressError
@@ -109,8 +110,6 @@ def export_dtype(spec: Any, fmt: str, allowed: tuple[str, ...]) -> torch.dtype:
 def write_model_files(model: nn.Module, tokenizer, folder: Path, tensors: dict, dtype: torch.dtype,
                       quantization_config: dict, metadata_format: str) -> None:
     """model.safetensors, config.json (with ``quantization_config``), generation config, tokenizer."""
-    from safetensors.torch import save_file
-
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": metadata_format})
     config = copy.deepcopy(model.config)
     config.dtype = dtype
@@ -128,7 +127,7 @@ def write_model_files(model: nn.Module, tokenizer, folder: Path, tensors: dict, 
 
 def build_float_model(path: str | Path, dtype: torch.dtype):
     """The architecture of ``config.json`` in float, without its quantization_config."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers (slow to import) only when an export is read
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
@@ -156,7 +155,7 @@ def load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], dequantized: s
 
 
 def load_tokenizer(path):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers (slow to import) only when an export is read
 
     return AutoTokenizer.from_pretrained(path)
 
@@ -165,8 +164,6 @@ def load_packed_model(path: str, fmt: str, packed_suffix: str, dequantize_one, *
     """Float model from an export: every ``{name}{packed_suffix}`` tensor names a packed linear whose
     weight ``dequantize_one(name, linear, tensors)`` rebuilds (popping the tensors it uses);
     every other tensor loads as is."""
-    from safetensors.torch import load_file
-
     model = build_float_model(path, dtype)
     tensors = load_file(str(Path(path) / WEIGHTS_NAME))
     modules = dict(model.named_modules())

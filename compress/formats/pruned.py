@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from compress.errors import CompressError
@@ -17,15 +18,14 @@ from compress.prune.shrink import PRUNED_LAYERS_KEY, apply_pruned_layers
 
 def build_pruned_model(config, dtype: torch.dtype) -> nn.Module:
     """The architecture of ``config`` (per-layer sizes included), randomly initialised."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # transformers (slow to import) only when a model is built
 
     return apply_pruned_layers(AutoModelForCausalLM.from_config(config, dtype=dtype))
 
 
 def load_pruned_checkpoint(path, *, dtype: torch.dtype, device) -> nn.Module:
     """A Hugging Face folder whose config has per-layer sizes: build them, then load the weights."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers (slow to import) only when a model is loaded
 
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:

