@@ -1,5 +1,8 @@
 """Tests of the pure-maths quantization core: grid, RTN, GPTQ and the GPTQ v1 layout.
 
+(Over 400 lines on purpose: one module of short, independent property tests on the same two
+fixtures, W0 and H0; split by file they would each rebuild them and read no easier.)
+
 CPU only, a few seconds. The shapes are chosen to hit the awkward paths:
 W is [96, 320] and 320 = 2.5 x 128, so group_size 128 has a partial last group
 (and -1 / 32 divide evenly); H comes from correlated inputs with two dead columns.
