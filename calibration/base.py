@@ -20,8 +20,10 @@ from typing import Any, ClassVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from calibration.checks import CalibrationError, check_fit_inputs, check_logits
+from calibration.checks import CalibrationError, as_tensor, check_fit_inputs, check_logits
 
 FORMAT = "compress-calibrator"
 FORMAT_VERSION = 1
@@ -100,8 +102,6 @@ class Calibrator:
     def save(self, path) -> Path:
         """Write to a folder (calibrator.json + calibrator.safetensors) or, for a ``*.safetensors`` path,
         one file whose metadata holds the JSON header. Returns the path written."""
-        from safetensors.torch import save_file
-
         if self.n_classes is None:
             raise CalibrationError(f"{type(self).__name__} is not fitted: there is nothing to save")
         path = Path(path)
@@ -140,8 +140,6 @@ def confidence_score(confidence, eps: float = 1e-7) -> torch.Tensor:
     """logit(c) of top-label confidences: the 1-D binary score for calibrating "is the prediction right"
     (a language model's next-token confidence, a drafter's acceptance). ``transform(score)[:, 1]`` is then
     the calibrated confidence. c is clamped to [eps, 1 − eps] so that c = 1 stays finite."""
-    from calibration.checks import as_tensor
-
     c = as_tensor(confidence, "confidence")
     c = (c if c.is_floating_point() else c.float()).clamp(eps, 1 - eps)
     return torch.log(c) - torch.log1p(-c)
@@ -156,8 +154,6 @@ def make_calibrator(name: str, **config) -> Calibrator:
 
 def load_calibrator(path) -> Calibrator:
     """Load what ``Calibrator.save`` wrote (a folder or a ``*.safetensors`` file); no pickles involved."""
-    from safetensors import safe_open
-
     path = Path(path)
     file = path / STATE_FILE if path.is_dir() else path
     if not file.is_file():

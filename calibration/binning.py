@@ -140,7 +140,7 @@ class IsotonicCalibration(Calibrator):
     Config = BinaryMapConfig
 
     def _fit(self, z, y):
-        from sklearn.isotonic import IsotonicRegression
+        from sklearn.isotonic import IsotonicRegression  # scikit-learn is slow to import: isotonic only
 
         p = _probs(z)
         xs, fs, offsets = [], [], [0]

@@ -1,17 +1,15 @@
 """Input checks shared by the calibrators and the metrics: one error type, messages that name the value.
 
-``CalibrationError`` is both a ``ValueError`` (what callers of a numeric
-library expect) and a ``CompressError`` (so the CLI prints it without a
-traceback when a recipe stage hits it).
+``CalibrationError`` is a ``ValueError`` (what callers of a numeric library expect). This
+package stands alone: it imports nothing of ``compress`` (whose CLI counts a CalibrationError
+as a user error, like its own).
 """
 from __future__ import annotations
 
 import torch
 
-from compress.errors import CompressError
 
-
-class CalibrationError(CompressError, ValueError):
+class CalibrationError(ValueError):
     """Bad input to a calibrator or a metric; the message names the offending value."""
 
 

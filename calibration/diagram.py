@@ -11,6 +11,7 @@ from calibration.metrics import _bin_stats, expected_calibration_error, maximum_
 def reliability_diagram(confidence, correct, path, title: str = "Reliability diagram", n_bins: int = 15) -> Path:
     """Top: accuracy per equal-width confidence bin against the diagonal, the gap shaded.
     Bottom: how many predictions fall in each bin (log scale). Returns the PNG path."""
+    # matplotlib is slow to import and only drawing needs it
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

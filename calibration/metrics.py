@@ -99,7 +99,7 @@ def negative_log_likelihood(probs, labels, eps: float = 1e-12) -> float:
 
 def confidence_auroc(confidence, correct) -> float:
     """AUROC of confidence as a score for "this prediction is right"."""
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # scikit-learn is slow to import: this metric only
 
     c, h = check_confidence(confidence, correct)
     n_right = int(h.sum())

@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _dispatch(args)
-    except CompressError as exc:
+    except Exception as exc:
+        if not _is_user_error(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -105,7 +107,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """CompressError, or bad input to a calibrator: ``calibration`` is a library of its own whose
+    errors are ValueErrors. It is looked up only if it was imported (then it could have raised)."""
+    checks = sys.modules.get("calibration.checks")
+    return isinstance(exc, CompressError) or (checks is not None and isinstance(exc, checks.CalibrationError))
+
+
 def _dispatch(args) -> int:
+    # Each command imports what it runs, when it runs: `validate` must not pay for torch.
     if args.command == "models":
         from compress.models import ZOO, fetch_model, zoo_rows
         if args.models_command == "list":
@@ -119,10 +129,15 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "validate":
+        from compress.plan import check_plan
         from compress.recipe import load_recipe
+        from compress.structure import model_structure
         recipe = load_recipe(args.recipe, args.overrides)
+        structure, note = model_structure(recipe.model.id, trust_remote_code=recipe.model.trust_remote_code)
+        check_plan(recipe, structure)
         steps = sum(len(s.steps) for s in recipe.stages)
-        print(f"{args.recipe}: valid (model {recipe.model.id}, {len(recipe.stages)} stages, {steps} steps)")
+        print(f"{args.recipe}: valid (model {recipe.model.id}, {len(recipe.stages)} stages, {steps} steps)"
+              + (f"; {note}" if note else ""))
         return 0
 
     if args.command == "run":
@@ -135,53 +150,18 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "eval":
-        import torch
-
-        from compress.data import corpus_text
-        from compress.evaluate import evaluate_text
-        from compress.models import load_model
-        from compress.pipeline import resolve_device
-        device = resolve_device(args.device)
-        loaded = load_model(args.model, dtype=args.dtype, device=device)
-        if args.int4:
-            from compress.quantize.int4 import int4_linears_from_gptq
-            int4_linears_from_gptq(loaded.model, loaded.path)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        if args.text:
-            text = corpus_text(args.text, "all")
-            source = {"text": args.text}
-        else:
-            corpus = args.corpus or "bbc"
-            text = corpus_text(corpus, args.split)
-            source = {"corpus": corpus, "split": args.split}
-        # A shipped calibrator applies to what it was fitted for: next tokens, or the BBC topics.
-        cal = None if args.no_calibrator else loaded.calibrator
-        target = cal.target if cal is not None else None
-        with torch.inference_mode():
-            result = evaluate_text(loaded.model, loaded.tokenizer, text, seq_len=args.seq_len,
-                                   max_windows=args.max_windows, batch_size=args.batch_size, device=device,
-                                   calibrator=cal if target == "tokens" else None)
-        if args.speed or args.topics:
-            from compress.draft.standalone import standalone_metrics
-            result.update(standalone_metrics(loaded.model, loaded.tokenizer, device=device, speed=args.speed,
-                                             new_tokens=args.new_tokens, compile=args.compile,
-                                             topics=0 if target == "topics" else args.topics,
-                                             bandwidth_gbs=args.bandwidth_gbs, prompt_text=text))
-        if args.topics and target == "topics":
-            from compress.tasks import bbc_topic_examples, topic_accuracy
-            with torch.inference_mode():
-                result["bbc_topics"] = topic_accuracy(loaded.model, loaded.tokenizer,
-                                                      bbc_topic_examples("test", max_examples=args.topics),
-                                                      device=device, calibrator=cal)
-        applied = target == "tokens" or (target == "topics" and args.topics)
-        result["calibrator"] = cal.name if applied else None  # what the numbers went through
-        print(json.dumps({"model": args.model, **source, **result}))
+        from compress.measure import evaluate_source
+        result = evaluate_source(args.model, text=args.text, corpus=args.corpus, split=args.split,
+                                 seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size,
+                                 device=args.device, dtype=args.dtype, topics=args.topics,
+                                 use_calibrator=not args.no_calibrator, int4=args.int4, speed=args.speed,
+                                 new_tokens=args.new_tokens, compile=args.compile, bandwidth_gbs=args.bandwidth_gbs)
+        print(json.dumps(result))
         return 0
 
     if args.command == "draft-eval":
         from compress.draft.agreement import draft_eval_sources, parse_gammas
-        from compress.pipeline import resolve_device
+        from compress.runtime import resolve_device
         result = draft_eval_sources(args.target, args.drafter, args.text, gammas=parse_gammas(args.gammas),
                                     max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
                                     temperature=args.temperature, device=resolve_device(args.device),
@@ -199,6 +179,7 @@ def _dispatch(args) -> int:
 def _draft_bench(args) -> dict:
     """Load the target and the drafter (a model, a GPTQ export with --int4-drafter, or a self-spec
     export), build their decoders and time them (compress/draft/bench.py)."""
+    # Imported here, as every command's code is: the CLI must start without torch for `validate`.
     import torch
 
     from compress.draft.agreement import read_prompts
@@ -207,7 +188,7 @@ def _draft_bench(args) -> dict:
     from compress.draft.selfspec.head import read_manifest
     from compress.draft.speculative import check_gamma, check_same_vocabulary
     from compress.models import load_model
-    from compress.pipeline import resolve_device, versions
+    from compress.runtime import resolve_device, versions
 
     check_gamma(args.gamma)
     device = resolve_device(args.device)

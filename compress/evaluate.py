@@ -6,7 +6,7 @@ own (no context carried over), the trailing partial window is dropped, and
 perplexity = exp(mean NLL over every predicted token). Confidence is the top-1
 next-token probability; ECE uses 15 equal-width bins.
 
-With a shipped calibrator (``compress.recalibrate.LMCalibrator``, target tokens) the metrics are
+With a shipped calibrator (``compress.formats.calibrator.LMCalibrator``, target tokens) the metrics are
 those of the calibrated model: a pure temperature divides the logits first (NLL, perplexity and
 ECE all change), a top-label calibrator maps the top-1 confidences (ECE changes; NLL and
 perplexity do not). The raw numbers are kept under ``uncalibrated``.
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,22 +22,6 @@ from tqdm.auto import tqdm
 
 from calibration.metrics import expected_calibration_error
 from compress.errors import CompressError
-
-
-@contextmanager
-def on_device(model: torch.nn.Module, device) -> Iterator[torch.nn.Module]:
-    """Run ``model`` on ``device`` in eval mode, then put it back where (and as) it was.
-
-    Layer-wise stages keep a model on the CPU and move one block at a time; evaluation
-    needs the whole model on the compute device for the duration of the call only.
-    """
-    home = next(model.parameters()).device
-    was_training = model.training
-    model.to(device).eval()
-    try:
-        yield model
-    finally:
-        model.to(home).train(was_training)
 
 
 def window_token_ids(tokenizer, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Run a recipe: load, calibrate, apply the stages, verify, export. No global state."""
 from __future__ import annotations
 
-import platform
+import copy
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -11,9 +11,21 @@ from typing import Any
 import torch
 
 from compress.algorithms import ALGORITHMS, StepContext
-from compress.export import check_out_dir, write_export, write_json_atomic
+from compress.data import corpus_text
+from compress.data.selection import select_calibration_set
+from compress.evaluate import window_token_ids
+from compress.export import check_out_dir, write_export
+from compress.measure import verify
 from compress.models import load_model
-from compress.recipe import Recipe, validate_recipe
+from compress.plan import check_plan
+from compress.recipe import CalibrationSpec, Recipe, validate_recipe
+# resolve_device and versions live in compress.runtime; they are imported here too, where callers
+# have always found them.
+from compress.runtime import resolve_device, versions
+from compress.state import RunState
+from compress.structure import remember_structure, structure_of
+
+__all__ = ["RunResult", "resolve_device", "run_recipe", "versions"]
 
 
 @dataclass
@@ -23,25 +35,7 @@ class RunResult:
     recipe: Recipe  # fully resolved
     report: dict
     out_dir: Path | None = None
-    artifacts: dict = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from compress.errors import CompressError
-        raise CompressError(f"model.device is {name!r} but CUDA is not available here; use auto or cpu")
-    return torch.device(name)
-
-
-def versions() -> dict:
-    import transformers
-
-    from compress import __version__
-    return {"compress": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    state: RunState = field(default_factory=RunState)  # what the steps left: quantized levels, adapters, calibrator
 
 
 class _Timer:
@@ -52,19 +46,30 @@ class _Timer:
         self.timings: dict[str, float] = {}
         self.peak_device_mb: dict[str, float] = {}
         self._cuda = device if device is not None and device.type == "cuda" else None
+        self._open: tuple[str, float, float] | None = None  # the phase running now: key, start, time before
 
     @contextmanager
     def __call__(self, key: str):
-        if self._cuda is not None:
-            torch.cuda.reset_peak_memory_stats(self._cuda)
-        t0 = time.perf_counter()
+        self.start(key)
         try:
             yield
         finally:
-            self.timings[key] = round(self.timings.get(key, 0.0) + time.perf_counter() - t0, 3)
-            if self._cuda is not None:
-                peak = torch.cuda.max_memory_allocated(self._cuda) / 2**20
-                self.peak_device_mb[key] = round(max(peak, self.peak_device_mb.get(key, 0.0)), 1)
+            self.stop()
+
+    def start(self, key: str) -> None:
+        if self._cuda is not None:
+            torch.cuda.reset_peak_memory_stats(self._cuda)
+        self._open = (key, time.perf_counter(), self.timings.get(key, 0.0))
+
+    def stop(self) -> None:
+        if self._open is None:
+            return
+        key, t0, before = self._open
+        self._open = None
+        self.timings[key] = round(before + time.perf_counter() - t0, 3)
+        if self._cuda is not None:
+            peak = torch.cuda.max_memory_allocated(self._cuda) / 2**20
+            self.peak_device_mb[key] = round(max(peak, self.peak_device_mb.get(key, 0.0)), 1)
 
 
 def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, force: bool = False,
@@ -82,6 +87,9 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
                             trust_remote_code=recipe.model.trust_remote_code, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
+    structure = structure_of(model)
+    check_plan(recipe, structure, exports=out_dir is not None)  # order and targets, before any work
+    remember_structure(loaded.path, structure)  # so that validating a recipe for this model builds nothing
     report["model"].update(path=loaded.path, parameters=sum(p.numel() for p in model.parameters()),
                            dtype=recipe.model.dtype, device=str(device))
     # Layer-wise algorithms move one block at a time to the device; the rest go whole.
@@ -90,8 +98,6 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     calib = None
     if recipe.calibration is not None or recipe.needs_calibration():
-        from compress.data.selection import select_calibration_set
-        from compress.recipe import CalibrationSpec
         spec = recipe.calibration or CalibrationSpec()  # defaults when a step needs data but none is given
         with timer("calibration_set"):
             selection = select_calibration_set(
@@ -109,15 +115,13 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         log(f"calibration set {calib.digest} ({spec.strategy}): {spec.num_samples} x {spec.seq_len} tokens "
             f"from {spec.corpus}/{spec.split}")
 
-    verify_text = None
+    verify_windows = None
     if recipe.verify is not None:
-        from compress.data import corpus_text
-        from compress.evaluate import window_token_ids
         v = recipe.verify
-        verify_text = window_token_ids(tokenizer, corpus_text(v.corpus, v.split), v.seq_len, v.max_windows)
+        verify_windows = window_token_ids(tokenizer, corpus_text(v.corpus, v.split), v.seq_len, v.max_windows)
         if v.baseline:
             with timer("verify_baseline"):
-                report["baseline"] = _verify(model, tokenizer, verify_text, v, device, progress)
+                report["baseline"] = verify(model, tokenizer, verify_windows, v, device, progress)
             log(f"baseline: perplexity {report['baseline']['perplexity']:.3f}, ECE {report['baseline']['ece']:.4f}")
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
@@ -127,8 +131,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     if recipe.verify is not None:
         with timer("verify"):
-            report["verify"] = _verify(model, tokenizer, verify_text, recipe.verify, device, progress,
-                                       calibrator=ctx.artifacts.get("calibrator"))
+            report["verify"] = verify(model, tokenizer, verify_windows, recipe.verify, device, progress,
+                                      calibrator=ctx.state.calibrator)
         if "baseline" in report:  # the before/after pair in one place, as the recipes' reports promise
             for key in ("ece", "perplexity", "accuracy", "topics_ece"):
                 if key in report["baseline"]:
@@ -140,12 +144,16 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     written = None
     if out_dir is not None:
-        with timer("export"):
-            written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
-                                   report=report, artifacts=ctx.artifacts, force=force)
-        report["timings"] = timer.timings
-        write_json_atomic(written / "report.json", report)  # now with the export's own time
-    return RunResult(model, tokenizer, recipe, report, written, ctx.artifacts)
+        def final_report() -> dict:
+            # Called by the export once the weights are on disk, so that report.json, written once,
+            # carries the export's own time (and, on CUDA, its peak memory).
+            timer.stop()
+            return report
+
+        timer.start("export")
+        written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
+                               report=final_report, state=ctx.state, force=force)
+    return RunResult(model, tokenizer, recipe, report, written, ctx.state)
 
 
 def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> list[dict]:
@@ -169,7 +177,6 @@ def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> l
 def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size) -> torch.nn.Module:
     """KL-guided selection: the recipe's stages (only ``calibration.kl_steps`` if given) applied to a
     copy, with one candidate set."""
-    import copy
     keep = recipe.calibration.kl_steps if recipe.calibration else None
     if keep is not None:
         stages = [s.model_copy(update={"steps": [st for st in s.steps if st.algorithm in keep]})
@@ -179,24 +186,3 @@ def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib, batch_size=batch_size, progress=False)
     _apply_stages(clone, recipe, ctx, log=lambda *_: None)
     return clone
-
-
-def _verify(model, tokenizer, windows, spec, device, progress, calibrator=None) -> dict:
-    """Perplexity / NLL / ECE on the verify windows (and BBC topics), through a recalibrate step's
-    calibrator where it applies (tokens or topics target); the raw numbers then sit under ``uncalibrated``."""
-    from compress.evaluate import evaluate_windows, on_device
-    target = calibrator.target if calibrator is not None else None
-    with on_device(model, device):  # a layer-wise stage may keep the model on the CPU until it runs
-        out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress,
-                               calibrator=calibrator if target == "tokens" else None)
-        out.update(corpus=spec.corpus, split=spec.split)
-        if spec.topics:
-            from compress.tasks import bbc_topic_examples, topic_accuracy
-            topics = topic_accuracy(model, tokenizer, bbc_topic_examples("test", max_examples=spec.topics),
-                                    device=device, batch_size=8, progress=progress,
-                                    calibrator=calibrator if target == "topics" else None)
-            out.update(accuracy=topics["accuracy"], topics_ece=topics["ece"],
-                       topics={k: topics[k] for k in ("examples", "ece", "uncalibrated") if k in topics})
-    if calibrator is not None:
-        out["calibrator"] = calibrator.describe()
-    return out

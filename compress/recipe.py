@@ -11,7 +11,7 @@
     export: {format: hf}
 
 Unknown keys are errors; every error names its YAML path (``stages[0].steps[1].bits``),
-the bad value and what is allowed.
+the bad value and what is allowed. Reading the YAML and ``--set`` overrides: ``recipe_io.py``.
 """
 from __future__ import annotations
 
@@ -21,29 +21,25 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-import compress.draft.selfspec.step  # noqa: F401
+# Registering every algorithm (and the self-spec format) before the step union is built:
+import compress.draft.selfspec.config  # noqa: F401
 import compress.finetune  # noqa: F401
-import compress.prune  # noqa: F401  (registers algorithms before the union is built)
+import compress.prune  # noqa: F401
 import compress.quantize  # noqa: F401
 import compress.recalibrate  # noqa: F401
 from compress.algorithms import ALGORITHMS
-from compress.config import StrictModel
+from compress.config import CorpusName, StrictModel
 from compress.errors import CompressError, RecipeError
-from compress.models import DEFAULT_MODEL, check_model_source
+from compress.formats import FORMATS
+from compress.models import ZOO, check_model_source
+from compress.recipe_io import apply_overrides, read_recipe_dict
 
 RECIPE_VERSION = 1
 DTYPES = Literal["float32", "float16", "bfloat16"]
 
 
-def _check_corpus(source: str) -> str:
-    from compress.data import list_corpora
-    if source in list_corpora() or Path(source).expanduser().exists():
-        return source
-    raise ValueError(f"unknown corpus {source!r}; known: {', '.join(list_corpora())}, or a path to a .txt/.jsonl file")
-
-
 class ModelSpec(StrictModel):
-    id: str = DEFAULT_MODEL
+    id: str  # a zoo id, a model folder or a hub id; required: a recipe says which model it compresses
     dtype: DTYPES = "float32"
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     trust_remote_code: bool = False
@@ -68,7 +64,7 @@ class ModelSpec(StrictModel):
 class CalibrationSpec(StrictModel):
     """Which calibration windows the data-driven steps see (compress/data/README.md)."""
 
-    corpus: str = "bbc"  # for `domain`, name the target-domain corpus here (e.g. stdlib for code)
+    corpus: CorpusName = "bbc"  # for `domain`, name the target-domain corpus here (e.g. stdlib for code)
     split: Literal["train", "validation"] = "train"  # never the test split: that is for verify
     num_samples: int = Field(128, ge=1, le=1_000_000)
     seq_len: int = Field(512, ge=8, le=131_072)
@@ -77,20 +73,13 @@ class CalibrationSpec(StrictModel):
     strategy: Literal["random", "domain", "diversity", "kl"] = "random"
     pool_factor: int = Field(4, ge=1, le=64, description="diversity: pool = pool_factor x num_samples windows")
     candidates: int = Field(4, ge=1, le=64, description="kl: candidate sets (seeds seed..seed+candidates-1)")
-    probe_corpus: str | None = None  # kl: probe text (validation split); defaults to `corpus`
+    probe_corpus: CorpusName | None = None  # kl: probe text (validation split); defaults to `corpus`
     probe_samples: int = Field(128, ge=1, le=100_000)
     probe_seq_len: int = Field(64, ge=8, le=131_072)
     # Scoring a candidate with the full stage list costs candidates x (every step); scoring with the
     # steps that set the weights (e.g. [gptq] ahead of an adaquant refinement) is a cheaper proxy.
     kl_steps: list[str] | None = Field(None, description="kl: algorithms applied to score a candidate "
                                        "(default: every step of the recipe)")
-
-    _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
-
-    @field_validator("probe_corpus")
-    @classmethod
-    def _probe(cls, v: str | None) -> str | None:
-        return None if v is None else _check_corpus(v)
 
     @model_validator(mode="after")
     def _kl_steps_need_kl(self) -> "CalibrationSpec":
@@ -109,7 +98,7 @@ class CalibrationSpec(StrictModel):
 
 
 class VerifySpec(StrictModel):
-    corpus: str = "bbc"
+    corpus: CorpusName = "bbc"
     split: Literal["validation", "test"] = "test"
     seq_len: int = Field(512, ge=8, le=131_072)
     max_windows: int | None = Field(32, ge=1)
@@ -117,13 +106,11 @@ class VerifySpec(StrictModel):
     baseline: bool = Field(True, description="also evaluate the model before any stage")
     topics: int = Field(0, ge=0, description="BBC test articles for zero-shot topic accuracy (0: skip)")
 
-    _corpus = field_validator("corpus")(classmethod(lambda cls, v: _check_corpus(v)))
-
 
 class ExportSpec(StrictModel):
-    # hf: float safetensors; gptq: GPTQ v1 packed int (transformers via optimum+gptqmodel, vLLM);
-    # compressed-tensors: pack-quantized (vLLM), uniform schemes only.
-    format: Literal["hf", "gptq", "compressed-tensors", "self-spec"] = "hf"
+    # compress.formats: hf: float safetensors; gptq: GPTQ v1 packed int (transformers via
+    # optimum+gptqmodel, vLLM); compressed-tensors: pack-quantized (vLLM), uniform schemes only.
+    format: Literal[tuple(FORMATS)] = "hf"  # type: ignore[valid-type]
     dtype: DTYPES | None = None  # None keeps the model's dtype
 
 
@@ -144,8 +131,10 @@ class Stage(StrictModel):
 
 class Recipe(StrictModel):
     version: Literal[1] = RECIPE_VERSION
-    model: ModelSpec = Field(default_factory=ModelSpec)
+    model: ModelSpec  # required: no model is assumed
     calibration: CalibrationSpec | None = None
+    # Empty only for measuring a model as it is (run_recipe without an export); compress.plan refuses
+    # an empty recipe that exports (compress validate, compress run): it would write an unchanged copy.
     stages: list[Stage] = Field(default_factory=list)
     verify: VerifySpec | None = None
     export: ExportSpec = Field(default_factory=ExportSpec)
@@ -187,102 +176,6 @@ class Recipe(StrictModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-# ---------------------------------------------------------------- loading
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A safe loader that refuses duplicate keys (PyYAML silently keeps the last)."""
-
-
-def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False):
-    seen = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
-
-
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def read_recipe_dict(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise RecipeError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
-    if b"\x00" in raw:
-        raise RecipeError(f"{path}: not a YAML text file (it contains NUL bytes)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); a recipe is a YAML file") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise RecipeError(f"{path}: YAML syntax error{where}: {problem}") from None
-    if data is None:
-        raise RecipeError(f"{path}: the recipe is empty; it needs at least `model:` (see recipes/default.yaml)")
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: the recipe must be a YAML mapping (keys: version, model, calibration, "
-                          f"stages, verify, export), got a {type(data).__name__}")
-    return data
-
-
-def apply_overrides(data: dict, overrides: list[str], *, origin: str = "--set") -> dict:
-    """Apply ``a.b[0].c=value`` overrides (value parsed as YAML) to a recipe dict, in place."""
-    for item in overrides:
-        if "=" not in item:
-            raise RecipeError(f"{origin} {item!r}: expected KEY=VALUE, e.g. stages[0].steps[0].bits=3")
-        key, _, raw_value = item.partition("=")
-        try:
-            value = yaml.safe_load(raw_value) if raw_value.strip() else None
-        except yaml.YAMLError:
-            value = raw_value
-        parts = _split_path(key.strip(), origin, item)
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            nxt_is_index = isinstance(parts[i + 1], int)
-            node = _descend(node, part, create=[] if nxt_is_index else {}, origin=origin, item=item)
-        last = parts[-1]
-        if isinstance(last, int):
-            if not isinstance(node, list) or not -len(node) <= last < len(node):
-                raise RecipeError(f"{origin} {item!r}: index {last} is out of range")
-            node[last] = value
-        elif isinstance(node, dict):
-            node[last] = value
-        else:
-            raise RecipeError(f"{origin} {item!r}: {key!r} does not lead to a mapping")
-    return data
-
-
-def _split_path(key: str, origin: str, item: str) -> list:
-    parts: list = []
-    for token in key.replace("[", ".").replace("]", "").split("."):
-        if token == "":
-            raise RecipeError(f"{origin} {item!r}: empty path segment in {key!r}")
-        parts.append(int(token) if token.lstrip("-").isdigit() else token)
-    return parts
-
-
-def _descend(node: Any, part: Any, *, create: Any, origin: str, item: str) -> Any:
-    if isinstance(part, int):
-        if not isinstance(node, list) or not -len(node) <= part < len(node):
-            raise RecipeError(f"{origin} {item!r}: index {part} is out of range")
-        return node[part]
-    if not isinstance(node, dict):
-        raise RecipeError(f"{origin} {item!r}: {part!r} is not under a mapping")
-    if node.get(part) is None:
-        node[part] = create
-    return node[part]
-
-
 def format_loc(loc: tuple) -> str:
     """('stages', 0, 'steps', 1, 'gptq', 'bits') -> 'stages[0].steps[1].bits'."""
     out = ""
@@ -303,6 +196,9 @@ def format_loc(loc: tuple) -> str:
 def _describe(err: dict) -> str:
     path = format_loc(err["loc"])
     msg = err["msg"]
+    if err["loc"] == ("model",) and err["type"] == "missing":  # pydantic's "Field required" says less
+        return (f"model: the recipe names no model: give `model:` a zoo id ({', '.join(ZOO)}), a model folder "
+                f"or a hub id")
     if err["type"] == "union_tag_invalid":
         ctx = err.get("ctx", {})
         return (f"{path}.algorithm: unknown algorithm {ctx.get('tag')!r}; "

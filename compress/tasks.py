@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from calibration.metrics import expected_calibration_error
+from compress.data.corpora import split_documents
 from compress.errors import CompressError
 
 BBC_TOPICS: tuple[str, ...] = ("business", "entertainment", "politics", "sport", "tech")
@@ -28,7 +30,6 @@ class TopicExample:
 def bbc_topic_examples(split: str = "test", *, max_examples: int | None = None, max_chars: int = 600,
                        seed: int = 0) -> list[TopicExample]:
     """Labelled BBC articles of one split; a seeded subsample when ``max_examples`` is set."""
-    from compress.data.corpora import split_documents
     if max_chars < 1:
         raise CompressError(f"max_chars must be >= 1, got {max_chars}")
     docs = [d for d in split_documents("bbc", split) if d.label in BBC_TOPICS]
@@ -105,8 +106,6 @@ def topic_accuracy(model, tokenizer, examples: list[TopicExample], *, calibrator
     ``calibrator``: a fitted one with ``transform(logits [N, 5]) -> probs`` (a calibration.Calibrator, or
     the recalibrate step's topics LMCalibrator); the numbers are then its, the raw ones under ``uncalibrated``.
     """
-    from calibration.metrics import expected_calibration_error
-
     def scores(probs):
         conf, pred = probs.max(-1)
         correct = pred == labels

@@ -213,12 +213,12 @@ def _gptq_export(path, arch="llama", seed=0, sharpen=False):
     ctx = StepContext(tokenizer=tok, device="cpu", progress=False)
     ALGORITHMS["rtn"].apply(model, ALGORITHMS["rtn"].config(algorithm="rtn", bits=4, group_size=32, sym=False), ctx)
     write_export(model, tok, path, spec=SimpleNamespace(format="gptq", dtype=None), recipe_yaml="version: 1\n",
-                 report={}, artifacts=ctx.artifacts)
-    return str(path), model, ctx.artifacts
+                 report={}, state=ctx.state)
+    return str(path), model, ctx.state
 
 
 def test_int4_from_a_gptq_export_and_from_artifacts_keeps_the_logits(tmp_path):
-    path, model, artifacts = _gptq_export(tmp_path / "q")
+    path, model, state = _gptq_export(tmp_path / "q")
     ids = torch.tensor([list(b"The quick brown fox jumps over")])
     loaded = load_model(path).model
     with torch.no_grad():
@@ -231,10 +231,10 @@ def test_int4_from_a_gptq_export_and_from_artifacts_keeps_the_logits(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-4, atol=1e-4)
     after = weight_bytes(loaded)
     assert after["int4_linears"] == 21 and after["weight_bytes"] < before["weight_bytes"]
-    # in-memory artifacts (float32 scales) give the in-memory fake-quantized model
+    # in-memory quantize results (float32 scales) give the in-memory fake-quantized model
     with torch.no_grad():
         want = model(ids).logits
-    int4_linears_from_gptq(model, artifacts)
+    int4_linears_from_gptq(model, state.quant)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, want, rtol=1e-4, atol=1e-4)
     with pytest.raises(CompressError, match="no packed linear|no \\*.safetensors"):

@@ -229,7 +229,7 @@ def test_finetune_then_gptq_runs_and_quantize_then_finetune_is_refused(tmp_path,
     res = run_recipe({"model": {"id": model_dir, "device": "cpu"}, "calibration": calibration,
                       "stages": [finetune, quantize], "export": {"format": "gptq"}},
                      out_dir=tmp_path / "out", **QUIET)
-    assert res.artifacts["quant"] and "s2ft_adapter" in res.artifacts["adapters"]
+    assert res.state.quant and "s2ft_adapter" in res.state.adapters
     assert (tmp_path / "out" / "s2ft_adapter" / ADAPTER_WEIGHTS).is_file()
     assert res.report["stages"][0]["steps"][0]["loss_last"] is not None
     with pytest.raises(CompressError, match="before the quantization stage"):

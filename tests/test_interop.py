@@ -62,8 +62,8 @@ def assert_logits_close(external, ours_dir, rel):
 def test_transformers_loads_gptq_w4_g32(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model, artifacts = quantized_tiny("llama", [("gptq", dict(bits=4, group_size=32, sym=True))])
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("llama", [("gptq", dict(bits=4, group_size=32, sym=True))])
+    out = export(model, state, tmp_path / "out")
     hf = AutoModelForCausalLM.from_pretrained(out)  # default backend selection
     quant = assert_same_weights(hf, out)
     assert len(quant) == 21
@@ -77,8 +77,8 @@ def test_transformers_loads_partial_last_group(tmp_path):
     """hidden 160 = 128 + 32 at g128 (SmolLM2's 576 = 4.5 x 128 in small)."""
     from transformers import AutoModelForCausalLM
 
-    model, artifacts = quantized_tiny("qwen2", [("gptq", dict(bits=4, group_size=128, sym=False))])
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("qwen2", [("gptq", dict(bits=4, group_size=128, sym=False))])
+    out = export(model, state, tmp_path / "out")
     assert json.loads((out / "config.json").read_text())["quantization_config"]["backend"] == "torch"
     hf = AutoModelForCausalLM.from_pretrained(out)
     quant = assert_same_weights(hf, out)
@@ -92,8 +92,8 @@ def test_transformers_loads_3bit_with_float_kv(tmp_path):
     from transformers import AutoModelForCausalLM
 
     ignore = ["lm_head", "*.k_proj", "*.v_proj"]
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=3, group_size=32, sym=True, ignore=ignore))])
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=3, group_size=32, sym=True, ignore=ignore))])
+    out = export(model, state, tmp_path / "out")
     hf = AutoModelForCausalLM.from_pretrained(out)
     quant = assert_same_weights(hf, out)
     assert not [n for n in quant if n.endswith(("k_proj", "v_proj"))] and len(quant) == 15
@@ -108,8 +108,8 @@ def test_gptqmodel_honours_dynamic_mixed_bits(tmp_path):
     steps = [("rtn", dict(bits=4, group_size=32, sym=True, ignore=["lm_head", "*.down_proj"])),
              ("rtn", dict(bits=8, group_size=32, sym=True, targets=["*.down_proj"])),
              ("rtn", dict(bits=2, group_size=-1, sym=False, targets=["model.layers.1.mlp.up_proj"]))]
-    model, artifacts = quantized_tiny("llama", steps)
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("llama", steps)
+    out = export(model, state, tmp_path / "out")
     gm = GPTQModel.load(str(out), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16).model
     quant = assert_same_weights(gm, out)
     bits = {n: m.bits for n, m in quant.items()}
@@ -123,8 +123,8 @@ def test_transformers_loads_compressed_tensors_export(tmp_path):
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM
 
-    model, artifacts = quantized_tiny("qwen2", [("gptq", dict(bits=4, group_size=32, sym=True))])
-    out = export(model, artifacts, tmp_path / "out", fmt="compressed-tensors")
+    model, state = quantized_tiny("qwen2", [("gptq", dict(bits=4, group_size=32, sym=True))])
+    out = export(model, state, tmp_path / "out", fmt="compressed-tensors")
     hf = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         hf(IDS)  # compressed-tensors decompresses on the first forward

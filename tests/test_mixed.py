@@ -115,7 +115,7 @@ def _run(tiny, **step):
 def _check_run(res, target, n_modules):
     step = res.report["stages"][0]["steps"][0]
     summary, modules = step["summary"], step["modules"]
-    quant = res.artifacts["quant"]
+    quant = res.state.quant
     assert summary["achieved_avg_bits"] <= target + 1e-9
     assert set(quant) == set(modules) and len(modules) == n_modules  # 7 linears per block
     sizes = {n: res.model.get_submodule(n).weight.numel() for n in modules}

@@ -60,7 +60,7 @@ def test_rtn_recipe_needs_no_calibration_and_is_deterministic(tmp_path, text_fil
     assert "calibration" not in a.report
     for pa, pb in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(pa, pb)
-    levels = a.artifacts["quant"]["model.layers.0.self_attn.q_proj"].qweight
+    levels = a.state.quant["model.layers.0.self_attn.q_proj"].qweight
     assert int(levels.max()) <= 7 and int(levels.min()) >= 0
 
 
@@ -178,3 +178,26 @@ def test_export_folder_has_plain_permissions(tmp_path, text_file):
     umask = os.umask(0)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)
+
+
+def test_report_json_is_written_once_and_carries_the_export_time(tmp_path, text_file, monkeypatch):
+    import compress.export
+    written = []
+    real = compress.export.write_json_atomic
+    monkeypatch.setattr(compress.export, "write_json_atomic", lambda path, obj: (written.append(path.name),
+                                                                                 real(path, obj)))
+    out = tmp_path / "out"
+    res = run_recipe(_recipe(tiny_model_dir(tmp_path / "m"), text_file, [{"algorithm": "rtn", "group_size": 32}]),
+                     out_dir=out, progress=False, log=lambda *_: None)
+    assert written == ["report.json"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["timings"]["export"] > 0 and on_disk["timings"] == res.report["timings"]
+
+
+def test_eval_checks_the_text_before_loading_the_model(tmp_path, capsys):
+    model_dir = tiny_model_dir(tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").unlink()  # loading the model would fail: it must not get that far
+    short = tmp_path / "short.txt"
+    short.write_text("too short for one window")
+    assert main(["eval", model_dir, "--text", str(short), "--seq-len", "512", "--device", "cpu"]) == 2
+    assert "fewer than one window of seq_len=512" in capsys.readouterr().err

@@ -166,7 +166,7 @@ def test_methods_rank_differently():
 def test_pruning_after_quantization_is_refused():
     model = tiny_model()
     ctx = StepContext(tokenizer=None, device=torch.device("cpu"), calibration=_Calib(), progress=False)
-    ctx.artifacts["quant"] = {"model.layers.0.mlp.up_proj": object()}
+    ctx.state.quant = {"model.layers.0.mlp.up_proj": object()}
     with pytest.raises(CompressError, match="before the quantization"):
         ALGORITHMS["magnitude"].apply(model, ALGORITHMS["magnitude"].config(algorithm="magnitude"), ctx)
 

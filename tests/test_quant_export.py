@@ -11,12 +11,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import compress.quantize  # noqa: F401  (registers the writers and loaders)
+import compress.quantize  # noqa: F401  (registers the quantize steps)
 from compress.algorithms import ALGORITHMS, StepContext
 from compress.errors import CompressError
 from compress.export import write_export
+from compress.formats.compressed_tensors import pack_dense, unpack_dense
 from compress.models import load_model
-from compress.quantize.export_ct import pack_dense, unpack_dense
 from compress.quantize.gptq_v1 import pack_bits
 from tests.tiny import TEXT, byte_tokenizer, tiny_config, tiny_model
 
@@ -35,7 +35,7 @@ class _Calibration:
 
 
 def quantized_tiny(arch="llama", steps=(("rtn", {}),), *, tie=False, seed=0):
-    """A tiny model after the given quantize steps, and the artifacts they left."""
+    """A tiny model after the given quantize steps, and the state they left."""
     if tie:
         from transformers import AutoModelForCausalLM
 
@@ -49,19 +49,19 @@ def quantized_tiny(arch="llama", steps=(("rtn", {}),), *, tie=False, seed=0):
                       progress=False)
     for name, kw in steps:
         ALGORITHMS[name].apply(model, ALGORITHMS[name].config(algorithm=name, **kw), ctx)
-    return model, ctx.artifacts
+    return model, ctx.state
 
 
-def export(model, artifacts, out, fmt="gptq", dtype=None):
+def export(model, state, out, fmt="gptq", dtype=None):
     return write_export(model, byte_tokenizer(), out, spec=SimpleNamespace(format=fmt, dtype=dtype),
-                        recipe_yaml="version: 1\n", report={}, artifacts=artifacts)
+                        recipe_yaml="version: 1\n", report={}, state=state)
 
 
-def fp16_reference(model, artifacts):
+def fp16_reference(model, state):
     """What an exact reader of the export computes: quantized weights rebuilt from fp16
     scales (in float32), every other tensor rounded through float16."""
     ref = copy.deepcopy(model)
-    quant = artifacts["quant"]
+    quant = state.quant
     with torch.no_grad():
         for name, p in ref.named_parameters():
             p.copy_(p.half().float())
@@ -78,11 +78,11 @@ def logits(model):
         return model(IDS).logits.float()
 
 
-def assert_loads_back(model, artifacts, out):
+def assert_loads_back(model, state, out):
     """Our loader gives the fp16-rounded model exactly (up to float32 sums) and the
     in-memory model up to fp16 rounding of scales and other tensors."""
     loaded = load_model(str(out)).model
-    got, ref, mem = logits(loaded), logits(fp16_reference(model, artifacts)), logits(model)
+    got, ref, mem = logits(loaded), logits(fp16_reference(model, state)), logits(model)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     tol = 2e-3 * mem.abs().max().item()  # fp16 has 11 significant bits: ~5e-4 relative per tensor
     assert (got - mem).abs().max().item() <= tol
@@ -117,21 +117,21 @@ def _case_id(case):
 @pytest.mark.parametrize("case", GPTQ_CASES, ids=_case_id)
 def test_gptq_export_loads_back_with_same_logits(tmp_path, case):
     arch, algo, kw = case
-    model, artifacts = quantized_tiny(arch, [(algo, kw)])
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny(arch, [(algo, kw)])
+    out = export(model, state, tmp_path / "out")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["bits"] == kw["bits"] and qcfg["group_size"] == kw["group_size"] and qcfg["sym"] == kw["sym"]
     assert qcfg["desc_act"] is False  # static groups: g_idx stays j // group_size, even with act_order
     assert "dynamic" not in qcfg
     assert ("backend" in qcfg) == (kw["group_size"] == 128)  # partial groups need gptqmodel's torch kernel
-    assert_loads_back(model, artifacts, out)
+    assert_loads_back(model, state, out)
 
 
 def test_gptq_layout_shapes_dtypes_and_config(tmp_path):
-    model, artifacts = quantized_tiny("qwen2", [("rtn", dict(bits=4, group_size=32, sym=True))])
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("qwen2", [("rtn", dict(bits=4, group_size=32, sym=True))])
+    out = export(model, state, tmp_path / "out")
     tensors = load_file(str(out / "model.safetensors"))
-    for name, res in artifacts["quant"].items():
+    for name, res in state.quant.items():
         out_f, in_f = res.qweight.shape
         G = -(-in_f // 32)
         assert f"{name}.weight" not in tensors
@@ -160,23 +160,23 @@ def test_gptq_layout_shapes_dtypes_and_config(tmp_path):
 
 
 def test_gptq_tied_embeddings_are_stored_once(tmp_path):
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))], tie=True)
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))], tie=True)
+    out = export(model, state, tmp_path / "out")
     assert "lm_head.weight" not in load_file(str(out / "model.safetensors"))
-    loaded = assert_loads_back(model, artifacts, out)
+    loaded = assert_loads_back(model, state, out)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
 
 
 def test_gptq_3bit_needs_32_aligned_outputs(tmp_path):
     # k/v have 80 outputs (2 kv heads x 40): 3-bit runs of 32 values cannot pack them.
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=3, group_size=32, sym=True))])
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=3, group_size=32, sym=True))])
     with pytest.raises(CompressError, match=r"k_proj.*3 bits.*multiple of 32"):
-        export(model, artifacts, tmp_path / "bad")
+        export(model, state, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     # Leaving k/v in float works: they are excluded with negative dynamic rules.
     ignore = ["lm_head", "*.k_proj", "*.v_proj"]
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=3, group_size=32, sym=True, ignore=ignore))])
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=3, group_size=32, sym=True, ignore=ignore))])
+    out = export(model, state, tmp_path / "out")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["bits"] == 3
     negative = [re.compile(k[2:]) for k in qcfg["dynamic"] if k.startswith("-:")]
@@ -190,7 +190,7 @@ def test_gptq_3bit_needs_32_aligned_outputs(tmp_path):
     assert tensors["model.layers.0.self_attn.k_proj.weight"].dtype == torch.float16
     assert "model.layers.0.self_attn.k_proj.qweight" not in tensors
     assert tensors["model.layers.0.self_attn.q_proj.qweight"].shape == (160 * 3 // 32, 160)
-    assert_loads_back(model, artifacts, out)
+    assert_loads_back(model, state, out)
 
 
 def test_gptq_mixed_bits_become_dynamic_overrides(tmp_path):
@@ -198,8 +198,8 @@ def test_gptq_mixed_bits_become_dynamic_overrides(tmp_path):
              ("rtn", dict(bits=8, group_size=32, sym=True, targets=["*.down_proj"])),
              ("rtn", dict(bits=4, group_size=-1, sym=False, targets=["model.layers.1.self_attn.o_proj"])),
              ("rtn", dict(bits=4, group_size=32, sym=True, targets=["model.layers.[02].self_attn.o_proj"]))]
-    model, artifacts = quantized_tiny("qwen2", steps)
-    out = export(model, artifacts, tmp_path / "out")
+    model, state = quantized_tiny("qwen2", steps)
+    out = export(model, state, tmp_path / "out")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (qcfg["bits"], qcfg["group_size"], qcfg["sym"]) == (4, 32, True)  # the most common spec
     rules = [(re.compile(k[2:]), v) for k, v in qcfg["dynamic"].items()]
@@ -208,7 +208,7 @@ def test_gptq_mixed_bits_become_dynamic_overrides(tmp_path):
     def override(name):  # gptqmodel / vLLM: the first rule that re.match-es
         return next((v for r, v in rules if r.match(name)), {})
 
-    for name in artifacts["quant"]:
+    for name in state.quant:
         if name.endswith("down_proj"):
             assert override(name) == {"bits": 8}, name
         elif name == "model.layers.1.self_attn.o_proj":
@@ -219,11 +219,11 @@ def test_gptq_mixed_bits_become_dynamic_overrides(tmp_path):
     tensors = load_file(str(out / "model.safetensors"))
     assert tensors["model.layers.2.mlp.down_proj.qweight"].shape == (320 * 8 // 32, 160)
     assert tensors["model.layers.1.self_attn.o_proj.scales"].shape == (1, 160)
-    assert_loads_back(model, artifacts, out)
+    assert_loads_back(model, state, out)
 
 
 def test_gptq_dynamic_rules_match_vllm_fused_names():
-    from compress.quantize.export_gptq import dynamic_rules
+    from compress.formats.gptq import dynamic_rules
 
     names = [f"model.layers.0.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")] + [
         "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
@@ -238,18 +238,18 @@ def test_gptq_dynamic_rules_match_vllm_fused_names():
 
 
 def test_gptq_permuted_g_idx_sets_desc_act(tmp_path):
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))])
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))])
     name = "model.layers.1.mlp.up_proj"
-    res = artifacts["quant"][name]
+    res = state.quant[name]
     res.g_idx = (torch.arange(160) % 5).to(torch.int32)  # a real act-order g_idx is a permuted grouping
     with torch.no_grad():
         model.get_submodule(name).weight.copy_(res.dequantize())
-    out = export(model, artifacts, tmp_path / "out")
+    out = export(model, state, tmp_path / "out")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["desc_act"] is False
     assert [v for k, v in qcfg["dynamic"].items() if re.match(k[2:], name)] == [{"desc_act": True}]
     assert torch.equal(load_file(str(out / "model.safetensors"))[f"{name}.g_idx"], res.g_idx)
-    assert_loads_back(model, artifacts, out)
+    assert_loads_back(model, state, out)
 
 
 def test_gptq_refusals(tmp_path):
@@ -257,31 +257,31 @@ def test_gptq_refusals(tmp_path):
     with pytest.raises(CompressError, match="run rtn or gptq before exporting format gptq"):
         export(model, {}, tmp_path / "a")
     # lm_head lies outside the decoder blocks: transformers/optimum would load it as float.
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True, ignore=[]))])
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True, ignore=[]))])
     with pytest.raises(CompressError, match="lm_head is quantized but lies outside"):
-        export(model, artifacts, tmp_path / "b")
+        export(model, state, tmp_path / "b")
     # a zero point of 0 cannot be stored as zero-1 (the solvers never make one: set it by hand)
     model = tiny_model()
     with torch.no_grad():
         model.model.layers[0].mlp.up_proj.weight[5].abs_()
     ctx = StepContext(tokenizer=None, device="cpu", progress=False)
     ALGORITHMS["rtn"].apply(model, ALGORITHMS["rtn"].config(bits=4, group_size=32, sym=False), ctx)
-    assert int(ctx.artifacts["quant"]["model.layers.0.mlp.up_proj"].zeros.min()) >= 1
-    res = ctx.artifacts["quant"]["model.layers.0.mlp.up_proj"]
+    assert int(ctx.state.quant["model.layers.0.mlp.up_proj"].zeros.min()) >= 1
+    res = ctx.state.quant["model.layers.0.mlp.up_proj"]
     res.zeros[5, 0] = 0
     with torch.no_grad():  # keep the weight on its (hand-edited) grid
         model.model.layers[0].mlp.up_proj.weight[5, :32] = res.scales[5, 0] * res.qweight[5, :32].float()
     with pytest.raises(CompressError, match=r"\d+ zero points are 0.*: model\.layers\.0\.mlp\.up_proj \(\d+\)\."):
-        export(model, ctx.artifacts, tmp_path / "c")
+        export(model, ctx.state, tmp_path / "c")
     # a weight changed after quantization no longer matches its levels
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))])
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))])
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight.mul_(1.1)
     with pytest.raises(CompressError, match="o_proj is no longer on its quantization grid"):
-        export(model, artifacts, tmp_path / "d")
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))])
+        export(model, state, tmp_path / "d")
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=32, sym=True))])
     with pytest.raises(CompressError, match="dtype 'bfloat16' is not supported"):
-        export(model, artifacts, tmp_path / "e", dtype="bfloat16")
+        export(model, state, tmp_path / "e", dtype="bfloat16")
     assert not [p for p in tmp_path.iterdir() if p.name != "a"]  # nothing half-written
 
 
@@ -300,20 +300,20 @@ CT_CASES = [
 @pytest.mark.parametrize("case", CT_CASES, ids=_case_id)
 def test_ct_export_loads_back_with_same_logits(tmp_path, case):
     arch, algo, kw = case
-    model, artifacts = quantized_tiny(arch, [(algo, kw)])
-    out = export(model, artifacts, tmp_path / "out", fmt="compressed-tensors")
+    model, state = quantized_tiny(arch, [(algo, kw)])
+    out = export(model, state, tmp_path / "out", fmt="compressed-tensors")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     weights = qcfg["config_groups"]["group_0"]["weights"]
     assert (weights["num_bits"], weights["symmetric"]) == (kw["bits"], kw["sym"])
     assert weights["strategy"] == ("channel" if kw["group_size"] == -1 else "group")
-    assert_loads_back(model, artifacts, out)
+    assert_loads_back(model, state, out)
 
 
 def test_ct_layout_shapes_dtypes_and_config(tmp_path):
-    model, artifacts = quantized_tiny("qwen2", [("rtn", dict(bits=4, group_size=32, sym=False))])
-    out = export(model, artifacts, tmp_path / "out", fmt="compressed-tensors")
+    model, state = quantized_tiny("qwen2", [("rtn", dict(bits=4, group_size=32, sym=False))])
+    out = export(model, state, tmp_path / "out", fmt="compressed-tensors")
     tensors = load_file(str(out / "model.safetensors"))
-    for name, res in artifacts["quant"].items():
+    for name, res in state.quant.items():
         out_f, in_f = res.qweight.shape
         assert f"{name}.weight" not in tensors
         packed = tensors[f"{name}.weight_packed"]
@@ -350,12 +350,12 @@ def test_ct_refusals(tmp_path):
         export(tiny_model(), {}, tmp_path / "a", fmt="compressed-tensors")
     steps = [("rtn", dict(bits=4, group_size=32, sym=True, ignore=["lm_head", "*.down_proj"])),
              ("rtn", dict(bits=8, group_size=32, sym=True, targets=["*.down_proj"]))]
-    model, artifacts = quantized_tiny("llama", steps)
+    model, state = quantized_tiny("llama", steps)
     with pytest.raises(CompressError, match=r"one scheme .*4-bit g32 sym, 8-bit g32 sym.*format gptq"):
-        export(model, artifacts, tmp_path / "b", fmt="compressed-tensors")
-    model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=128, sym=True))])
+        export(model, state, tmp_path / "b", fmt="compressed-tensors")
+    model, state = quantized_tiny("llama", [("rtn", dict(bits=4, group_size=128, sym=True))])
     with pytest.raises(CompressError, match="160 inputs are not a multiple of group_size 128"):
-        export(model, artifacts, tmp_path / "c", fmt="compressed-tensors")
+        export(model, state, tmp_path / "c", fmt="compressed-tensors")
 
 
 def test_ct_matches_the_compressed_tensors_library(tmp_path):
@@ -365,15 +365,15 @@ def test_ct_matches_the_compressed_tensors_library(tmp_path):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     for bits, gs, sym in [(4, 32, False), (3, 32, True), (8, -1, False), (2, 32, True)]:
-        model, artifacts = quantized_tiny("llama", [("rtn", dict(bits=bits, group_size=gs, sym=sym))])
-        out = export(model, artifacts, tmp_path / f"b{bits}", fmt="compressed-tensors")
+        model, state = quantized_tiny("llama", [("rtn", dict(bits=bits, group_size=gs, sym=sym))])
+        out = export(model, state, tmp_path / f"b{bits}", fmt="compressed-tensors")
         tensors = load_file(str(out / "model.safetensors"))
         loaded = load_model(str(out)).model
         qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
         scheme = QuantizationScheme(**qcfg["config_groups"]["group_0"])
         assert scheme.weights == QuantizationArgs(**qcfg["config_groups"]["group_0"]["weights"])
         mid = 1 << (bits - 1)
-        for name, res in artifacts["quant"].items():
+        for name, res in state.quant.items():
             ours = {k: tensors[f"{name}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape")}
             if not sym:
                 ours["weight_zero_point"] = tensors[f"{name}.weight_zero_point"]

@@ -1,5 +1,8 @@
 """Tests of the pure-maths quantization core: grid, RTN, GPTQ and the GPTQ v1 layout.
 
+(Over 400 lines on purpose: one module of short, independent property tests on the same two
+fixtures, W0 and H0; split by file they would each rebuild them and read no easier.)
+
 CPU only, a few seconds. The shapes are chosen to hit the awkward paths:
 W is [96, 320] and 320 = 2.5 x 128, so group_size 128 has a partial last group
 (and -1 / 32 divide evenly); H comes from correlated inputs with two dead columns.
@@ -266,11 +269,11 @@ def test_stacked_rows_solve_like_separate_modules(kw):
                                      (QuantSpec(4, 128), {"act_order": True}), (QuantSpec(4, 128), {"block_size": 64})],
                          ids=["g128", "g32", "g-1", "act", "block64"])
 def test_cuda_graph_column_loop_equals_eager(spec, kw):
-    from compress.quantize import solvers
+    from compress.quantize import column_loop
     W, H = W0.cuda(), H0.cuda()
     eager = gptq_solve(W, H, spec, graphs=False, **kw)
     graphed = gptq_solve(W, H, spec, graphs=True, **kw)
-    assert not solvers._GRAPHS_BROKEN, solvers._GRAPHS_BROKEN
+    assert not column_loop._GRAPHS_BROKEN, column_loop._GRAPHS_BROKEN
     assert torch.equal(graphed.qweight, eager.qweight) and torch.equal(graphed.scales, eager.scales)
     assert torch.equal(graphed.weight, eager.weight)
     cpu = gptq_solve(W0, H0, spec, **kw)

@@ -114,7 +114,7 @@ def test_top_label_method_changes_ece_not_nll(trained_dir, text_file, tmp_path):
     assert v["calibrator"]["form"] == "top_label" and "temperature" not in v["calibrator"]
     assert v["nll"] == v["uncalibrated"]["nll"] and v["perplexity"] == v["uncalibrated"]["perplexity"]
     assert v["ece"] != v["uncalibrated"]["ece"]
-    cal = res.artifacts["calibrator"]
+    cal = res.state.calibrator
     again = load_lm_calibrator(cal.save(tmp_path / "cal"))
     c = torch.tensor([0.1, 0.5, 0.99])
     torch.testing.assert_close(again.confidence(c), cal.confidence(c))
@@ -168,20 +168,20 @@ def test_a_second_recalibrate_step_is_refused(trained_dir, text_file):
 
 def test_topics_target_fits_on_validation_and_verify_and_eval_apply_it(trained_dir, text_file, tmp_path, capsys):
     from compress.algorithms import StepContext
-    from compress.pipeline import _verify
+    from compress.measure import verify
     from compress.recalibrate import RecalibrateConfig
+    from compress.recipe import VerifySpec
     loaded = load_model(trained_dir)
     ctx = StepContext(tokenizer=loaded.tokenizer, device=torch.device("cpu"), progress=False)
     cfg = RecalibrateConfig(method="temperature", target="topics", max_examples=12, max_chars=40)
     rep = apply_recalibrate(loaded.model, cfg, ctx)
-    cal = ctx.artifacts["calibrator"]
+    cal = ctx.state.calibrator
     assert rep["target"] == "topics" and rep["fitted_on"] == {"corpus": "bbc", "split": "validation",
                                                               "examples": 12, "max_chars": 40}
     assert cal.transform(torch.zeros(2, 5)).shape == (2, 5)
-    spec = validate_recipe({"verify": {"corpus": "bbc", "seq_len": 32, "max_windows": 1, "topics": 3,
-                                       "baseline": False}}).verify
+    spec = VerifySpec(corpus="bbc", seq_len=32, max_windows=1, topics=3, baseline=False)
     windows = torch.arange(64).view(2, 32) % 250
-    out = _verify(loaded.model, loaded.tokenizer, windows[:1], spec, torch.device("cpu"), False, calibrator=cal)
+    out = verify(loaded.model, loaded.tokenizer, windows[:1], spec, torch.device("cpu"), False, calibrator=cal)
     assert out["topics"]["examples"] == 3 and "uncalibrated" in out["topics"] and "uncalibrated" not in out
     assert out["topics_ece"] == out["topics"]["ece"] and out["calibrator"]["target"] == "topics"
     # An export carrying a topics calibrator: eval applies it to --topics only, not to the tokens.

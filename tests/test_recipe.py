@@ -1,4 +1,5 @@
 """Recipe schema, YAML loading and the `validate` command: every error names its YAML path."""
+import re
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,41 @@ def test_set_errors_name_the_path_too(tmp_path, capsys):
     path.write_text(yaml.safe_dump(GOOD))
     assert main(["validate", str(path), "--set", "stages[0].steps[0].group_size=100"]) == 2
     assert "stages[0].steps[0].group_size: Input should be -1, 32, 64 or 128 (got 100)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step, where", [
+    ({"algorithm": "recalibrate", "targets": ["re:q_proj"]},
+     "recalibrate takes no targets/ignore: recalibrate changes no module"),
+    ({"algorithm": "s2ft", "ignore": ["re:.*"]}, "s2ft takes no targets/ignore: s2ft chooses its modules"),
+    ({"algorithm": "self_spec", "targets": ["Linear", "Embedding"]}, "self_spec takes no targets/ignore"),
+])
+def test_steps_that_take_no_targets_refuse_them(step, where):
+    with pytest.raises(RecipeError, match=where):
+        validate_recipe({"model": "smollm2-135m", "stages": [{"name": "s", "steps": [step]}]})
+    # A resolved recipe written before these steps lost the fields carries the defaults, and an empty
+    # list says "none": both still accepted.
+    for given in ({"targets": ["Linear"], "ignore": ["lm_head"]}, {"targets": [], "ignore": []}):
+        recipe = validate_recipe({"model": "smollm2-135m", "stages": [{"name": "s", "steps": [{**step, **given}]}]})
+        assert "targets" not in recipe.stages[0].steps[0].model_dump()
+
+
+@pytest.mark.parametrize("where, data", [
+    ("calibration.corpus", {"calibration": {"corpus": "wikipedia"}}),
+    ("calibration.probe_corpus", {"calibration": {"strategy": "kl", "probe_corpus": "wikipedia"}}),
+    ("verify.corpus", {"verify": {"corpus": "wikipedia"}}),
+    ("stages[0].steps[0].corpus",
+     {"stages": [{"name": "r", "steps": [{"algorithm": "recalibrate", "corpus": "wikipedia"}]}]}),
+    ("stages[0].steps[0].corpus", {"stages": [{"name": "f", "steps": [{"algorithm": "s2ft", "corpus": "wikipedia"}]}]}),
+])
+def test_every_corpus_field_is_checked_by_the_one_corpus_type(where, data):
+    with pytest.raises(RecipeError, match=re.escape(f"{where}: unknown corpus 'wikipedia'; known: bbc, milton, "
+                                                    "shakespeare, stdlib, or a path to a .txt/.jsonl file")):
+        validate_recipe({**GOOD, **data})
+
+
+def test_pruning_methods_differ_by_config_type():
+    from compress.algorithms import ALGORITHMS
+    from compress.prune.steps import UNIT_SCORES
+    pruning = [a for a in ALGORITHMS.values() if a.apply == ALGORITHMS["nirvana"].apply]
+    assert sorted(a.name for a in pruning) == ["magnitude", "nirvana", "taylor", "wanda"]
+    assert {a.config for a in pruning} == set(UNIT_SCORES)

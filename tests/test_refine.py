@@ -144,7 +144,7 @@ def test_gptq_adaquant_bias_correction_recipe(tmp_path, text_file, arch):
     for name, r in ada["modules"].items():
         assert r["error_after"] <= r["error_before"], name
     assert ada["summary"]["error_after_sum"] < ada["summary"]["error_before_sum"]
-    for name, q in res.artifacts["quant"].items():  # the artifacts describe the refined weights
+    for name, q in res.state.quant.items():  # the run state describes the refined weights
         torch.testing.assert_close(res.model.get_submodule(name).weight, q.dequantize(), rtol=0, atol=0)
 
     expect = 21 if arch == "llama" else 9

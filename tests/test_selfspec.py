@@ -177,7 +177,7 @@ def test_recipe_trains_exports_and_reloads_heads(tmp_path, text_file):
     assert not (out / "model.safetensors").exists()  # the target is referenced, never copied
     target = load_model(mdir).model
     head, _, cal = load_self_spec(out, target, "k1")
-    trained = result.artifacts["self_spec"].heads["k1"]
+    trained = result.state.self_spec.heads["k1"]
     assert torch.equal(head.wqkv, trained.wqkv.detach().to(torch.bfloat16).float())
     assert cal is not None and cal.target == "drafter"
     other = tiny_model(arch="qwen2", seed=5)

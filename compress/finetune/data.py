@@ -15,12 +15,17 @@ split), so the train and test splits never share a document.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from typing import Iterator
 
 import datasets
+import pyarrow as pa
 import torch
+from datasets.table import InMemoryTable
 
+from compress.data.corpora import split_documents
 from compress.errors import CompressError
 from compress.tasks import BBC_TOPICS, topic_prompt
 
@@ -29,7 +34,6 @@ TASKS = ("bbc_topics", "lm")
 
 
 def _split_docs(corpus: str, split: str):
-    from compress.data.corpora import split_documents
     if split == "test":
         # The test split is what verify.topics / the benchmark score; training on it would leak.
         raise CompressError(f"fine-tuning data comes from the train or validation split, not {split!r}")
@@ -88,12 +92,6 @@ def _token_dataset(rows: dict[str, list[list[int]]]) -> datasets.Dataset:
 
     ``Dataset.from_dict`` fingerprints by pickling the Arrow table with dill, which fails on some
     Python 3.12 stacks (PicklingError on pyarrow's MonthDayNano, seen on the GPU machine)."""
-    import hashlib
-    import json
-
-    import pyarrow as pa
-    from datasets.table import InMemoryTable
-
     digest = hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()[:16]
     table = InMemoryTable(pa.Table.from_pydict({k: pa.array(v, type=pa.list_(pa.int64())) for k, v in rows.items()}))
     return datasets.Dataset(table, fingerprint=digest)

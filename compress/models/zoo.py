@@ -2,12 +2,16 @@
 
 No machine here reaches a model hub, so each entry names the packages that carry
 the weights, the file(s) inside them, and the size and sha256 of the assembled
-file. The table was checked by hand (shared/docs/assets.md).
+file. The table was checked by hand (shared/docs/assets.md). Plain Python: a recipe names
+its model by one of these ids, and validating a recipe must not import torch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+from compress.errors import CompressError
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,14 @@ ZOO: dict[str, ZooEntry] = {e.id: e for e in [
 ]}
 
 DEFAULT_MODEL = "smollm2-135m"
+
+
+def check_model_source(source: str) -> None:
+    """Raise a CompressError unless ``source`` is a zoo id, an existing directory or a hub id."""
+    if source in ZOO or Path(source).expanduser().is_dir():
+        return
+    if "/" in source and not source.startswith((".", "/", "~")) and source.count("/") == 1:
+        return  # looks like a hub id; only resolvable with network access
+    raise CompressError(
+        f"unknown model {source!r}: not a zoo id and not a directory. "
+        f"Known zoo ids: {', '.join(ZOO)}; or give a local Hugging Face directory.")

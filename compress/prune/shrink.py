@@ -3,7 +3,8 @@
 A model whose blocks all keep the same sizes gets a standard config (``num_attention_heads``,
 ``num_key_value_heads``, ``intermediate_size``; ``head_dim`` pinned) that any transformers
 install loads. Per-layer sizes cannot be said in a llama/qwen2 config: those go into
-``config.pruned_layers`` (one dict per block), which ``build_pruned_model`` reads.
+``config.pruned_layers`` (one dict per block), which ``apply_pruned_layers`` reads back
+(``compress.formats.pruned`` loads such a checkpoint).
 """
 from __future__ import annotations
 
@@ -96,42 +97,3 @@ def apply_pruned_layers(model: nn.Module) -> nn.Module:
         keeps.append(Keep(torch.arange(d["num_key_value_heads"]), torch.arange(d["intermediate_size"])))
     remove_units(model, keeps)
     return model
-
-
-def build_pruned_model(config, dtype: torch.dtype) -> nn.Module:
-    """The architecture of ``config`` (per-layer sizes included), randomly initialised."""
-    from transformers import AutoModelForCausalLM
-
-    return apply_pruned_layers(AutoModelForCausalLM.from_config(config, dtype=dtype))
-
-
-def load_pruned_checkpoint(path, *, dtype: torch.dtype, device) -> nn.Module:
-    """A Hugging Face folder whose config has per-layer sizes: build them, then load the weights."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-    from transformers import AutoConfig
-
-    files = sorted(Path(path).glob("*.safetensors"))
-    if not files:
-        raise CompressError(f"{path}: a pruned checkpoint without *.safetensors weights")
-    model = build_pruned_model(AutoConfig.from_pretrained(path), dtype)
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise CompressError(f"{path}: weights do not fit the pruned config: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}")
-    return model.to(device).eval()
-
-
-def has_pruned_layers(path) -> bool:
-    import json
-    from pathlib import Path
-
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and bool(json.loads(cfg.read_text()).get(PRUNED_LAYERS_KEY))

@@ -1,66 +1,54 @@
 """Recipe steps for structured pruning: ``nirvana`` and the baselines on the same units.
 
 ``nirvana``, ``taylor``, ``wanda`` and ``magnitude`` differ only in the per-weight score
-(scores.py); units, allocation (allocate.py) and physical removal (shrink.py) are shared.
+(scores.py), chosen by the config's type (``UNIT_SCORES``); units, allocation (allocate.py) and
+physical removal (shrink.py) are shared. The configs and their registration: config.py.
 Scores are taken once on the dense model, then every block shrinks in place.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-from compress.algorithms import StepContext, register_algorithm
-from compress.config import StepConfig
+from compress.algorithms import StepContext
 from compress.errors import CompressError
 from compress.prune import scores as S
 from compress.prune.allocate import allocate
-from compress.prune.shrink import remove_units
+from compress.prune.config import MagnitudeConfig, NirvanaConfig, StructuredPruneConfig, TaylorConfig, WandaConfig
+from compress.prune.shrink import Keep, remove_units
 from compress.prune.units import block_params, block_parts, channel_params, group_params
+from compress.runtime import on_device
+from compress.targets import match_modules
 
 
-class PruneConfig(StepConfig):
-    algorithm: Literal["nirvana"] = "nirvana"
-    sparsity: float = Field(0.2, ge=0, le=0.9, description="fraction of attention+MLP parameters removed")
-    gamma: float = Field(3.0, gt=0, description="fraction of MLP channels pruned / fraction of KV groups pruned")
-    allocation: Literal["adaptive", "uniform"] = "adaptive"
-    min_groups: int = Field(1, ge=1, description="KV groups every block keeps")
-    channel_multiple: int = Field(8, ge=1, description="kept MLP channels are a multiple of this")
-    # targets/ignore choose the blocks: a block is pruned when any of its linears matches
+def _magnitude(model, parts, cfg, ctx):
+    return S.magnitude_scores(parts)
 
 
-class TaylorConfig(PruneConfig):
-    algorithm: Literal["taylor"] = "taylor"  # type: ignore[assignment]
+def _wanda(model, parts, cfg, ctx):
+    norms = S.input_norms(model, parts, _batches(ctx), device=ctx.device, linears=S.WANDA_LINEARS,
+                          progress=ctx.progress)
+    return S.wanda_scores(parts, norms)
 
 
-class WandaConfig(PruneConfig):
-    algorithm: Literal["wanda"] = "wanda"  # type: ignore[assignment]
+def _nirvana(model, parts, cfg, ctx):
+    return S.gradient_scores(model, parts, _batches(ctx), "nirvana", device=ctx.device, progress=ctx.progress)
 
 
-class MagnitudeConfig(PruneConfig):
-    algorithm: Literal["magnitude"] = "magnitude"  # type: ignore[assignment]
+def _taylor(model, parts, cfg, ctx):
+    return S.gradient_scores(model, parts, _batches(ctx), "lm", device=ctx.device, progress=ctx.progress)
 
 
-def _unit_scores(model, parts, cfg: PruneConfig, ctx: StepContext):
-    if cfg.algorithm == "magnitude":
-        return S.magnitude_scores(parts)
-    batches = list(ctx.calibration.batches(ctx.batch_size))
-    if cfg.algorithm == "wanda":
-        norms = S.input_norms(model, parts, batches, device=ctx.device, linears=S.WANDA_LINEARS,
-                              progress=ctx.progress)
-        return S.wanda_scores(parts, norms)
-    objective = "nirvana" if cfg.algorithm == "nirvana" else "lm"
-    return S.gradient_scores(model, parts, batches, objective, device=ctx.device, progress=ctx.progress)
+def _batches(ctx: StepContext) -> list:
+    return list(ctx.calibration.batches(ctx.batch_size))
 
 
-def prune_structured(model: torch.nn.Module, cfg: PruneConfig, ctx: StepContext) -> dict:
+# The per-weight score of each method, by config type (the only thing in which they differ).
+UNIT_SCORES = {NirvanaConfig: _nirvana, TaylorConfig: _taylor, WandaConfig: _wanda, MagnitudeConfig: _magnitude}
+
+
+def prune_structured(model: torch.nn.Module, cfg: StructuredPruneConfig, ctx: StepContext) -> dict:
     """Score KV groups and MLP channels, allocate the budget, and remove the losers for real."""
-    from compress.evaluate import on_device
-    from compress.prune.shrink import Keep
-    from compress.targets import match_modules
-
-    if ctx.artifacts.get("quant"):
+    if ctx.state.quant:
         raise CompressError(f"{ctx.where}: pruning after quantization would orphan the packed weights; "
                             f"put the pruning stage before the quantization stage")
     parts = block_parts(model)  # first: an unmappable architecture is the clearer error
@@ -70,7 +58,7 @@ def prune_structured(model: torch.nn.Module, cfg: PruneConfig, ctx: StepContext)
         raise CompressError(f"{ctx.where}: targets {cfg.targets} select no decoder block")
     before = sum(block_params(p) for p in parts)
     with on_device(model, ctx.device):
-        scores = _unit_scores(model, chosen, cfg, ctx)
+        scores = UNIT_SCORES[type(cfg)](model, chosen, cfg, ctx)
     alloc = allocate(scores, sparsity=cfg.sparsity, gamma=cfg.gamma, mode=cfg.allocation,
                      group_params=group_params(chosen[0]), channel_params=channel_params(chosen[0]),
                      min_groups=cfg.min_groups, channel_multiple=cfg.channel_multiple)
@@ -90,8 +78,3 @@ def prune_structured(model: torch.nn.Module, cfg: PruneConfig, ctx: StepContext)
             "channels_pruned": sum(b.channels - p.channels for p, b in zip(after_parts, parts)),
             "layers": layers}
 
-
-register_algorithm("nirvana", PruneConfig, requires_calibration=True)(prune_structured)
-register_algorithm("taylor", TaylorConfig, requires_calibration=True)(prune_structured)
-register_algorithm("wanda", WandaConfig, requires_calibration=True)(prune_structured)
-register_algorithm("magnitude", MagnitudeConfig, requires_calibration=False)(prune_structured)

@@ -15,7 +15,7 @@ Three phases:
 2. **Allocate** with :func:`compress.quantize.mixed.solve_allocation` (budget =
    ``target_bits`` × Σ weight count; scales/zeros are not counted).
 3. **Quantize** for real: a true-sequential GPTQ pass, each module at its bits,
-   stored like the ``gptq`` step (``ctx.artifacts["quant"][fqn]``, ``spec.bits``
+   stored like the ``gptq`` step (``ctx.state.quant[fqn]``, ``spec.bits``
    per module).
 
 Cost: two calibration passes with ``len(candidate_bits) + 1`` GPTQ solves per
@@ -35,57 +35,19 @@ one matmul (q,k,v and gate,up) get one width, chosen for the unit as a whole
 from __future__ import annotations
 
 from collections import Counter
-from typing import Literal
-
 import torch
-from pydantic import Field, ValidationInfo, field_validator
 from tqdm.auto import tqdm
 
-from compress.algorithms import StepContext, register_algorithm
-from compress.config import StepConfig
-from compress.evaluate import evaluate_windows, on_device
-from compress.quantize.grid import QuantSpec, dequantize
+from compress.algorithms import StepContext
+from compress.evaluate import evaluate_windows
+from compress.quantize.config import GPTQMixedConfig
+from compress.quantize.grid import dequantize
 from compress.quantize.mixed import solve_allocation
 from compress.quantize.solvers import QuantResult, free_graphs, gptq_solve
 from compress.quantize.steps import _check_shapes, store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
+from compress.runtime import on_device
 from compress.targets import match_modules
-
-
-class GPTQMixedConfig(StepConfig):
-    algorithm: Literal["gptq_mixed"] = "gptq_mixed"
-    candidate_bits: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [3, 4, 8], min_length=1)
-    target_bits: float = Field(4.0, description="average bits per weight (levels only), "
-                                                "between min and max of candidate_bits")
-    group_size: Literal[-1, 32, 64, 128] = 128
-    sym: bool = False
-    damp: float = Field(0.01, gt=0, le=1, description="damping as a fraction of mean(diag H)")
-    act_order: bool = False
-    block_size: int = Field(128, ge=1, le=4096)
-    sensitivity: Literal["layer_error", "loss"] = Field(
-        "loss", description="loss: NLL increase on probe windows with one unit quantized (the paper's ΔL); "
-                            "layer_error: GPTQ's trace((W-Ŵ)H(W-Ŵ)ᵀ), cheap, but its scale differs across layers")
-    probe_samples: int = Field(4, ge=1, le=4096, description="calibration windows for the loss probe")
-    tie_fused: bool = Field(
-        True, description="give one width to the modules an inference engine fuses (q,k,v; gate,up), "
-                          "as vLLM loads a fused layer with a single width")
-
-    @field_validator("candidate_bits")
-    @classmethod
-    def _sorted_unique(cls, v: list[int]) -> list[int]:
-        return sorted(set(v))
-
-    @field_validator("target_bits")
-    @classmethod
-    def _within_candidates(cls, v: float, info: ValidationInfo) -> float:
-        cands = info.data.get("candidate_bits")
-        if cands and not min(cands) <= v <= max(cands):
-            raise ValueError(f"target_bits={v:g} is outside the range of candidate_bits {cands}: the average "
-                             f"bit width must lie in [{min(cands)}, {max(cands)}]")
-        return v
-
-    def spec(self, bits: int) -> QuantSpec:
-        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym)
 
 
 def _units(model: torch.nn.Module, names: list[str], tie_fused: bool) -> dict[str, list[str]]:
@@ -161,7 +123,6 @@ def _loss_sensitivity(model, units: dict[str, list[str]], modules: dict, candida
                    "probe_forward_passes": len(units) * len(bits) + 1}
 
 
-@register_algorithm("gptq_mixed", GPTQMixedConfig, requires_calibration=True)
 def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepContext) -> dict:
     """GPTQ at a bit width per module, allocated by an integer program over measured sensitivities
     (Hubara et al. 2021, AdaQuant/CalibTIP bit allocation); see the module docstring for the phases."""

@@ -2,46 +2,27 @@
 
 Both run after ``rtn``/``gptq`` in the same recipe and compare the quantized
 layer with its float weight, which the pipeline keeps for them in
-``ctx.artifacts["float_weight"]`` (they register ``uses_float_weights=True``).
+``ctx.state.float_weight`` (they declare ``needs={FLOAT_WEIGHTS}``, config.py).
 Both go through the shared layer-wise runner, so each layer sees inputs that
 come through the already-refined prefix of the model (sequential mode).
 """
 from __future__ import annotations
 
 import math
-from typing import Literal
-
 import torch
 import torch.nn as nn
-from pydantic import Field
 
-from compress.algorithms import StepContext, register_algorithm
-from compress.config import StepConfig
+from compress.algorithms import StepContext
 from compress.errors import CompressError
+from compress.quantize.config import AdaQuantConfig, BiasCorrectionConfig
 from compress.quantize.refine import MeanAccumulator, adaquant_refine, output_shift
 from compress.quantize.steps import store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
 from compress.targets import match_modules
 
 
-class AdaQuantConfig(StepConfig):
-    algorithm: Literal["adaquant"] = "adaquant"
-    steps: int = Field(200, ge=0, le=100_000, description="Adam steps per layer")
-    lr_weight: float = Field(1e-3, ge=0, le=1, description="weights' rate, in grid steps (relative to the scale)")
-    lr_scale: float = Field(1e-3, ge=0, le=1, description="scales' relative rate")
-    lr_zero: float = Field(1e-3, ge=0, le=10, description="zero points' rate, in levels")
-    optimize_zero: bool = Field(True, description="learn zero points (asymmetric grids only)")
-    init: Literal["dequantized", "float"] = Field(
-        "dequantized", description="start from the quantized weights (best after gptq) or the float ones (after rtn)")
-
-
-class BiasCorrectionConfig(StepConfig):
-    algorithm: Literal["bias_correction"] = "bias_correction"
-
-
 def _float_weights(ctx: StepContext, modules: dict, *, need_quant: bool) -> dict:
-    quant = ctx.artifacts.get("quant", {})
-    floats = ctx.artifacts.get("float_weight", {})
+    quant, floats = ctx.state.quant, ctx.state.float_weight
     for name in modules:
         if need_quant and name not in quant:
             raise CompressError(f"{ctx.where}: module {name} has no quantization result; run rtn or gptq first "
@@ -55,12 +36,11 @@ def _float_weights(ctx: StepContext, modules: dict, *, need_quant: bool) -> dict
 # ----------------------------------------------------------------------------- adaquant
 
 
-@register_algorithm("adaquant", AdaQuantConfig, requires_calibration=True, uses_float_weights=True)
 def apply_adaquant(model: nn.Module, cfg: AdaQuantConfig, ctx: StepContext) -> dict:
     """AdaQuant (Hubara et al. 2020): per layer, Adam on weights, scales and zeros of the quantized layer."""
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)
     floats = _float_weights(ctx, modules, need_quant=True)
-    quant = ctx.artifacts["quant"]
+    quant = ctx.state.quant
 
     def make_acc(name, module, device):
         return HessianAccumulator(module.in_features, device)
@@ -136,7 +116,6 @@ def _enable_biases(model: nn.Module, flags: set[str]) -> list[str]:
     return created
 
 
-@register_algorithm("bias_correction", BiasCorrectionConfig, requires_calibration=True, uses_float_weights=True)
 def apply_bias_correction(model: nn.Module, cfg: BiasCorrectionConfig, ctx: StepContext) -> dict:
     """Bias correction: add (W0 − Ŵ)·E[x] to each quantized layer's bias (mean output = the float layer's)."""
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# free_graphs is re-exported: quantizing steps call it through this module when they finish.
+from .column_loop import free_graphs, quantize_block, use_graphs
 from .grid import QuantSpec, _quantize_float, dequantize, fit_grid
 
 __all__ = [
@@ -224,7 +226,7 @@ def _upper_cholesky_of_inverse(H: Tensor, percdamp: float) -> tuple[Tensor, floa
     )
 
 
-# --------------------------------------------------------------------------- the column loop
+# --------------------------------------------------------------------------- blocks (the column loop: column_loop.py)
 
 
 def _aligned_block(block_size: int, gs: int) -> int:
@@ -237,110 +239,6 @@ def _aligned_block(block_size: int, gs: int) -> int:
     while 2 * b <= block_size and gs % (2 * b) == 0:
         b *= 2
     return b
-
-
-def _column_loop(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, L1: Tensor, Err1: Tensor,
-                 fits: tuple[tuple[int, int], ...], spec: QuantSpec) -> None:
-    """Quantize the columns of one block in order, in place.
-
-    W1 [out, b] the block's weights (updated as columns are rounded), U1 [b, b] its part of the
-    upper Cholesky factor of H⁻¹, S1/Z1 [out, b] each column's scale and (float) zero, L1 the
-    levels and Err1 the scaled errors out. ``fits``: (start, end) column ranges whose grid is
-    fitted on the current weights when ``start`` is reached. Tensor ops only, no host syncs: the
-    same code runs eagerly and inside a CUDA graph.
-    """
-    maxq = spec.maxq
-    starts = dict(fits)
-    for i in range(W1.shape[1]):
-        end = starts.get(i)
-        if end is not None:
-            s, z = fit_grid(W1[:, i:end], spec)
-            S1[:, i:end] = s.unsqueeze(1)
-            Z1[:, i:end] = z.float().unsqueeze(1)
-        w, s, z = W1[:, i], S1[:, i], Z1[:, i]
-        q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-        L1[:, i] = q
-        err = (w - s * (q - z)) / U1[i, i]
-        W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-        Err1[:, i] = err
-
-
-class _ColumnGraph:
-    """One block shape's column loop recorded as a CUDA graph: a few thousand tiny kernels
-    replayed without Python between them (the loop is launch-bound on GPUs)."""
-
-    def __init__(self, out_f: int, width: int, fits, spec: QuantSpec, device: torch.device):
-        self.fits, self.spec = fits, spec
-        self.bufs = [torch.zeros(out_f, width, device=device) for _ in range(5)]  # W1 S1 Z1 L1 Err1
-        self.U1 = torch.eye(width, device=device)
-        self.bufs[1].fill_(1.0)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):  # warm-up off the capture, as CUDA graphs require
-            self._body()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=_graph_pool(device)):
-            self._body()
-
-    def _body(self) -> None:
-        W1, S1, Z1, L1, Err1 = self.bufs
-        _column_loop(W1, self.U1, S1, Z1, L1, Err1, self.fits, self.spec)
-
-    def run(self, W1, U1, S1, Z1):
-        for buf, src in zip(self.bufs, (W1, S1, Z1)):
-            buf.copy_(src)
-        self.U1.copy_(U1)
-        self.graph.replay()
-        _, S, Z, L, E = self.bufs
-        return L.clone(), E.clone(), S.clone(), Z.clone()
-
-
-_GRAPHS: dict[tuple, _ColumnGraph] = {}
-_POOLS: dict[int, object] = {}
-_GRAPHS_BROKEN: list[str] = []  # why CUDA graphs were given up in this process, if they were
-_MAX_GRAPHS = 32
-
-
-def _graph_pool(device: torch.device):
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _POOLS:
-        _POOLS[key] = torch.cuda.graph_pool_handle()
-    return _POOLS[key]
-
-
-def free_graphs() -> None:
-    """Drop the recorded column-loop graphs and their buffers (kept between calls so every layer of
-    a model reuses a few captures); quantization steps call this when they finish."""
-    _GRAPHS.clear()
-    _POOLS.clear()
-
-
-def _use_graphs(graphs: bool | None, device: torch.device) -> bool:
-    if device.type != "cuda" or graphs is False:
-        return False
-    return not _GRAPHS_BROKEN or graphs is True
-
-
-def _quantize_block(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, fits, spec: QuantSpec,
-                    graphs: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run the column loop on one block: (levels, errors, scales, zeros) per column."""
-    if graphs:
-        key = (W1.device, *W1.shape, fits, spec)
-        try:
-            if key not in _GRAPHS:
-                if len(_GRAPHS) >= _MAX_GRAPHS:
-                    _GRAPHS.clear()
-                _GRAPHS[key] = _ColumnGraph(W1.shape[0], W1.shape[1], fits, spec, W1.device)
-            return _GRAPHS[key].run(W1, U1, S1, Z1)
-        except RuntimeError as exc:  # capture unsupported here: the eager loop gives the same result
-            _GRAPHS.pop(key, None)
-            _GRAPHS_BROKEN.append(str(exc))
-            warnings.warn(f"GPTQ: CUDA-graph column loop unavailable ({exc}); running it eagerly",
-                          RuntimeWarning, stacklevel=3)
-    L1, Err1 = torch.empty_like(W1), torch.empty_like(W1)
-    _column_loop(W1, U1, S1, Z1, L1, Err1, fits, spec)
-    return L1, Err1, S1, Z1
 
 
 @torch.no_grad()
@@ -439,7 +337,7 @@ def gptq_solve(
     col_group_t = torch.tensor(col_group, device=dev)
     dynamic = grouped and not static_groups
     block = _aligned_block(block_size, gs) if dynamic else block_size
-    graphs = _use_graphs(graphs, dev)
+    graphs = use_graphs(graphs, dev)
 
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
@@ -464,7 +362,7 @@ def gptq_solve(
             S1 = scales[:, col_group_t[i1:i2]]
             Z1 = zeros[:, col_group_t[i1:i2]].float()
         U1 = U[i1:i2, i1:i2]
-        L1, Err1, S1, Z1 = _quantize_block(W1, U1, S1, Z1, fits, spec, graphs)
+        L1, Err1, S1, Z1 = quantize_block(W1, U1, S1, Z1, fits, spec, graphs)
         levels[:, i1:i2] = L1
         if dynamic:
             for c in range(i1, i2):

@@ -2,18 +2,15 @@
 
 Each step fake-quantizes the targeted linears in place (the weights become the
 dequantized grid values) and leaves the integer levels, scales and zeros in
-``ctx.artifacts["quant"]`` so an export can pack them (GPTQ v1 layout).
+``ctx.state.quant`` so an export can pack them (GPTQ v1 layout).
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 
-from compress.algorithms import StepContext, register_algorithm
-from compress.config import StepConfig
+from compress.algorithms import StepContext
 from compress.errors import CompressError
+from compress.quantize.config import GPTQConfig, RTNConfig
 from compress.quantize.grid import QuantSpec
 from compress.quantize.solvers import (QuantResult, free_graphs, gptq_solve, layer_output_error, rtn_solve,
                                       split_rows)
@@ -21,29 +18,12 @@ from compress.runner import HessianAccumulator, run_layerwise
 from compress.targets import match_modules
 
 
-class RTNConfig(StepConfig):
-    algorithm: Literal["rtn"] = "rtn"
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: Literal[-1, 32, 64, 128] = 128
-    sym: bool = False
-
-    def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)
-
-
-class GPTQConfig(RTNConfig):
-    algorithm: Literal["gptq"] = "gptq"  # type: ignore[assignment]
-    damp: float = Field(0.01, gt=0, le=1, description="damping as a fraction of mean(diag H)")
-    act_order: bool = False
-    block_size: int = Field(128, ge=1, le=4096)
-
-
 def store_quant_result(ctx: StepContext, name: str, module: torch.nn.Module, res: QuantResult) -> None:
     if ctx.keep_float_weights:
-        ctx.artifacts.setdefault("float_weight", {}).setdefault(name, module.weight.data.detach().cpu().clone())
+        ctx.state.float_weight.setdefault(name, module.weight.data.detach().cpu().clone())
     module.weight.data.copy_(res.weight.to(module.weight.dtype))
     # Keep only what an export packs; the dequantized weight already lives in the module.
-    ctx.artifacts.setdefault("quant", {})[name] = QuantResult(
+    ctx.state.quant[name] = QuantResult(
         weight=None, qweight=res.qweight.cpu(), scales=res.scales.cpu(), zeros=res.zeros.cpu(),
         g_idx=res.g_idx.cpu(), spec=res.spec, error=res.error)
 
@@ -54,7 +34,6 @@ def _check_shapes(modules: dict, spec: QuantSpec, where: str) -> None:
             raise CompressError(f"{where}: module {name} has a {m.weight.dim()}-d weight; only linears are quantized")
 
 
-@register_algorithm("rtn", RTNConfig, requires_calibration=False)
 @torch.no_grad()
 def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
     """Round-to-nearest weight quantization, per group of input columns (data-free baseline)."""
@@ -71,7 +50,6 @@ def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
     return {"modules": report}
 
 
-@register_algorithm("gptq", GPTQConfig, requires_calibration=True)
 def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dict:
     """GPTQ (Frantar et al. 2022) through the shared layer-wise runner, true-sequential."""
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)

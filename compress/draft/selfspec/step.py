@@ -19,72 +19,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 
-from compress.algorithms import StepContext, register_algorithm
-from compress.config import StepConfig
+from compress.algorithms import StepContext
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
 from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
                                            summarise_heads)
+from compress.draft.selfspec.config import SelfSpecConfig
 from compress.errors import CompressError
-from compress.export import register_writer
 
 CALIBRATOR_DIR = "calibrator"
 
 
-class SelfSpecConfig(StepConfig):
-    algorithm: Literal["self_spec"] = "self_spec"
-    targets: list[str] = Field(default_factory=list, max_length=0, description="not used: the step adds a head")
-    ignore: list[str] = Field(default_factory=list, max_length=0, description="not used")
-    exit_layers: list[int] = Field(default_factory=lambda: [4], min_length=1)
-    vocab_size: int | None = Field(32768, ge=16, description="trimmed LM head size; null for the full vocabulary")
-    full_vocab_layers: list[int] = Field(default_factory=list, description="extra full-vocabulary heads")
-    train_corpora: list[str] = Field(default_factory=lambda: ["stdlib"], min_length=1)
-    train_windows: int = Field(1024, ge=1, description="windows of seq_len tokens per corpus (train split)")
-    eval_windows: int = Field(24, ge=2, description="held-out windows per corpus (validation split)")
-    exclude_prompts: list[str] = Field(default_factory=list,
-                                       description="prompt files (blank-line separated) whose documents are kept out "
-                                                   "of training: a benchmark's prompts must be unseen text")
-    seq_len: int = Field(512, ge=16, le=8192)
-    steps: int = Field(600, ge=1)
-    batch_size: int = Field(8, ge=1)
-    lr: float = Field(3e-4, gt=0, le=1)
-    gammas: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6], min_length=1)
-    calibrator: Literal["platt", "isotonic", "temperature", "hcal"] | None = "platt"
-    seed: int = 0
-
-    @field_validator("exit_layers", "full_vocab_layers")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        bad = [k for k in v if k < 1]
-        if bad:
-            raise ValueError(f"exit layers must be >= 1 (blocks the drafter runs), got {bad}")
-        return sorted(set(v))
-
-    @field_validator("gammas")
-    @classmethod
-    def _gammas(cls, v: list[int]) -> list[int]:
-        if any(g < 1 for g in v):
-            raise ValueError(f"draft lengths must be >= 1, got {v}")
-        return sorted(set(v))
-
-    @field_validator("train_corpora")
-    @classmethod
-    def _corpora(cls, v: list[str]) -> list[str]:
-        from compress.data import list_corpora
-        bad = [c for c in v if c not in list_corpora() and not Path(c).expanduser().exists()]
-        if bad:
-            raise ValueError(f"unknown corpus {bad[0]!r}; known: {', '.join(list_corpora())}, or a .txt/.jsonl path")
-        return v
-
-
 @dataclass
 class SelfSpecResult:
-    """What the step leaves for the export (``ctx.artifacts["self_spec"]``)."""
+    """What the step leaves for the export (``ctx.state.self_spec``)."""
 
     heads: dict[str, ExitHead]
     manifest: dict
@@ -128,7 +79,6 @@ def _acceptance_quality(conf: torch.Tensor, accepted: torch.Tensor) -> dict:
     return {"ece": expected_calibration_error(conf, accepted), "auroc": confidence_auroc(conf, accepted) if both else None}
 
 
-@register_algorithm("self_spec", SelfSpecConfig, requires_calibration=False)
 def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContext) -> dict:
     """Shared-prefix self-drafter: distil exit heads at several depths, pick one, calibrate its stop."""
     from compress.recalibrate import fit_drafter_calibrator
@@ -182,14 +132,13 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
                              "held_out_windows": int(held.shape[0]), "documents_excluded": dropped},
                 "depth_curve": curve, "stop": stop}
-    ctx.artifacts["self_spec"] = SelfSpecResult(heads, manifest, calibrator, curve)
+    ctx.state.self_spec = SelfSpecResult(heads, manifest, calibrator, curve)
     return {"heads": list(heads), "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
             "training": manifest["training"], "depth_curve": curve, "stop": stop}
 
 
-@register_writer(FORMAT)
-def write_self_spec(model, tokenizer, folder: Path, artifacts: dict, spec) -> None:
-    result = artifacts.get("self_spec")
+def write_self_spec(model, tokenizer, folder: Path, state, spec) -> None:
+    result = state.self_spec
     if result is None:
         raise CompressError("export format self-spec needs a self_spec step in the recipe")
     for name, head in result.heads.items():

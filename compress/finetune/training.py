@@ -30,37 +30,21 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from compress.config import StrictModel
 from compress.errors import CompressError
+from compress.finetune.config import TrainConfig
 from compress.finetune.data import IGNORE, check_dataset, micro_batches
 
 CHECKPOINT_TENSORS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-
-
-class TrainConfig(StrictModel):
-    """How to train (the data and the trainable parameters are given separately)."""
-
-    steps: int = Field(100, ge=1, description="optimizer steps")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    lr: float = Field(2e-4, gt=0, description="peak learning rate")
-    weight_decay: float = Field(0.0, ge=0)
-    warmup: int = Field(0, ge=0, description="steps of linear warmup from 0 to lr")
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after warmup, down to 0 at `steps`
-    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the gradient norm (null: no clipping)")
-    seed: int = 0
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints (with checkpoint_dir)")
 
 
 @dataclass
@@ -162,8 +146,6 @@ def _json_ok(value) -> bool:
 def save_checkpoint(folder: Path, step: int, named, optimizer, scheduler, losses: list[float],
                     fingerprint: dict, keep: int = 1) -> Path:
     """Write ``folder/checkpoint-<step>`` atomically; keep only the newest ``keep`` checkpoints."""
-    from safetensors.torch import save_file
-
     folder.mkdir(parents=True, exist_ok=True)
     index = {id(p): i for i, (_, p) in enumerate(named)}
     tensors = {f"param.{n}": p.detach().to("cpu").contiguous() for n, p in named}
@@ -207,8 +189,6 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, named, optimizer, scheduler, fingerprint: dict) -> tuple[int, list[float]]:
     """Restore params, optimizer, scheduler and RNGs from ``path``; returns (step, losses)."""
-    from safetensors.torch import load_file
-
     try:
         state = json.loads((path / CHECKPOINT_STATE).read_text())
         tensors = load_file(str(path / CHECKPOINT_TENSORS))

@@ -1,5 +1,5 @@
 """``format: compressed-tensors``: the ``pack-quantized`` checkpoint of the
-compressed-tensors library (vLLM's and llm-compressor's), and our loader for it.
+compressed-tensors library (vLLM's and llm-compressor's): its writer and our loader.
 
 Conventions, checked against compressed-tensors 0.20.0
 (``compressors/pack_quantized/base.py`` ``PackedQuantizationCompressor.compress``/
@@ -35,15 +35,7 @@ import torch
 from torch import nn
 
 from compress.errors import CompressError
-from compress.export import register_writer
-from compress.models import register_loader
-from compress.quantize.export_gptq import (
-    export_dtype,
-    float_tensors,
-    load_packed_model,
-    quantized_linears,
-    write_model_files,
-)
+from compress.formats.packed import export_dtype, float_tensors, load_packed_model, quantized_linears, write_model_files
 from compress.quantize.gptq_v1 import pack_bits, unpack_bits
 from compress.quantize.grid import QuantSpec
 from compress.quantize.solvers import QuantResult
@@ -126,11 +118,10 @@ def pack_module(name: str, linear: nn.Linear, res: QuantResult, dtype: torch.dty
     return out
 
 
-@register_writer("compressed-tensors")
-def write_compressed_tensors(model, tokenizer, folder: Path, artifacts: dict, spec: Any) -> None:
+def write_compressed_tensors(model, tokenizer, folder: Path, state, spec: Any) -> None:
     """compressed-tensors pack-quantized checkpoint (see the module docstring)."""
     dtype = export_dtype(spec, "compressed-tensors", ("float16", "bfloat16"))
-    quantized = quantized_linears(model, artifacts, "compressed-tensors")
+    quantized = quantized_linears(model, state.quant, "compressed-tensors")
     qspec = _uniform_spec(quantized)
     tensors: dict[str, torch.Tensor] = {}
     for name, (linear, res) in quantized.items():
@@ -153,8 +144,8 @@ def _read_scheme(path: str | Path) -> dict:
     return weights
 
 
-@register_loader("compressed-tensors")
-def load_compressed_tensors(path: str, *, dtype: torch.dtype = torch.float32, device="cpu"):
+def load_compressed_tensors(path: str, *, dtype: torch.dtype = torch.float32, device="cpu",
+                            trust_remote_code: bool = False):
     """Float model with each packed linear dequantized: ``W = scale * (q - zero)``."""
     weights = _read_scheme(path)
     bits, sym = int(weights["num_bits"]), bool(weights["symmetric"])

@@ -1,0 +1,87 @@
+"""A model's structure without its weights: its ``model_type`` and the name and class of every linear
+layer, which is what a recipe's ``targets`` are matched against.
+
+From a live model (``structure_of``), or from a model's ``config.json`` built on the meta device
+(``model_structure``): no weight is read or allocated. Building even an empty model imports torch
+and the architecture's transformers code (seconds), so the result is cached by the config's content
+and the transformers version (``COMPRESS_CACHE/structure``); a later check of the same model reads
+one small JSON file and imports neither.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from compress.cache import cache_dir
+from compress.models.fetch import converted_dir, is_fetched
+from compress.models.zoo import ZOO
+
+
+@dataclass(frozen=True)
+class Structure:
+    model_type: str
+    linears: tuple[tuple[str, str], ...]  # (fqn, class name) of every nn.Linear, in model order
+
+
+def structure_of(model) -> Structure:
+    import torch.nn as nn  # the caller holds a model, so torch is loaded already
+
+    linears = tuple((n, type(m).__name__) for n, m in model.named_modules() if isinstance(m, nn.Linear))
+    return Structure(getattr(model.config, "model_type", None) or type(model).__name__, linears)
+
+
+def model_structure(source: str, *, trust_remote_code: bool = False) -> tuple[Structure | None, str]:
+    """(the structure of the model ``source`` names, a note); the structure is None, and the note
+    says why, when its config is not on this machine (a zoo model not fetched yet, a hub id)."""
+    if source in ZOO:
+        if not is_fetched(ZOO[source]):
+            return None, (f"targets not checked: {source} is not fetched yet "
+                          f"(python -m compress models fetch {source})")
+        folder = converted_dir(ZOO[source])
+    else:
+        folder = Path(source).expanduser()
+        if not (folder / "config.json").is_file():
+            return None, f"targets not checked: {source} has no local config.json"
+    cached = _cache_file(folder)
+    if cached.is_file():
+        data = json.loads(cached.read_text())
+        return Structure(data["model_type"], tuple(map(tuple, data["linears"]))), ""
+    structure = _meta_structure(folder, trust_remote_code)
+    remember_structure(folder, structure)
+    return structure, ""
+
+
+def remember_structure(folder: str | Path, structure: Structure) -> None:
+    """Cache ``structure`` as that of the model in ``folder`` (``compress run`` does, having loaded the
+    model anyway: a later ``compress validate`` of it then builds nothing)."""
+    if not (Path(folder) / "config.json").is_file():
+        return  # a hub id: nothing local to key the cache by
+    cached = _cache_file(Path(folder))
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # two processes may write it at once
+    tmp.write_text(json.dumps({"model_type": structure.model_type, "linears": structure.linears}))
+    tmp.replace(cached)
+
+
+def _cache_file(folder: Path) -> Path:
+    """Keyed by the config's bytes and the transformers version (which decides the module tree)."""
+    key = hashlib.sha256((folder / "config.json").read_bytes()
+                         + f"\0transformers {version('transformers')}".encode()).hexdigest()[:32]
+    return cache_dir("structure") / f"{key}.json"
+
+
+def _meta_structure(folder: Path, trust_remote_code: bool) -> Structure:
+    """The model of ``folder/config.json`` built on the meta device (shapes, no storage)."""
+    # torch and transformers are imported here only: a cached structure needs neither.
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # a packed export: its linears are plain ones before packing
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return structure_of(model)
