@@ -68,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     de.add_argument("--temperature", type=float, default=1.0, help="for alpha (default 1)")
     de.add_argument("--device", default="auto")
     de.add_argument("--dtype", default="float32")
+    de.add_argument("--head", default=None, help="a self-spec drafter export's head (default: the one it chose)")
 
     db = sub.add_parser("draft-bench", help="tokens/s of the target alone vs speculative decoding (fast path)")
     db.add_argument("--target", required=True, help="a zoo id or a model / export folder")
@@ -160,13 +161,7 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "draft-eval":
-        from compress.draft.agreement import draft_eval_sources, parse_gammas
-        from compress.runtime import resolve_device
-        result = draft_eval_sources(args.target, args.drafter, args.text, gammas=parse_gammas(args.gammas),
-                                    max_new_tokens=args.max_new_tokens, max_prompts=args.max_prompts,
-                                    temperature=args.temperature, device=resolve_device(args.device),
-                                    dtype=args.dtype)
-        print(json.dumps(result))
+        print(json.dumps(_draft_eval(args)))
         return 0
 
     if args.command == "draft-bench":
@@ -174,6 +169,36 @@ def _dispatch(args) -> int:
         print(json.dumps(result))
         return 0
     raise AssertionError(args.command)
+
+
+def _draft_eval(args) -> dict:
+    """Load the target and the drafter (a model, or a self-spec export's head on the target's own
+    blocks) and run draft-eval's teacher-forced pass (compress/draft/agreement.py)."""
+    from compress.draft.agreement import draft_eval, parse_gammas, read_prompts
+    from compress.draft.selfspec.head import read_manifest
+    from compress.draft.speculative import check_same_vocabulary
+    from compress.models import load_model
+    from compress.runtime import resolve_device
+
+    gammas = parse_gammas(args.gammas)
+    prompts = read_prompts(args.text, args.max_prompts)
+    device = resolve_device(args.device)
+    t = load_model(args.target, dtype=args.dtype, device=device)
+    if read_manifest(args.drafter) is not None:
+        from compress.draft.selfspec.head import HeadAsModel
+        from compress.draft.selfspec.step import load_self_spec
+        head, _, _ = load_self_spec(args.drafter, t.model, args.head)
+        drafter = HeadAsModel(t.model, head)
+    else:
+        d = load_model(args.drafter, dtype=args.dtype, device=device)
+        check_same_vocabulary(t.tokenizer, d.tokenizer)
+        drafter = d.model
+    ids = [t.tokenizer(p, return_attention_mask=False)["input_ids"] for p in prompts]
+    eos = getattr(getattr(t.model, "generation_config", None), "eos_token_id", None)
+    result = draft_eval(t.model, drafter, ids, gammas=gammas, temperature=args.temperature,
+                        max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    return {"target": args.target, "drafter": args.drafter, "text": args.text,
+            "max_new_tokens": args.max_new_tokens, "eos_token_id": eos, **result}
 
 
 def _draft_bench(args) -> dict:

@@ -201,6 +201,11 @@ def test_cli_draft_bench_with_a_self_spec_drafter(tmp_path, text_file, capsys):
     assert 0 <= res["alpha"] <= 1 and res["c"] > 0
     assert main([*args[:-4], "--head", "k9"]) == 2
     assert "no head 'k9'" in capsys.readouterr().err
+    # draft-eval scores the head teacher-forced, as a model over the full vocabulary
+    assert main(["draft-eval", "--target", mdir, "--drafter", str(out), "--text", str(prompts), "--gammas", "1,3",
+                 "--max-new-tokens", "8", "--device", "cpu", "--head", "k2"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert 0 <= ev["greedy_agreement"] <= 1 and set(ev["tau"]) == {"1", "3"}
 
 
 @pytest.mark.gpu

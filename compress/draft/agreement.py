@@ -247,23 +247,3 @@ def parse_gammas(text: str) -> list[int]:
     if not values:
         raise CompressError(f"--gammas is empty ({text!r}); give e.g. 1,2,3,4,5,6,7,8")
     return [check_gamma(g) for g in values]
-
-
-def draft_eval_sources(target: str, drafter: str, text: str, *, gammas: Sequence[int] = DEFAULT_GAMMAS,
-                       max_new_tokens: int = 128, max_prompts: int | None = None,
-                       temperature: float = 1.0, device="cpu", dtype="float32") -> dict:
-    """``draft_eval`` on models given as zoo ids / directories / exports and a prompt file."""
-    from compress.draft.speculative import check_same_vocabulary
-    from compress.models import load_model
-
-    gammas = [check_gamma(g) for g in gammas]
-    prompts = read_prompts(text, max_prompts)
-    t = load_model(target, dtype=dtype, device=device)
-    d = load_model(drafter, dtype=dtype, device=device)
-    check_same_vocabulary(t.tokenizer, d.tokenizer)
-    ids = [t.tokenizer(p, return_attention_mask=False)["input_ids"] for p in prompts]
-    eos = getattr(getattr(t.model, "generation_config", None), "eos_token_id", None)
-    result = draft_eval(t.model, d.model, ids, gammas=gammas, temperature=temperature,
-                        max_new_tokens=max_new_tokens, eos_token_id=eos)
-    return {"target": target, "drafter": drafter, "text": text, "max_new_tokens": max_new_tokens,
-            "eos_token_id": eos, **result}
