@@ -1,5 +1,6 @@
 """The side-by-side drafter run (issue 14): one process, one target, every drafter, both prompt sets.
 
+    python bench/self_spec_bench.py --summarise RESULTS.json     # the markdown table of a results file
     python bench/self_spec_bench.py --target qwen2.5-coder-1.5b --stock qwen2.5-coder-0.5b \
         --stock-w4 OUT/q05-w4 --self-spec OUT/self-spec --prompts bench/draft_bench_prompts/code.txt \
         bench/draft_bench_prompts/prose.txt --gamma 4 --device cuda --dtype bfloat16 --compile \
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from compress.draft.agreement import read_prompts  # noqa: E402
 from compress.draft.bench import (hf_static_generate, spec_row, teacher_forced, time_speculative,  # noqa: E402
-                                  time_target, warm_up)
+                                  time_target, warm_prefills, warm_up)
 from compress.draft.decoders import cache_len, model_decoder, self_spec_pair, target_engine  # noqa: E402
 from compress.draft.engine import EngineDecoder  # noqa: E402
 from compress.draft.selfspec.head import HeadAsModel  # noqa: E402
@@ -46,7 +47,39 @@ def _row(name, spec, alone, matched, gamma, extra=None):
             "first_divergence": [r["first_divergence"] for r in spec_row(spec, alone, matched, gamma)["per_prompt"]]}
 
 
+def summarise(path) -> str:
+    """A markdown table per prompt set from a results file. Speedups are taken against the FASTER of
+    the two target-alone runs (one-row steps, and the matched (γ+1)-row reference), so a one-time
+    cost that lands in one of them cannot inflate them; ``decode`` is the decode-only ratio (prefill
+    excluded): tokens / (wall − prefill) of the speculative run × the target-alone step time."""
+    r = json.loads(Path(path).read_text())
+    lines = []
+    for name, data in r["sets"].items():
+        alone = data["rows"][0]
+        base = max(alone["tokens_per_s"], alone["matched_tokens_per_s"])
+        lines += [f"{name} ({data['prompts']} prompts x {r['max_new_tokens']} tokens, γ = {r['gamma']}): target alone "
+                  f"{base:.1f} tok/s (step {alone['step_ms']:.3f} ms)", "",
+                  "| drafter | tok/s | speedup | decode | τ | α | agreement | c | verify/step | bookkeeping | "
+                  "identical (matched) | identical (1-row) |", "|" + "---|" * 12]
+        for row in data["rows"][1:]:
+            if "speculative" not in row:
+                lines.append(f"| {row['row']} | {row['tokens_per_s']:.1f} | {row['tokens_per_s'] / base:.2f}x | | | | | | | | "
+                             f"| {row.get('identical_to_fast_prompts')}/{data['prompts']} |")
+                continue
+            sp, n = row["speculative"], data["prompts"]
+            decode = sp["new_tokens"] / (sp["wall_s"] - sp["prefill_s"]) * alone["step_ms"] / 1e3
+            lines.append(f"| {row['row']} | {sp['tokens_per_s']:.1f} | {sp['tokens_per_s'] / base:.2f}x | {decode:.2f}x | "
+                         f"{sp['tau']:.2f} | {row['alpha']:.3f} | {row['greedy_agreement']:.3f} | {row['c']:.3f} | "
+                         f"{row['verify_cost_ratio']:.2f} | {row['time_split']['bookkeeping']:.1%} | "
+                         f"{row['identical_prompts']}/{n} | {row['identical_to_fast_prompts']}/{n} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None and len(sys.argv) == 3 and sys.argv[1] == "--summarise":
+        print(summarise(sys.argv[2]))
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target", required=True)
     ap.add_argument("--stock", help="a stock drafter (zoo id / folder), run in bf16 on the block engine")
@@ -120,11 +153,13 @@ def main(argv=None) -> int:
         result["sets"][set_name] = {"prompts": len(prompts), "rows": rows}
         run_target_warm = lambda dec, pad=None: time_target(dec, prompts[:1], 4, pad_to=pad)  # noqa: E731
         run_target_warm(target)
+        warm_prefills(target, prompts)
         alone = time_target(target, prompts, n_new)
         run_target_warm(target, gamma + 1)
         matched_full = time_target(target, prompts, n_new, pad_to=gamma + 1)
         rows.append({"row": "target alone", "tokens_per_s": alone["tokens_per_s"], "step_ms": alone["step_ms"],
-                     "matched_tokens_per_s": matched_full["tokens_per_s"],
+                     "wall_s": alone["wall_s"], "prefill_s": alone["prefill_s"],
+                     "matched_tokens_per_s": matched_full["tokens_per_s"], "matched_step_ms": matched_full["step_ms"],
                      "matched_identical_to_fast": sum(a.tokens.tolist() == b.tokens.tolist()
                                                       for a, b in zip(alone["runs"], matched_full["runs"]))})
         save()
@@ -137,6 +172,7 @@ def main(argv=None) -> int:
                 kw = dict(confidence_threshold=threshold, calibrator=cal if threshold is not None else None,
                           pad_verify=True)
                 warm_up(tdec, ddec, prompts[0], gamma, **kw)
+                warm_prefills(tdec, prompts, ddec)
                 run_target_warm(tdec, gamma + 1)
                 matched = time_target(tdec, prompts, n_new, pad_to=gamma + 1)
                 before, fused = dict(ddec.pair.shallow_total), ddec.rounds_fused
@@ -156,6 +192,7 @@ def main(argv=None) -> int:
         for name, (ddec, dmodel) in models.items():
             kw = dict(pad_verify=True)
             warm_up(target, ddec, prompts[0], gamma, **kw)
+            warm_prefills(target, prompts, ddec)
             spec = time_speculative(target, ddec, prompts, n_new, gamma, **kw)
             row = _row(f"{name} (our loop)", spec, alone, matched_full, gamma)
             row.update(teacher_forced(t.model, dmodel, prompts, outputs, gamma))

@@ -12,8 +12,9 @@ from compress.cli import main
 from compress.errors import CompressError, RecipeError
 from compress.models import load_model
 from compress.pipeline import run_recipe
-from compress.recalibrate import (CALIBRATOR_DIR, LMCalibrator, TokenEvents, apply_recalibrate, drafter_events,
-                                  embedding_topic_logits, fit_drafter_calibrator, fit_token_calibrator,
+from compress.draft.confidence import drafter_events, fit_drafter_calibrator
+from compress.recalibrate import (CALIBRATOR_DIR, LMCalibrator, TokenEvents, apply_recalibrate,
+                                  embedding_topic_logits, fit_token_calibrator,
                                   load_lm_calibrator, logit_rows_within)
 from compress.recipe import validate_recipe
 from compress.tasks import TopicExample

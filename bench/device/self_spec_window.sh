@@ -7,6 +7,7 @@
 #   prep   convert both models; train the self-drafter (recipes/qwen-coder-1.5b-self-spec.yaml)
 #   w4     the stock 0.5B at GPTQ W4 (int4 drafter row); the GPU tests
 #   bench  every drafter row on both prompt sets (bench/self_spec_bench.py)
+#   long   the two best depths trained 1,500 steps (the recipe's default since), benched alone
 # Results go to /tmp/results and back as files in $OUT after every phase.
 set -uo pipefail
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -17,7 +18,7 @@ case $1 in
   smoke)
     bash bench/device/gpu_setup.sh stage 2>&1 | tail -3
     nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv,noheader | tee $R/gpu.txt
-    timeout ${T:-400} python3 bench/self_spec_smoke.py --shape qwen2.5-coder-1.5b --device cuda --compile --hf \
+    timeout ${T:-400} python3 bench/self_spec_smoke.py --shape qwen2.5-coder-1.5b --device cuda --compile ${SMOKE_ARGS:---hf} \
       --train-steps 10 --out $R/smoke.json 2>&1 | quiet | tail -25;;
   prep)
     bash bench/device/gpu_setup.sh stage 2>&1 | tail -2
@@ -37,6 +38,14 @@ case $1 in
       --self-spec /tmp/out/self-spec ${HEADS:+--heads $HEADS} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-4} --device cuda --dtype bfloat16 --compile \
       ${HF:---hf-assisted} --out $R/self-spec-bench.json 2>&1 | quiet | tail -40;;
-  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench" >&2; exit 2;;
+  long)
+    timeout 230 python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml --out /tmp/out/self-spec-long --force \
+      --quiet --set 'stages[0].steps[0].exit_layers=[2,3]' --set 'stages[0].steps[0].full_vocab_layers=[]' \
+      --set 'stages[0].steps[0].steps=1500' 2>&1 | quiet | tail -4
+    cp /tmp/out/self-spec-long/self_spec.json $R/long-manifest.json
+    timeout 170 python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-long \
+      --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-4} \
+      --device cuda --dtype bfloat16 --compile --out $R/long-bench.json 2>&1 | grep "^\[";;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long" >&2; exit 2;;
 esac
 cp $R/*.json $R/*.txt $R/*.log $OUT/ 2>/dev/null; ls $OUT

@@ -144,7 +144,7 @@ def draft_eval(target: torch.nn.Module, drafter: torch.nn.Module, input_ids, *,
     """Drafter-vs-target agreement, α, τ(γ) and confidence quality; see the module docstring.
 
     ``return_events``: also return the per-position (drafter confidence, greedy acceptance) pairs
-    under ``events``, e.g. to fit a confidence calibrator (``compress.recalibrate.fit_drafter_calibrator``).
+    under ``events``, e.g. to fit a confidence calibrator (``compress.draft.confidence.fit_drafter_calibrator``).
 
     ``input_ids``: one prompt (list of ids, [L]) or several ([B, L] or a list of them).
     ``max_new_tokens`` > 0: score the target's greedy continuation of each prompt;

@@ -78,6 +78,24 @@ def time_speculative(target, drafter, prompts, max_new_tokens: int, gamma: int, 
     return {"runs": runs}
 
 
+def warm_prefills(target, prompts, drafter=None) -> None:
+    """Prefill every prompt once, untimed. A prefill runs eagerly at the prompt's own length, and the
+    first pass at a new length pays one-time costs (allocator growth, kernel selection: 35-100 ms a
+    prompt on an H200) that would otherwise land in whichever loop is timed first — the H200 run of
+    2026-12-02 charged them to the target alone (bench/results/draft/h200-selfspec/README.md)."""
+    from compress.draft.loop import as_drafter
+    drafter = None if drafter is None else as_drafter(drafter)
+    with torch.no_grad():
+        for p in prompts:
+            if p.numel() < 2:
+                continue
+            if drafter is not None:
+                drafter.reset()
+                drafter.prefill(p[:-1])
+            target.reset()
+            target(p[:-1], 1)
+
+
 def warm_up(target, drafter, prompt: torch.Tensor, gamma: int, **kw) -> None:
     """Record every shape the timed runs use: short runs whose last rounds draft every budget 0..γ."""
     for n in range(1, gamma + 2):
@@ -175,6 +193,7 @@ def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int
     stop = dict(confidence_threshold=confidence_threshold, calibrator=calibrator, pad_verify=matched)
     graphs_before = _cudagraph_counters()
     warm_up(target, drafter, prompts[0], gamma, **stop)
+    warm_prefills(target, prompts, drafter)
     run_target(target, prompts[0], 4)
     if matched:
         run_target(target, prompts[0], 4, pad_to=gamma + 1)

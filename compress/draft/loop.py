@@ -80,7 +80,7 @@ def draft_by_steps(step, first_feed: torch.Tensor, budget: int, rule: DraftRule,
                  else torch.softmax(logits.float(), -1))
         idx = (torch.multinomial(probs.to(device), 1, generator=rule.generator)[0] if rule.sample
                else probs.argmax().to(device))
-        drafts.append(idx if vocab_map is None else vocab_map[idx])
+        drafts.append(idx if vocab_map is None else vocab_map.index_select(0, idx.reshape(1))[0])
         if rule.sample:
             q_rows.append(probs.to(device) if vocab_map is None else (probs.to(device), vocab_map))
         if rule.stop(probs):

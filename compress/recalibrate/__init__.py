@@ -21,12 +21,12 @@ Targets
 - ``topics``: the five BBC label-word scores (``compress.tasks.topic_label_logits``) of
   ``max_examples`` articles; any method applies to the [N, 5] logits.
 
-Other uses: a logistic head on ``minilm-l6`` mean-pooled embeddings (``embedding_topic_logits``),
-and a drafter's confidence against acceptance (``fit_drafter_calibrator``, usable as
-``speculative_generate(..., calibrator=...)``).
+Other uses: a logistic head on ``minilm-l6`` mean-pooled embeddings (``embedding_topic_logits``).
+A drafter's confidence against acceptance is calibrated with the drafting code:
+``compress.draft.confidence.fit_drafter_calibrator``.
 
 Files: ``config.py`` (the typed config, registered), ``step.py`` (the step), ``events.py`` (token
-and topic events, fitting on them), ``embeddings.py``, ``drafter.py``. Only the config is imported
+and topic events, fitting on them), ``embeddings.py``. Only the config is imported
 with the package (the recipe schema needs it); every other name imports torch and is bound on
 first use.
 """
@@ -40,7 +40,6 @@ _WHERE = {
     "compress.recalibrate.events": ("TokenEvents", "fit_token_calibrator", "logit_rows_within", "token_events",
                                     "topic_events"),
     "compress.recalibrate.embeddings": ("embedding_topic_logits", "mean_pooled_embeddings"),
-    "compress.recalibrate.drafter": ("drafter_events", "fit_drafter_calibrator"),
 }
 __getattr__ = deferred_names(__name__, {name: module for module, names in _WHERE.items() for name in names})
 

@@ -83,8 +83,8 @@ class SelfSpecPair:
             pos = pos0 + j
             logits = self._head(self._shallow(tok, pos), pos)
             probs = torch.softmax(logits, -1)
-            conf, idx = probs.max(-1)
-            tok = self.vocab_map[idx].reshape(1)
+            conf, idx = probs.max(-1, keepdim=True)
+            tok = self.vocab_map.index_select(0, idx)  # a 1-d index: a 0-d one would read it on the host
             drafts.append(tok)
             confs.append(conf.reshape(1))
         return torch.cat(drafts), torch.cat(confs)

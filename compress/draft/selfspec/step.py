@@ -81,7 +81,7 @@ def _acceptance_quality(conf: torch.Tensor, accepted: torch.Tensor) -> dict:
 
 def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContext) -> dict:
     """Shared-prefix self-drafter: distil exit heads at several depths, pick one, calibrate its stop."""
-    from compress.recalibrate import fit_drafter_calibrator
+    from compress.draft.confidence import fit_drafter_calibrator
 
     layers = model.config.num_hidden_layers
     for k in cfg.exit_layers + cfg.full_vocab_layers:

@@ -1,13 +1,15 @@
 """A drafter's confidence against acceptance: fit a calibrator on (drafter top-1 probability,
 draft token accepted) events, usable as ``speculative_generate(..., calibrator=...)``.
 
-(This belongs with the speculative loop in ``compress.draft``, and moves there with it.)
+The self-drafter's recipe step fits one on held-out acceptance (compress/draft/selfspec/step.py);
+``draft-bench --confidence-threshold`` applies the one a drafter export ships.
 """
 from __future__ import annotations
 
 import torch
 
 from calibration import confidence_score, make_calibrator
+from compress.draft.agreement import _sequences, score_positions
 from compress.errors import CompressError
 from compress.formats.calibrator import LMCalibrator
 
@@ -39,8 +41,6 @@ def fit_drafter_calibrator(confidence, accepted=None, *, method: str = "platt", 
 def drafter_events(target, drafter, sequences) -> tuple[torch.Tensor, torch.Tensor]:
     """(drafter confidence, greedy acceptance) at every position of the given token sequences, from
     ``compress.draft.agreement.score_positions`` (teacher-forced, one pass of each model)."""
-    # compress.draft is imported only here: the rest of recalibration has no use for the decoding code.
-    from compress.draft.agreement import _sequences, score_positions
     confs, accs = [], []
     for seq in _sequences(sequences):
         if seq.numel() < 2:
