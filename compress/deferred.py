@@ -4,8 +4,7 @@ A registry entry (an algorithm's step, an export format's writer and loader) nam
 as ``Deferred("package.module", "function")``. Reading the registries — building the recipe
 schema, checking a recipe's step order in ``compress validate`` — then imports no torch,
 transformers or datasets; the module is imported on the first call. This is for start-up time
-only: no import circle is avoided this way (the named modules import nothing that imports the
-registry's owner back).
+only, not to avoid an import circle: the named modules import the registry, never the other way.
 """
 from __future__ import annotations
 
