@@ -150,7 +150,7 @@ def draft_eval(target: torch.nn.Module, drafter: torch.nn.Module, input_ids, *,
     ``max_new_tokens`` > 0: score the target's greedy continuation of each prompt;
     0: score each given sequence itself (positions 1..L−1).
     """
-    from sklearn.metrics import roc_auc_score
+    from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly; only this summary needs it
 
     from calibration.metrics import expected_calibration_error
 

@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from compress.draft.agreement import replay_greedy_rounds, score_positions
-from compress.draft.loop import run_speculative, run_target
+from compress.draft.loop import as_drafter, run_speculative, run_target
 from compress.draft.speculative import SpecResult, as_prompt, check_gamma
 from compress.errors import CompressError
 
@@ -83,7 +83,6 @@ def warm_prefills(target, prompts, drafter=None) -> None:
     first pass at a new length pays one-time costs (allocator growth, kernel selection: 35-100 ms a
     prompt on an H200) that would otherwise land in whichever loop is timed first — the H200 run of
     2026-12-02 charged them to the target alone (bench/results/draft/h200-selfspec/README.md)."""
-    from compress.draft.loop import as_drafter
     drafter = None if drafter is None else as_drafter(drafter)
     with torch.no_grad():
         for p in prompts:
@@ -172,7 +171,7 @@ def hf_static_generate(model, prompts: Sequence[torch.Tensor], max_new_tokens: i
 
 def _cudagraph_counters() -> dict:
     try:
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters  # private and version-dependent: guarded
     except ImportError:
         return {}
     return {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}
@@ -224,7 +223,7 @@ def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int
 
 def plot_bench(result: dict, path: str | Path) -> None:
     """Two panels: tokens/s per prompt (target alone vs speculative), acceptance by draft position."""
-    import matplotlib
+    import matplotlib  # slow to import; only the plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -13,6 +13,7 @@ import torch
 
 from compress.draft.engine import BlockEngine, EngineDecoder, check_engine_model
 from compress.draft.fast import FastDecoder
+from compress.draft.selfspec.pair import SelfSpecPair
 from compress.errors import CompressError
 
 
@@ -52,7 +53,6 @@ def model_decoder(model, max_len: int, *, compile: bool | str = False, engine: B
 
 def self_spec_pair(engine: BlockEngine, head, *, compile: bool | str = False):
     """(target, drafter) views of a self-spec head on the target's engine."""
-    from compress.draft.selfspec.pair import SelfSpecPair
     pair = SelfSpecPair(engine, head, graphs=compile is not False and engine.device.type == "cuda")
     return pair.target, pair.drafter
 

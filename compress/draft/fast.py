@@ -64,7 +64,7 @@ def make_static_cache(model: torch.nn.Module, max_cache_len: int):
 
     Version-tolerant: transformers 5.x takes ``StaticCache(config=, max_cache_len=)``; 4.x also
     wanted batch size, device and dtype up front (and tracked positions differently: refused)."""
-    from transformers import StaticCache
+    from transformers import StaticCache  # transformers loads slowly; only a static cache needs it here
 
     try:
         cache = StaticCache(config=model.config, max_cache_len=max_cache_len)
@@ -132,7 +132,7 @@ class FastDecoder:
             if not self.static:
                 log.info("%s: static KV cache unavailable (%s); using DynamicCache", name, why)
         if self.cache is None:
-            from transformers import DynamicCache
+            from transformers import DynamicCache  # as above
             self.cache = DynamicCache(config=model.config)
         self.positions = torch.arange(self.max_cache_len, device=self.device)
         self.length = 0

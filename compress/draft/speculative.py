@@ -118,7 +118,7 @@ def check_gamma(gamma) -> int:
 def check_same_vocabulary(target_tokenizer, drafter_tokenizer) -> None:
     """Raise unless both tokenizers map the same tokens to the same ids: speculative decoding
     passes token ids between the models, so an id must mean the same token to both."""
-    from compress.data import tokenizer_fingerprint
+    from compress.data import tokenizer_fingerprint  # compress.data loads datasets (slow); only this check needs it
 
     if tokenizer_fingerprint(target_tokenizer) == tokenizer_fingerprint(drafter_tokenizer):
         return

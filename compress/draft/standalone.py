@@ -40,7 +40,7 @@ def nominal_bandwidth_gbs(device_name: str) -> float | None:
 
 
 def _int4_modules(model: nn.Module):
-    from compress.quantize.int4 import Int4Linear
+    from compress.quantize.int4 import Int4Linear  # the int4 runtime only when measuring bytes
     return [m for m in model.modules() if isinstance(m, Int4Linear)]
 
 
@@ -117,7 +117,7 @@ def standalone_metrics(model: nn.Module, tokenizer, *, device, speed: bool = Tru
         tps = out["decode"]["decode_tokens_per_s"]
         out["roofline"]["fraction_of_roofline"] = tps / roof if roof and tps else None
     if topics:
-        from compress.tasks import bbc_topic_examples, topic_accuracy
+        from compress.tasks import bbc_topic_examples, topic_accuracy  # loads the corpora: only with --topics
         out["bbc_topics"] = topic_accuracy(model, tokenizer, bbc_topic_examples("test", max_examples=topics),
                                            device=device)
     out.update(peak_memory(device))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 from compress.errors import CompressError
@@ -157,9 +158,8 @@ class Int4Linear(nn.Module):
 
 def _gptq_export_levels(path: Path) -> dict[str, dict]:
     """{linear name: {levels, scales, zeros, g_idx, bits}} from a GPTQ v1 export folder."""
-    from safetensors import safe_open
 
-    from compress.quantize.gptq_v1 import unpack_gptq_v1
+    from compress.quantize.gptq_v1 import unpack_gptq_v1  # only for loading an export's packed weights
 
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -242,7 +242,7 @@ def int4_linears_from_gptq(model: nn.Module, source, *, device=None) -> dict:
 def quantize_int4_(model: nn.Module, group_size: int = 128, *, ignore: tuple[str, ...] = ("lm_head",)) -> dict:
     """Round-to-nearest asymmetric 4-bit of every Linear (except ``ignore``), straight into
     :class:`Int4Linear` modules: for timing models that have no GPTQ export."""
-    from compress.quantize.grid import QuantSpec
+    from compress.quantize.grid import QuantSpec  # only for quantize_int4_ (tests, demos)
     from compress.quantize.solvers import rtn_solve
 
     spec = QuantSpec(bits=4, group_size=group_size, sym=False)

@@ -18,10 +18,12 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from compress.draft.engine import _ACTS, _rms, _rope, check_engine_model
@@ -158,16 +160,12 @@ class ExitHead(nn.Module):
         return out
 
     def save_as(self, folder: Path, name: str, dtype: torch.dtype = torch.bfloat16) -> str:
-        from safetensors.torch import save_file
-
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in self.state().items()}
         save_file(tensors, str(Path(folder) / name), metadata={"exit_layer": str(self.exit_layer)})
         return name
 
     @classmethod
     def load(cls, target, path: Path, exit_layer: int, fingerprint: dict | None) -> "ExitHead":
-        from safetensors.torch import load_file
-
         if fingerprint is not None and fingerprint != target_fingerprint(target):
             raise CompressError(f"{path} holds a head trained for another target ({fingerprint}); the target "
                                 f"given is {target_fingerprint(target)}: train a head for this target")
@@ -204,8 +202,6 @@ class HeadAsModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, use_cache: bool = False, logits_to_keep: int = 0, **_):
-        from types import SimpleNamespace
-
         h = self.target(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
         x = h[self.head.exit_layer]
         cos, sin = self.target.model.rotary_emb(x, torch.arange(x.shape[1], device=x.device)[None])

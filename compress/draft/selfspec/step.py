@@ -22,13 +22,17 @@ from pathlib import Path
 
 import torch
 
+from calibration.metrics import confidence_auroc, expected_calibration_error
 from compress.algorithms import StepContext
+from compress.draft.agreement import read_prompts
+from compress.draft.confidence import fit_drafter_calibrator
+from compress.draft.selfspec.config import SelfSpecConfig
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
 from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
                                            summarise_heads)
-from compress.draft.selfspec.config import SelfSpecConfig
 from compress.errors import CompressError
+from compress.formats.calibrator import load_lm_calibrator
 
 CALIBRATOR_DIR = "calibrator"
 
@@ -47,7 +51,7 @@ def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
              exclude: list[str] = ()) -> tuple[torch.Tensor, int]:
     """Windows of each corpus's split (documents joined as for perplexity), leaving out documents
     that contain the first line of any excluded prompt; (windows, documents left out)."""
-    from compress.data.corpora import split_documents
+    from compress.data.corpora import split_documents  # the corpora load datasets (slow): only training needs them
     from compress.evaluate import window_token_ids
     out, dropped = [], 0
     for c in corpora:
@@ -59,7 +63,6 @@ def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
 
 
 def _prompt_lines(files: list[str]) -> list[str]:
-    from compress.draft.agreement import read_prompts
     return [p.strip().splitlines()[0].strip() for f in files for p in read_prompts(f) if p.strip()]
 
 
@@ -74,14 +77,12 @@ def _flat(rows):
 
 def _acceptance_quality(conf: torch.Tensor, accepted: torch.Tensor) -> dict:
     """ECE and AUROC of confidence against acceptance (AUROC None when all or none were accepted)."""
-    from calibration.metrics import confidence_auroc, expected_calibration_error
     both = 0 < int(accepted.sum()) < accepted.numel()
     return {"ece": expected_calibration_error(conf, accepted), "auroc": confidence_auroc(conf, accepted) if both else None}
 
 
 def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContext) -> dict:
     """Shared-prefix self-drafter: distil exit heads at several depths, pick one, calibrate its stop."""
-    from compress.draft.confidence import fit_drafter_calibrator
 
     layers = model.config.num_hidden_layers
     for k in cfg.exit_layers + cfg.full_vocab_layers:
@@ -150,8 +151,6 @@ def write_self_spec(model, tokenizer, folder: Path, state, spec) -> None:
 
 def load_self_spec(folder, target, head: str | None = None):
     """(ExitHead on the target's device, manifest, drafter calibrator or None) from a self-spec export."""
-    from compress.recalibrate import load_lm_calibrator
-
     folder = Path(folder)
     manifest = read_manifest(folder)
     if manifest is None or manifest.get("format") != FORMAT:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from calibration.metrics import expected_calibration_error
 from compress.draft.agreement import replay_greedy_rounds
 from compress.draft.selfspec.head import ExitHead
 from compress.errors import CompressError
@@ -134,9 +135,7 @@ def cost_per_draft(exit_layer: int, num_layers: int) -> float:
 
 def summarise_heads(events: dict, heads: dict[str, ExitHead], num_layers: int, gammas=(2, 3, 4, 5, 6)) -> dict:
     """The depth curve: per head, agreement, α, AUROC / ECE of confidence, τ(γ) and the predicted speedup."""
-    from sklearn.metrics import roc_auc_score
-
-    from calibration.metrics import expected_calibration_error
+    from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly; only this summary needs it
 
     curve = {}
     for k, ev in sorted(events.items()):
