@@ -16,7 +16,7 @@ from compress import __version__
 from compress.errors import CompressError
 from compress.formats import EXPORT_MARKER, get_format
 from compress.formats.calibrator import write_calibrator
-from compress.fs import replace_dir, temp_dir_beside, write_json_atomic
+from compress.fs import make_readable, replace_dir, temp_dir_beside, write_json_atomic
 from compress.state import RunState
 
 
@@ -52,6 +52,7 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
         write_json_atomic(tmp / "report.json", report() if callable(report) else report)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt.name, "toolkit": "compress",
                                                      "version": __version__}, indent=2))
+        make_readable(tmp)  # safetensors writes its files 0600; a server under another user must read them
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
