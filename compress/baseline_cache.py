@@ -41,10 +41,11 @@ def baseline_fingerprint(model_dir: str | Path | None, *, dtype: str, device_typ
     corpus = Path(str(verify.corpus)).expanduser()
     if corpus.is_file():
         spec["corpus_file"] = [str(corpus.resolve()), corpus.stat().st_size, corpus.stat().st_mtime_ns]
-    return {"model": {"folder": str(folder), "files": files, "dtype": dtype}, "device_type": device_type,
-            "verify": spec, "versions": {"compress": __version__, "torch": _version("torch"),
-                                         "transformers": _version("transformers"),
-                                         "python": platform.python_version()}}
+    fingerprint = {"model": {"folder": str(folder), "files": files, "dtype": dtype}, "device_type": device_type,
+                   "verify": spec, "versions": {"compress": __version__, "torch": _version("torch"),
+                                                "transformers": _version("transformers"),
+                                                "python": platform.python_version()}}
+    return json.loads(json.dumps(fingerprint))  # as it reads back from the cache file (tuples become lists)
 
 
 def fingerprint_key(fingerprint: dict) -> str:
