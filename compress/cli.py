@@ -7,101 +7,143 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
+import os
 import sys
 
 from compress.errors import CompressError
+from compress.logs import configure_logging
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless it has none to show (a flag, which is off
+    unless given; an option whose absence the help line explains)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        default = action.default
+        if ("%(default)" in help or not action.option_strings or default is None or default is False
+                or default == [] or default is argparse.SUPPRESS):
+            return help
+        return f"{help} (default: %(default)s)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m compress", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    from compress import __version__
 
-    models = sub.add_parser("models", help="the model zoo")
-    msub = models.add_subparsers(dest="models_command", required=True)
-    msub.add_parser("list", help="list zoo ids and whether they are fetched")
-    fetch = msub.add_parser("fetch", help="download, verify and convert a zoo model")
-    fetch.add_argument("id")
+    p = argparse.ArgumentParser(prog="python -m compress", description=__doc__.splitlines()[0],
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--version", action="version", version=f"compress {__version__}",
+                   help="print the toolkit's version and exit")
+    # --verbose / --log-file on every command (after its name): argparse gives a subcommand's
+    # defaults precedence over the same option given before it, so they live on the subcommands only.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also print the warnings some libraries print on import (torchao, torch), "
+                             "which say nothing about the run")
+    common.add_argument("--log-file", metavar="PATH",
+                        help="write every log record of every library, with its time, level and logger, to PATH")
 
-    val = sub.add_parser("validate", help="check a recipe; exit 0 if valid, 2 otherwise")
-    val.add_argument("recipe")
-    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    def command(parent, name: str, help: str) -> argparse.ArgumentParser:
+        return parent.add_parser(name, help=help, description=help, parents=[common], formatter_class=_HelpFormatter)
 
-    run = sub.add_parser("run", help="run a recipe and export the result")
-    run.add_argument("recipe")
-    run.add_argument("--out", required=True, help="output folder (written atomically)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    models = sub.add_parser("models", help="the model zoo: list, fetch", description="the model zoo",
+                            formatter_class=_HelpFormatter)
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    command(msub, "list", "list zoo ids, their sizes and whether they are fetched")
+    fetch = command(msub, "fetch", "download, verify and convert a zoo model")
+    fetch.add_argument("id", help="a zoo id (python -m compress models list)")
+
+    val = command(sub, "validate", "check a recipe without loading weights; exit 0 if valid, 2 otherwise")
+    val.add_argument("recipe", help="a recipe YAML file")
+    val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a recipe value by its YAML path, e.g. --set stages[0].steps[0].bits=3; repeatable")
+
+    run = command(sub, "run", "run a recipe and export the result")
+    run.add_argument("recipe", help="a recipe YAML file")
+    run.add_argument("--out", metavar="DIR", help="output folder, written atomically; required unless --dry-run")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a recipe value, e.g. --set stages[0].steps[0].bits=3")
+                     help="override a recipe value by its YAML path, e.g. --set stages[0].steps[0].bits=3; repeatable")
     run.add_argument("--force", action="store_true", help="replace an existing output folder")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dry-run", action="store_true",
+                     help="validate, print what would run and an estimate of its cost (model size, "
+                          "calibration and verify tokens, steps); load nothing, write nothing")
+    run.add_argument("--no-baseline-cache", action="store_true",
+                     help="evaluate the float baseline even when an earlier run of the same model and verify "
+                          "settings cached it")
 
-    ev = sub.add_parser("eval", help="perplexity, NLL and ECE of a model on a text")
-    ev.add_argument("model", help="a zoo id or a model / export folder")
+    ev = command(sub, "eval", "perplexity, NLL, top-1 accuracy and ECE of a model on a text")
+    ev.add_argument("model", help="a zoo id, a Hugging Face folder or an export")
     src = ev.add_mutually_exclusive_group()
     src.add_argument("--text", help="a text file (.txt, or .jsonl with a 'text' field)")
-    src.add_argument("--corpus", help="a named corpus (default: bbc)")
-    ev.add_argument("--split", default="test", help="corpus split (default: test)")
-    ev.add_argument("--seq-len", type=int, default=512)
-    ev.add_argument("--max-windows", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=1)
-    ev.add_argument("--device", default="auto")
-    ev.add_argument("--dtype", default="float32")
+    src.add_argument("--corpus", help="a named corpus (bbc, shakespeare, milton, stdlib); bbc without --text")
+    ev.add_argument("--split", default="test", help="the corpus split (train, validation, test)")
+    ev.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    ev.add_argument("--max-windows", type=int, default=None, help="score at most N windows (default: every window)")
+    ev.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
+    ev.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    ev.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     ev.add_argument("--speed", action="store_true",
                     help="also weight bytes, peak memory, batch-1 decode tokens/s and the bandwidth roofline")
-    ev.add_argument("--new-tokens", type=int, default=128, help="decoded tokens for --speed (default 128)")
+    ev.add_argument("--new-tokens", type=int, default=128, help="decoded tokens for --speed")
     ev.add_argument("--compile", action="store_true", help="--speed: compiled decode step (CUDA graphs on GPU)")
     ev.add_argument("--int4", action="store_true", help="run a gptq export's 4-bit linears on the int4 kernel")
-    ev.add_argument("--topics", type=int, default=0, help="BBC test articles for zero-shot topic accuracy")
+    ev.add_argument("--topics", type=int, default=0, help="BBC test articles for zero-shot topic accuracy (0: none)")
     ev.add_argument("--no-calibrator", action="store_true",
                     help="ignore the calibrator an export ships (calibrator/): raw perplexity, NLL and ECE")
     ev.add_argument("--bandwidth-gbs", type=float, default=None,
-                    help="memory bandwidth for the roofline (default: nominal figure of a known GPU)")
+                    help="memory bandwidth for the roofline (default: the nominal figure of a known GPU)")
 
-    de = sub.add_parser("draft-eval", help="teacher-forced drafter vs target: agreement, alpha, tau(gamma)")
+    de = command(sub, "draft-eval", "teacher-forced drafter vs target: agreement, alpha, tau(gamma)")
     de.add_argument("--target", required=True, help="a zoo id or a model / export folder")
     de.add_argument("--drafter", required=True, help="a zoo id or a model / export folder")
     de.add_argument("--text", required=True, help="prompts: .txt (blank-line separated) or .jsonl ('text')")
-    de.add_argument("--gammas", default="1,2,3,4,5,6,7,8", help="draft lengths (default 1,...,8)")
+    de.add_argument("--gammas", default="1,2,3,4,5,6,7,8", help="draft lengths, comma-separated")
     de.add_argument("--max-new-tokens", type=int, default=128,
                     help="target greedy continuation per prompt; 0 scores the prompts themselves")
-    de.add_argument("--max-prompts", type=int, default=None)
-    de.add_argument("--temperature", type=float, default=1.0, help="for alpha (default 1)")
-    de.add_argument("--device", default="auto")
-    de.add_argument("--dtype", default="float32")
+    de.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts (default: all)")
+    de.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for alpha")
+    de.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    de.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     de.add_argument("--head", default=None, help="a self-spec drafter export's head (default: the one it chose)")
 
-    db = sub.add_parser("draft-bench", help="tokens/s of the target alone vs speculative decoding (fast path)")
+    db = command(sub, "draft-bench", "tokens/s of the target alone vs speculative decoding (fast path)")
     db.add_argument("--target", required=True, help="a zoo id or a model / export folder")
     db.add_argument("--drafter", required=True, help="a zoo id or a model / export folder")
     db.add_argument("--prompts", required=True, help=".txt (blank-line separated) or .jsonl ('text')")
-    db.add_argument("--gamma", type=int, default=4, help="draft length (default 4)")
-    db.add_argument("--max-new-tokens", type=int, default=128)
-    db.add_argument("--max-prompts", type=int, default=None)
+    db.add_argument("--gamma", type=int, default=4, help="draft length")
+    db.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
+    db.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts (default: all)")
     db.add_argument("--int4-drafter", action="store_true", help="run a gptq drafter's 4-bit linears on the int4 kernel")
     db.add_argument("--compile", action="store_true", help="compiled decode steps (CUDA graphs on GPU)")
     db.add_argument("--hf-baseline", action="store_true", help="also time generate(cache_implementation='static')")
     db.add_argument("--confidence-threshold", type=float, default=None,
                     help="stop a round's drafting when the drafter's top-1 probability (through the calibrator a "
-                         "drafter export ships, if it maps drafter confidences) falls below this; default: fixed γ")
+                         "drafter export ships, if it maps drafter confidences) falls below this (default: fixed γ)")
     db.add_argument("--head", default=None,
                     help="a self-spec drafter export's head to use (default: the one it chose, e.g. k5)")
     db.add_argument("--no-matched", action="store_true",
                     help="skip the matched target-alone reference (exact identity check) and pad no verify pass")
-    db.add_argument("--out", default=None, help="folder for draft_bench.json and draft_bench.png")
-    db.add_argument("--device", default="auto")
-    db.add_argument("--dtype", default="float32")
+    db.add_argument("--out", default=None, help="folder for draft_bench.json and draft_bench.png (default: none)")
+    db.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    db.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "run" and args.out is None and not args.dry_run:
+        parser.error("run: --out DIR is required (unless --dry-run)")
+    configure_logging(verbose=args.verbose, log_file=args.log_file)
     try:
         return _dispatch(args)
     except Exception as exc:
         if not _is_user_error(exc):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {getattr(exc, 'cli_message', None) or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -142,11 +184,20 @@ def _dispatch(args) -> int:
         return 0
 
     if args.command == "run":
-        from compress.pipeline import run_recipe
         from compress.recipe import load_recipe
         from compress.summary import print_summary
+        if args.quiet:  # transformers' own bars ("Loading weights") too; read when it is first imported
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        if not args.dry_run:
+            from compress.pipeline import run_recipe  # torch and transformers: not for a dry run
         recipe = load_recipe(args.recipe, args.overrides)
-        result = run_recipe(recipe, out_dir=args.out, force=args.force, progress=not args.quiet)
+        if args.dry_run:
+            from compress.dry_run import format_plan, plan_run
+            plan = plan_run(recipe, out_dir=args.out, force=args.force, reuse_baseline=not args.no_baseline_cache)
+            print(format_plan(plan, args.recipe))
+            return 0
+        result = run_recipe(recipe, out_dir=args.out, force=args.force, progress=not args.quiet,
+                            reuse_baseline=not args.no_baseline_cache)
         print_summary(result.report, result.out_dir)
         return 0
 

@@ -32,7 +32,7 @@ def window_token_ids(tokenizer, text: str, seq_len: int, max_windows: int | None
     n = len(ids) // seq_len
     if n == 0:
         raise CompressError(f"the evaluation text has {len(ids)} tokens, fewer than one window of "
-                            f"seq_len={seq_len}; use a longer text or a smaller --seq-len")
+                            f"seq_len={seq_len}; use a longer text or a smaller seq_len")
     if max_windows is not None:
         n = min(n, max_windows)
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
@@ -40,13 +40,13 @@ def window_token_ids(tokenizer, text: str, seq_len: int, max_windows: int | None
 
 @torch.no_grad()
 def evaluate_windows(model, windows: torch.Tensor, *, batch_size: int = 1, device=None,
-                     progress: bool = True, n_bins: int = 15, calibrator=None) -> dict:
+                     progress: bool = True, n_bins: int = 15, calibrator=None, desc: str = "eval") -> dict:
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll_sum, n_tok, n_correct = 0.0, 0, 0
     confs, hits = [], []
     raw_nll_sum, raw_confs = 0.0, []  # before the calibrator, when there is one
     t0 = time.perf_counter()
-    for start in tqdm(range(0, len(windows), batch_size), desc="eval", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, unit="batch", disable=not progress):
         ids = windows[start:start + batch_size].to(device)
         logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
         labels = ids[:, 1:]

@@ -12,46 +12,65 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
+from tqdm.auto import tqdm
+
 from compress import __version__
 from compress.errors import CompressError
 from compress.formats import EXPORT_MARKER, get_format
 from compress.formats.calibrator import write_calibrator
-from compress.fs import replace_dir, temp_dir_beside, write_json_atomic
+from compress.fs import make_readable, replace_dir, temp_dir_beside, write_json_atomic
 from compress.state import RunState
 
 
 def check_out_dir(out_dir: str | Path, *, force: bool) -> Path:
     out = Path(out_dir)
     if out.exists() and not force:
-        raise CompressError(f"output folder {out} already exists; pass --force to replace it")
+        raise CompressError(f"output folder {out} already exists; pass force=True to replace it",
+                            cli_message=f"output folder {out} already exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise CompressError(f"output path {out} exists and is not a folder")
     return out
 
 
 def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yaml: str,
-                 report: dict | Callable[[], dict], state: RunState | None = None, force: bool = False) -> Path:
+                 report: dict | Callable[[Path], dict], state: RunState | None = None, force: bool = False,
+                 progress: bool = False) -> Path:
     """Write the export atomically: a crash leaves either the old folder or the new one, never half.
 
-    ``report`` may be a function: it is called once the weights are written, just before
-    ``report.json`` is, so the report can carry the time the export took (it is written once)."""
+    ``report`` may be a function of the folder being written: it is called once the weights are in
+    it, just before ``report.json`` is written, so the report can carry the time the export took and
+    its size on disk (it is written once). ``progress`` shows a bar over the export's parts."""
     out = check_out_dir(out_dir, force=force).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = get_format(spec.format)
     state = state or RunState()
+    parts = ["weights", *state.adapters, *(["calibrator"] if state.calibrator is not None else []), "report"]
     tmp = temp_dir_beside(out)
     try:
-        fmt.write(model, tokenizer, tmp, state, spec)
-        # Fine-tuning adapters (e.g. the s2ft step's): a subfolder each, so that the export's own
-        # folder has no adapter_config.json for transformers/peft to mistake it for a PEFT adapter.
-        for name, adapter in state.adapters.items():
-            adapter.save(tmp / name)
-        if state.calibrator is not None:
-            write_calibrator(tmp, state.calibrator)
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
-        write_json_atomic(tmp / "report.json", report() if callable(report) else report)
-        (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt.name, "toolkit": "compress",
-                                                     "version": __version__}, indent=2))
+        with tqdm(total=len(parts), desc=f"export {fmt.name}", unit="part", disable=not progress) as bar:
+            def part(name: str) -> None:
+                bar.set_postfix_str(name, refresh=True)
+
+            part("weights")
+            fmt.write(model, tokenizer, tmp, state, spec)
+            bar.update()
+            # Fine-tuning adapters (e.g. the s2ft step's): a subfolder each, so that the export's own
+            # folder has no adapter_config.json for transformers/peft to mistake it for a PEFT adapter.
+            for name, adapter in state.adapters.items():
+                part(name)
+                adapter.save(tmp / name)
+                bar.update()
+            if state.calibrator is not None:
+                part("calibrator")
+                write_calibrator(tmp, state.calibrator)
+                bar.update()
+            part("report")
+            (tmp / "recipe.yaml").write_text(recipe_yaml)
+            write_json_atomic(tmp / "report.json", report(tmp) if callable(report) else report)
+            (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt.name, "toolkit": "compress",
+                                                         "version": __version__}, indent=2))
+            make_readable(tmp)  # safetensors writes its files 0600; a server under another user must read them
+            bar.update()
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

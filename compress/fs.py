@@ -10,14 +10,35 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return umask
+
+
 def temp_dir_beside(target: Path) -> Path:
     """An empty folder next to ``target`` (same filesystem, so a rename moves it into place),
     with the permissions a plain mkdir would give (mkdtemp makes 0700)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+def make_readable(folder: Path) -> None:
+    """Give every file under ``folder`` the mode a plain ``open()`` would (0644 under a 022 umask),
+    and every folder that of a plain mkdir.
+
+    Some writers make their output private: safetensors' ``save_file`` writes through a temporary
+    file and renames it, which leaves it 0600, while the rest of an export is 0644. A serving process
+    running as another user could then read the config but not the weights."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~umask)
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~umask)
 
 
 def replace_dir(tmp: Path, out: Path) -> None:

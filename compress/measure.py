@@ -25,17 +25,19 @@ def route(calibrator: LMCalibrator | None) -> tuple[LMCalibrator | None, LMCalib
 
 
 def verify(model, tokenizer, windows: torch.Tensor, spec, device, progress: bool,
-           calibrator: LMCalibrator | None = None) -> dict:
+           calibrator: LMCalibrator | None = None, desc: str = "verify") -> dict:
     """A recipe's ``verify`` (``spec``: its VerifySpec): the windows' metrics and, with ``spec.topics``,
-    BBC-topic accuracy, each through the calibrator that applies."""
+    BBC-topic accuracy, each through the calibrator that applies. ``desc`` names the progress bars
+    (``baseline``, ``verify``)."""
     for_tokens, for_topics = route(calibrator)
     with on_device(model, device):  # a layer-wise stage may keep the model on the CPU until it runs
         out = evaluate_windows(model, windows, batch_size=spec.batch_size, device=device, progress=progress,
-                               calibrator=for_tokens)
+                               calibrator=for_tokens, desc=f"{desc} perplexity")
         out.update(corpus=spec.corpus, split=spec.split)
         if spec.topics:
             topics = topic_accuracy(model, tokenizer, bbc_topic_examples("test", max_examples=spec.topics),
-                                    device=device, batch_size=8, progress=progress, calibrator=for_topics)
+                                    device=device, batch_size=8, progress=progress, calibrator=for_topics,
+                                    desc=f"{desc} topics")
             out.update(accuracy=topics["accuracy"], topics_ece=topics["ece"],
                        topics={k: topics[k] for k in ("examples", "ece", "uncalibrated") if k in topics})
     if calibrator is not None:

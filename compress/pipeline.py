@@ -1,4 +1,11 @@
-"""Run a recipe: load, calibrate, apply the stages, verify, export. No global state."""
+"""Run a recipe: load, calibrate, apply the stages, verify, export. No global state.
+
+Resuming an interrupted run: the stages run in memory and the export is written at the end, so an
+interrupted run starts over — except the float baseline, which is cached across runs
+(``compress/baseline_cache.py``). Per-block resume belongs with the layer-wise runner's per-block
+writing (the streaming work, ``compress/runner.py``); where it joins this file is marked
+``RESUME:`` in ``_apply_stages``.
+"""
 from __future__ import annotations
 
 import copy
@@ -10,7 +17,9 @@ from typing import Any
 
 import torch
 
+from compress import host_memory
 from compress.algorithms import ALGORITHMS, StepContext
+from compress.baseline_cache import baseline_fingerprint, cached_baseline, fingerprint_key, store_baseline
 from compress.data import corpus_text
 from compress.data.selection import select_calibration_set
 from compress.evaluate import window_token_ids
@@ -19,6 +28,7 @@ from compress.measure import verify
 from compress.models import load_model
 from compress.plan import check_plan
 from compress.recipe import CalibrationSpec, Recipe, validate_recipe
+from compress.sizes import module_bytes, size_change, weights_on_disk
 # resolve_device and versions live in compress.runtime; they are imported here too, where callers
 # have always found them.
 from compress.runtime import resolve_device, versions
@@ -39,12 +49,15 @@ class RunResult:
 
 
 class _Timer:
-    """Wall time per phase and, on CUDA, the peak allocated device memory within each phase (the
-    final move of the whole model to the device, after the stages, belongs to no phase)."""
+    """Wall time per phase, the peak resident host memory within each phase (``compress.host_memory``)
+    and, on CUDA, the peak allocated device memory within each phase (the final move of the whole
+    model to the device, after the stages, belongs to no phase)."""
 
     def __init__(self, device: torch.device | None = None):
         self.timings: dict[str, float] = {}
         self.peak_device_mb: dict[str, float] = {}
+        self.peak_host_mb: dict[str, float] = {}
+        self.host_per_phase = True  # False where the host peak cannot be reset (then: process peak so far)
         self._cuda = device if device is not None and device.type == "cuda" else None
         self._open: tuple[str, float, float] | None = None  # the phase running now: key, start, time before
 
@@ -57,6 +70,7 @@ class _Timer:
             self.stop()
 
     def start(self, key: str) -> None:
+        self.host_per_phase = host_memory.reset_peak() and self.host_per_phase
         if self._cuda is not None:
             torch.cuda.reset_peak_memory_stats(self._cuda)
         self._open = (key, time.perf_counter(), self.timings.get(key, 0.0))
@@ -67,14 +81,20 @@ class _Timer:
         key, t0, before = self._open
         self._open = None
         self.timings[key] = round(before + time.perf_counter() - t0, 3)
+        host = host_memory.peak_mb()
+        if host is not None:
+            self.peak_host_mb[key] = round(max(host, self.peak_host_mb.get(key, 0.0)), 1)
         if self._cuda is not None:
             peak = torch.cuda.max_memory_allocated(self._cuda) / 2**20
             self.peak_device_mb[key] = round(max(peak, self.peak_device_mb.get(key, 0.0)), 1)
 
 
 def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, force: bool = False,
-               progress: bool = True, log=print) -> RunResult:
-    """Run every stage of ``recipe`` and (with ``out_dir``) export; returns the model and the report."""
+               progress: bool = True, log=print, reuse_baseline: bool = True) -> RunResult:
+    """Run every stage of ``recipe`` and (with ``out_dir``) export; returns the model and the report.
+
+    ``reuse_baseline``: take verify's float baseline from the cache when an earlier run of the same
+    model and verify settings stored it (``compress/baseline_cache.py``); it is stored either way."""
     if not isinstance(recipe, Recipe):
         recipe = validate_recipe(recipe)
     if out_dir is not None:
@@ -92,6 +112,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     remember_structure(loaded.path, structure)  # so that validating a recipe for this model builds nothing
     report["model"].update(path=loaded.path, parameters=sum(p.numel() for p in model.parameters()),
                            dtype=recipe.model.dtype, device=str(device))
+    size_before = {"memory_bytes": module_bytes(model),
+                   "disk_bytes": weights_on_disk(loaded.path) if Path(loaded.path).is_dir() else None}
     # Layer-wise algorithms move one block at a time to the device; the rest go whole.
     if not recipe.needs_calibration():
         model.to(device)
@@ -120,9 +142,22 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         v = recipe.verify
         verify_windows = window_token_ids(tokenizer, corpus_text(v.corpus, v.split), v.seq_len, v.max_windows)
         if v.baseline:
-            with timer("verify_baseline"):
-                report["baseline"] = verify(model, tokenizer, verify_windows, v, device, progress)
-            log(f"baseline: perplexity {report['baseline']['perplexity']:.3f}, ECE {report['baseline']['ece']:.4f}")
+            fingerprint = baseline_fingerprint(loaded.path, dtype=recipe.model.dtype, device_type=device.type,
+                                               verify=v)
+            cached = cached_baseline(fingerprint) if reuse_baseline else None
+            if cached is not None:
+                report["baseline"] = cached
+                log(f"baseline (cached from an earlier run): perplexity {cached['perplexity']:.3f}, "
+                    f"ECE {cached['ece']:.4f}")
+            else:
+                with timer("verify_baseline"):
+                    report["baseline"] = verify(model, tokenizer, verify_windows, v, device, progress,
+                                                desc="baseline")
+                store_baseline(fingerprint, report["baseline"])
+                log(f"baseline: perplexity {report['baseline']['perplexity']:.3f}, "
+                    f"ECE {report['baseline']['ece']:.4f}")
+            if fingerprint is not None:
+                report["baseline_cache"] = {"hit": cached is not None, "key": fingerprint_key(fingerprint)}
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
@@ -132,7 +167,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     if recipe.verify is not None:
         with timer("verify"):
             report["verify"] = verify(model, tokenizer, verify_windows, recipe.verify, device, progress,
-                                      calibrator=ctx.state.calibrator)
+                                      calibrator=ctx.state.calibrator, desc="verify")
         if "baseline" in report:  # the before/after pair in one place, as the recipes' reports promise
             for key in ("ece", "perplexity", "accuracy", "topics_ece"):
                 if key in report["baseline"]:
@@ -141,18 +176,24 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     report["timings"] = timer.timings
     if timer.peak_device_mb:
         report["peak_device_mb"] = timer.peak_device_mb
+    report["peak_host_mb"] = timer.peak_host_mb
+    if not timer.host_per_phase:
+        report["peak_host_per_phase"] = False  # each figure: the process's peak up to that phase's end
+    report["size"] = size_change(size_before, {"memory_bytes": module_bytes(model)})
 
     written = None
     if out_dir is not None:
-        def final_report() -> dict:
-            # Called by the export once the weights are on disk, so that report.json, written once,
-            # carries the export's own time (and, on CUDA, its peak memory).
+        def final_report(folder: Path) -> dict:
+            # Called by the export once the weights are in ``folder``, so that report.json, written
+            # once, carries the export's own time, peak memory and size on disk.
             timer.stop()
+            after = {**report["size"]["after"], "disk_bytes": weights_on_disk(folder, recursive=True)}
+            report["size"] = size_change(size_before, after)
             return report
 
         timer.start("export")
         written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
-                               report=final_report, state=ctx.state, force=force)
+                               report=final_report, state=ctx.state, force=force, progress=progress)
     return RunResult(model, tokenizer, recipe, report, written, ctx.state)
 
 
@@ -164,6 +205,8 @@ def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> l
         stage_report = {"name": stage.name, "steps": []}
         with timer(f"stage:{stage.name}") if timer else nullcontext():
             for ki, step in enumerate(stage.steps):
+                # RESUME: a step that the streaming runner wrote block by block would restart here
+                # from its last finished block; today every step runs from its first block.
                 ctx.where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
                 t0 = time.perf_counter()
                 log(f"stage {stage.name!r}: {step.algorithm}")

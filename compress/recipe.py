@@ -28,7 +28,7 @@ import compress.prune  # noqa: F401
 import compress.quantize  # noqa: F401
 import compress.recalibrate  # noqa: F401
 from compress.algorithms import ALGORITHMS
-from compress.config import CorpusName, StrictModel
+from compress.config import CorpusName, StrictModel, describe_error, describe_validation_error, format_loc
 from compress.errors import CompressError, RecipeError
 from compress.formats import FORMATS
 from compress.models import ZOO, check_model_source
@@ -165,6 +165,11 @@ class Recipe(StrictModel):
                                 else "empty (leave it out to score with every step)"))
         return self
 
+    @classmethod
+    def _error_text(cls, exc: ValidationError) -> str:
+        # Recipe(...) built in Python reads as validate_recipe's and the CLI's errors do.
+        return describe_validation_error(exc, "recipe", _describe)
+
     def algorithms(self) -> list[str]:
         """Every step's algorithm, in run order."""
         return [step.algorithm for s in self.stages for step in s.steps]
@@ -176,51 +181,20 @@ class Recipe(StrictModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def format_loc(loc: tuple) -> str:
-    """('stages', 0, 'steps', 1, 'gptq', 'bits') -> 'stages[0].steps[1].bits'."""
-    out = ""
-    parts = list(loc)
-    for i, p in enumerate(parts):
-        if isinstance(p, int):
-            out += f"[{p}]"
-            continue
-        # Drop the discriminator tag pydantic inserts after a step's index.
-        if i >= 2 and isinstance(parts[i - 1], int) and parts[i - 2] == "steps" and p in ALGORITHMS:
-            continue
-        if p in ("function-after", "function-before") or p.startswith("function-"):
-            continue
-        out += ("." if out else "") + str(p)
-    return out or "(top level)"
-
-
 def _describe(err: dict) -> str:
-    path = format_loc(err["loc"])
-    msg = err["msg"]
     if err["loc"] == ("model",) and err["type"] == "missing":  # pydantic's "Field required" says less
         return (f"model: the recipe names no model: give `model:` a zoo id ({', '.join(ZOO)}), a model folder "
                 f"or a hub id")
-    if err["type"] == "union_tag_invalid":
-        ctx = err.get("ctx", {})
-        return (f"{path}.algorithm: unknown algorithm {ctx.get('tag')!r}; "
-                f"known: {', '.join(sorted(ALGORITHMS))}")
     if err["type"] == "union_tag_not_found":
-        return f"{path}: a step needs `algorithm:` (one of {', '.join(sorted(ALGORITHMS))})"
-    if err["type"] == "extra_forbidden":
-        return f"{path}: unknown key (not part of the schema here)"
-    msg = msg.removeprefix("Value error, ")
-    value = err.get("input")
-    shown = "" if isinstance(value, (dict, list)) or value is None else f" (got {value!r})"
-    return f"{path}: {msg}{shown}"
+        return f"{format_loc(err['loc'])}: a step needs `algorithm:` (one of {', '.join(sorted(ALGORITHMS))})"
+    return describe_error(err)
 
 
 def validate_recipe(data: dict, *, origin: str = "recipe") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e) for e in exc.errors(include_url=False)]
-        head = f"{origin}: " + lines[0]
-        more = "".join(f"\n{origin}: {line}" for line in lines[1:6])
-        raise RecipeError(head + more) from None
+        raise RecipeError(describe_validation_error(exc, origin, _describe)) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

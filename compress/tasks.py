@@ -60,7 +60,7 @@ def _label_token_ids(tokenizer) -> list[list[int]]:
 
 @torch.no_grad()
 def topic_label_logits(model, tokenizer, examples: list[TopicExample], *, device=None, batch_size: int = 8,
-                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                       progress: bool = False, desc: str = "bbc-topics") -> tuple[torch.Tensor, torch.Tensor]:
     """([N, 5] float32 log-probabilities of each topic word after the prompt, [N] labels).
 
     One forward per article scores every topic: the prompt and each label word go in one
@@ -72,7 +72,7 @@ def topic_label_logits(model, tokenizer, examples: list[TopicExample], *, device
     label_ids = _label_token_ids(tokenizer)
     out = torch.empty(len(examples), len(BBC_TOPICS), dtype=torch.float32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    for start in tqdm(range(0, len(examples), batch_size), desc="bbc-topics", disable=not progress):
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, disable=not progress):
         chunk = examples[start:start + batch_size]
         prompts = [tokenizer(topic_prompt(e.text), add_special_tokens=False)["input_ids"] for e in chunk]
         # Every (prompt, label) pair as its own sequence; a single-token label needs only the prompt.

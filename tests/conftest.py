@@ -25,3 +25,12 @@ def text_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text(TEXT)
     return str(path)
+
+
+@pytest.fixture(autouse=True)
+def _baseline_cache_per_test(tmp_path_factory, monkeypatch):
+    """run_recipe caches verify's float baseline across runs (compress/baseline_cache.py): each test
+    gets an empty cache of its own, so no test reads another's and none writes to the user's."""
+    import compress.baseline_cache
+    folder = tmp_path_factory.mktemp("baselines")
+    monkeypatch.setattr(compress.baseline_cache, "cache_dir", lambda *_: folder)

@@ -69,8 +69,9 @@ def test_existing_output_is_refused_before_any_work(tmp_path, text_file):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    with pytest.raises(CompressError, match="already exists; pass --force"):
+    with pytest.raises(CompressError, match="already exists; pass force=True") as raised:
         run_recipe(_recipe(model_dir, text_file, [{"algorithm": "rtn"}]), out_dir=out, progress=False)
+    assert "--" not in str(raised.value)  # a Python caller is not told about command-line flags
     assert (out / "keep.txt").read_text() == "precious"
     run_recipe(_recipe(model_dir, text_file, [{"algorithm": "rtn", "group_size": 32}]), out_dir=out, force=True,
                progress=False, log=lambda *_: None)
@@ -98,7 +99,7 @@ def test_cli_run_and_eval(tmp_path, text_file, capsys):
         assert key in result
     assert result["tokens"] == 3 * 31 and result["perplexity"] > 1
     assert main(["run", str(path), "--out", str(out), "--quiet"]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists; pass --force" in capsys.readouterr().err  # the CLI's own wording
 
 
 @pytest.mark.parametrize("strategy", ["diversity", "kl"])
@@ -178,6 +179,26 @@ def test_export_folder_has_plain_permissions(tmp_path, text_file):
     umask = os.umask(0)
     os.umask(umask)
     assert (out.stat().st_mode & 0o777) == (0o777 & ~umask)
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gptq", "compressed-tensors"])
+def test_every_exported_file_is_readable_by_others(tmp_path, text_file, fmt):
+    """Under a 022 umask every file of an export is 0644 and every folder 0755: safetensors writes its
+    weights 0600, which a serving process under another user cannot read (issue 15, part 4)."""
+    import os
+    import stat
+    before = os.umask(0o022)
+    try:
+        out = tmp_path / "out"
+        steps = [{"algorithm": "rtn", "bits": 4, "group_size": 32, "sym": True}]
+        run_recipe(_recipe(tiny_model_dir(tmp_path / "m"), text_file, steps, export={"format": fmt}),
+                   out_dir=out, progress=False, log=lambda *_: None)
+    finally:
+        os.umask(before)
+    paths = [out, *out.rglob("*")]
+    assert any(p.name == "model.safetensors" for p in paths)
+    modes = {str(p.relative_to(tmp_path)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths}
+    assert modes == {k: ("0o755" if (tmp_path / k).is_dir() else "0o644") for k in modes}
 
 
 def test_report_json_is_written_once_and_carries_the_export_time(tmp_path, text_file, monkeypatch):

@@ -148,3 +148,56 @@ def test_pruning_methods_differ_by_config_type():
     pruning = [a for a in ALGORITHMS.values() if a.apply == ALGORITHMS["nirvana"].apply]
     assert sorted(a.name for a in pruning) == ["magnitude", "nirvana", "taylor", "wanda"]
     assert {a.config for a in pruning} == set(UNIT_SCORES)
+
+
+def test_readme_builds_a_recipe_from_python_objects(monkeypatch):
+    """The README's Python example runs as written (run_recipe stubbed) and means the YAML it mirrors."""
+    import re
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import compress.pipeline
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "Recipe(" in b)
+    ran = {}
+
+    def fake_run(recipe, **kw):
+        ran.update(recipe=recipe, **kw)
+        return SimpleNamespace(report={"verify": {"perplexity": 1.0}, "size": {"disk_ratio": 1.0}})
+
+    monkeypatch.setattr(compress.pipeline, "run_recipe", fake_run)
+    exec(compile(block, "README.md", "exec"), {})
+    assert ran["out_dir"] == "out/mine"
+    assert ran["recipe"] == validate_recipe({
+        "model": "smollm2-135m", "calibration": {"corpus": "bbc", "num_samples": 32, "seq_len": 512},
+        "stages": [{"name": "quantize", "steps": [{"algorithm": "gptq", "bits": 4, "group_size": 128, "sym": True}]}],
+        "verify": {"max_windows": 16}, "export": {"format": "gptq"}})
+
+
+def test_configs_built_in_python_name_the_bad_field_as_the_cli_does():
+    from compress.errors import CompressError
+    from compress.quantize.config import GPTQConfig
+    from compress.recipe import ModelSpec, Stage
+
+    def message(build) -> str:
+        with pytest.raises(RecipeError) as raised:
+            build()
+        assert isinstance(raised.value, CompressError) and isinstance(raised.value, ValueError)
+        text = str(raised.value)
+        assert "pydantic" not in text and "validation error" not in text  # not pydantic's own dump
+        return text
+
+    assert message(lambda: GPTQConfig(bits=5)) == "GPTQConfig: bits: Input should be 2, 3, 4 or 8 (got 5)"
+    cfg = GPTQConfig()
+    assert message(lambda: setattr(cfg, "group_size", 100)) == (
+        "GPTQConfig: group_size: Input should be -1, 32, 64 or 128 (got 100)")
+    assert cfg.group_size == 128
+    assert message(lambda: GPTQConfig(bitz=4)) == "GPTQConfig: bitz: unknown key (not part of the schema here)"
+    # Nested, the path is the recipe's YAML path, as `compress validate` prints it
+    steps = [{"algorithm": "rtn"}, {"algorithm": "gptq", "bits": 5}]
+    assert message(lambda: Stage(name="q", steps=steps)) == "Stage: steps[1].bits: Input should be 2, 3, 4 or 8 (got 5)"
+    nested = message(lambda: Recipe(model=ModelSpec(id="smollm2-135m"), stages=[{"name": "q", "steps": steps}]))
+    assert nested == "recipe: stages[0].steps[1].bits: Input should be 2, 3, 4 or 8 (got 5)"
+    assert message(lambda: Stage(name="q", steps=[{"algorithm": "gptqq"}])).startswith(
+        "Stage: steps[0].algorithm: unknown algorithm 'gptqq'; known: adaquant, bias_correction, gptq,")
+    assert "the recipe names no model" in message(lambda: Recipe(stages=[]))

@@ -7,6 +7,7 @@ dequantized grid values) and leaves the integer levels, scales and zeros in
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from compress.algorithms import StepContext
 from compress.errors import CompressError
@@ -41,7 +42,7 @@ def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
     spec = cfg.spec()
     _check_shapes(modules, spec, ctx.where)
     report = {}
-    for name, m in modules.items():
+    for name, m in tqdm(modules.items(), desc="rtn", unit="linear", disable=not ctx.progress):
         w = m.weight.data.to(ctx.device)
         res = rtn_solve(w, spec)
         report[name] = {"bits": spec.bits, "group_size": spec.group_size,
