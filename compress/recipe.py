@@ -127,6 +127,10 @@ class ExportSpec(StrictModel):
     # optimum+gptqmodel, vLLM); compressed-tensors: pack-quantized (vLLM), uniform schemes only.
     format: Literal[tuple(FORMATS)] = "hf"  # type: ignore[valid-type]
     dtype: DTYPES | None = None  # None keeps the model's dtype
+    # What vLLM (0.26, compress/formats/vllm.py) would refuse in this export — a GPTQ scheme or shape its
+    # loader or kernels do not take: warn (and record it in report.json `serving`), require (refuse the
+    # export, naming the layer, the kernel and the alternative), or off.
+    vllm: Literal["warn", "require", "off"] = "warn"
 
 
 def _step_union():
