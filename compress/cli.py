@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
                     help="ignore the calibrator an export ships (calibrator/): raw perplexity, NLL and ECE")
     ev.add_argument("--bandwidth-gbs", type=float, default=None,
                     help="memory bandwidth for the roofline (default: the nominal figure of a known GPU)")
+    ev.add_argument("--tasks", default=None, help="lm-evaluation-harness tasks, zero-shot on local data, e.g. "
+                    "hellaswag,arc_easy,bbc_topics (the eval extra; compress/harness/README.md)")
+    ev.add_argument("--task-limit", type=int, default=None, help="--tasks: a seeded subset of N documents per task")
+    ev.add_argument("--tasks-out", default=None, help="--tasks: write lm-eval's own results JSON here")
 
     de = command(sub, "draft-eval", "teacher-forced drafter vs target: agreement, alpha, tau(gamma)")
     de.add_argument("--target", required=True, help="a zoo id or a model / export folder")
@@ -207,7 +211,8 @@ def _dispatch(args) -> int:
                                  seq_len=args.seq_len, max_windows=args.max_windows, batch_size=args.batch_size,
                                  device=args.device, dtype=args.dtype, topics=args.topics,
                                  use_calibrator=not args.no_calibrator, int4=args.int4, speed=args.speed,
-                                 new_tokens=args.new_tokens, compile=args.compile, bandwidth_gbs=args.bandwidth_gbs)
+                                 new_tokens=args.new_tokens, compile=args.compile, bandwidth_gbs=args.bandwidth_gbs,
+                                 tasks=args.tasks, task_limit=args.task_limit, tasks_out=args.tasks_out)
         print(json.dumps(result))
         return 0
 

@@ -8,6 +8,7 @@ only; nothing is pickled. The weights themselves are the format's writer's
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,7 @@ from compress import __version__
 from compress.errors import CompressError
 from compress.formats import EXPORT_MARKER, get_format
 from compress.formats.calibrator import write_calibrator
+from compress.formats.vllm import check_export
 from compress.fs import make_readable, replace_dir, temp_dir_beside, write_json_atomic
 from compress.state import RunState
 
@@ -44,6 +46,7 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
     out.parent.mkdir(parents=True, exist_ok=True)
     fmt = get_format(spec.format)
     state = state or RunState()
+    serving = serving_check(fmt.name, model, state, getattr(spec, "vllm", "warn"))
     parts = ["weights", *state.adapters, *(["calibrator"] if state.calibrator is not None else []), "report"]
     tmp = temp_dir_beside(out)
     try:
@@ -66,7 +69,10 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
                 bar.update()
             part("report")
             (tmp / "recipe.yaml").write_text(recipe_yaml)
-            write_json_atomic(tmp / "report.json", report(tmp) if callable(report) else report)
+            full_report = report(tmp) if callable(report) else report
+            if serving is not None:
+                full_report = {**full_report, "serving": {"vllm": serving}}
+            write_json_atomic(tmp / "report.json", full_report)
             (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt.name, "toolkit": "compress",
                                                          "version": __version__}, indent=2))
             make_readable(tmp)  # safetensors writes its files 0600; a server under another user must read them
@@ -75,3 +81,22 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def serving_check(fmt: str, model, state: RunState, mode: str) -> dict | None:
+    """What vLLM would do with this export (``compress.formats.vllm``), before anything is written:
+    ``mode`` warn logs each refusal, require raises a CompressError naming them, off skips the check."""
+    if mode == "off":
+        return None
+    found = check_export(fmt, model, state.quant)
+    if found is None or found["loads"]:
+        return found
+    head = (f"export {fmt}: vLLM {found['vllm']} would not load this checkpoint "
+            f"({len(found['refusals'])} layer(s)): ")
+    listed = "; ".join(found["refusals"][:3]) + (f"; and {len(found['refusals']) - 3} more"
+                                                  if len(found["refusals"]) > 3 else "")
+    if mode == "require":
+        raise CompressError(head + listed + " (export.vllm: warn exports it anyway)")
+    logging.getLogger(__name__).warning(head + listed + " (recorded in report.json serving.vllm; export.vllm: "
+                                        "require refuses such an export)")
+    return found

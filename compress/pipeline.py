@@ -24,6 +24,7 @@ from compress.data import corpus_text
 from compress.data.selection import select_calibration_set
 from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
+from compress.harness.catalog import check_lm_eval_installed
 from compress.measure import verify
 from compress.models import load_model
 from compress.plan import check_plan
@@ -99,6 +100,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         recipe = validate_recipe(recipe)
     if out_dir is not None:
         check_out_dir(out_dir, force=force)  # fail before the work, not after
+    if recipe.verify is not None and recipe.verify.tasks:
+        check_lm_eval_installed("verify.tasks")  # before loading the model (check_plan runs after)
     device = resolve_device(recipe.model.device)
     timer = _Timer(device)
     report: dict[str, Any] = {"model": {"source": recipe.model.id}, "stages": [], "versions": versions()}
@@ -169,7 +172,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
             report["verify"] = verify(model, tokenizer, verify_windows, recipe.verify, device, progress,
                                       calibrator=ctx.state.calibrator, desc="verify")
         if "baseline" in report:  # the before/after pair in one place, as the recipes' reports promise
-            for key in ("ece", "perplexity", "accuracy", "topics_ece"):
+            for key in ("ece", "perplexity", "accuracy", "topics_ece", "tasks"):
                 if key in report["baseline"]:
                     report["verify"][f"{key}_before"] = report["baseline"][key]
         log(f"verify: perplexity {report['verify']['perplexity']:.3f}, ECE {report['verify']['ece']:.4f}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from compress.algorithms import ALGORITHMS
 from compress.errors import CompressError, RecipeError
 from compress.formats import get_format
+from compress.harness.catalog import check_lm_eval_installed
 from compress.state import Fact
 from compress.structure import Structure
 from compress.targets import match_names
@@ -62,6 +63,8 @@ def check_plan(recipe, structure: Structure | None = None, *, exports: bool = Tr
                 produced[fact] = where
                 if fact.per_module:
                     per_module[fact].update(modules if modules is not None else ["*"])
+    if recipe.verify is not None and recipe.verify.tasks:
+        check_lm_eval_installed("verify.tasks")  # the names were checked with the schema
     fmt = get_format(recipe.export.format)
     for fact in _in_order(fmt.needs):
         if fact not in produced:

@@ -31,6 +31,7 @@ from compress.algorithms import ALGORITHMS
 from compress.config import CorpusName, StrictModel, describe_error, describe_validation_error, format_loc
 from compress.errors import CompressError, RecipeError
 from compress.formats import FORMATS
+from compress.harness.catalog import parse_task_list
 from compress.models import ZOO, check_model_source
 from compress.recipe_io import apply_overrides, read_recipe_dict
 
@@ -105,6 +106,20 @@ class VerifySpec(StrictModel):
     batch_size: int = Field(1, ge=1, le=4096)
     baseline: bool = Field(True, description="also evaluate the model before any stage")
     topics: int = Field(0, ge=0, description="BBC test articles for zero-shot topic accuracy (0: skip)")
+    # lm-evaluation-harness tasks on the model in memory (compress/harness/; the `eval` extra), zero-shot
+    # over local data; "hellaswag,arc_easy" or a list. Names are checked here, before any work.
+    tasks: list[str] = Field(default_factory=list, description="lm-eval tasks, e.g. [hellaswag, arc_easy, bbc_topics]")
+    task_limit: int | None = Field(None, ge=1, description="score a seeded subset of this many documents per task")
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v: Any) -> Any:
+        if v is None or v == []:
+            return []
+        try:
+            return parse_task_list(v if isinstance(v, (str, list)) else str(v), where="task list")
+        except CompressError as exc:
+            raise ValueError(str(exc).removeprefix("task list: ")) from None
 
 
 class ExportSpec(StrictModel):
@@ -112,6 +127,10 @@ class ExportSpec(StrictModel):
     # optimum+gptqmodel, vLLM); compressed-tensors: pack-quantized (vLLM), uniform schemes only.
     format: Literal[tuple(FORMATS)] = "hf"  # type: ignore[valid-type]
     dtype: DTYPES | None = None  # None keeps the model's dtype
+    # What vLLM (0.26, compress/formats/vllm.py) would refuse in this export — a GPTQ scheme or shape its
+    # loader or kernels do not take: warn (and record it in report.json `serving`), require (refuse the
+    # export, naming the layer, the kernel and the alternative), or off.
+    vllm: Literal["warn", "require", "off"] = "warn"
 
 
 def _step_union():

