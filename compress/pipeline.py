@@ -15,8 +15,10 @@ from compress.data import corpus_text
 from compress.data.selection import select_calibration_set
 from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
+from compress.layout import BlockLayout, pin_layout
 from compress.measure import verify
 from compress.models import load_model
+from compress.moe import set_routing
 from compress.plan import check_plan
 from compress.recipe import CalibrationSpec, Recipe, validate_recipe
 # resolve_device and versions live in compress.runtime; they are imported here too, where callers
@@ -87,6 +89,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
                             trust_remote_code=recipe.model.trust_remote_code, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
+    configure_model(model, recipe)
     structure = structure_of(model)
     check_plan(recipe, structure, exports=out_dir is not None)  # order and targets, before any work
     remember_structure(loaded.path, structure)  # so that validating a recipe for this model builds nothing
@@ -154,6 +157,16 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
                                report=final_report, state=ctx.state, force=force)
     return RunResult(model, tokenizer, recipe, report, written, ctx.state)
+
+
+def configure_model(model, recipe: Recipe) -> None:
+    """What the recipe says about the model beyond its weights: a hand-written block layout, and how
+    a mixture of experts feeds its experts' calibration statistics."""
+    if recipe.model.layout is not None:
+        layout = recipe.model.layout
+        pin_layout(model, BlockLayout(layout.blocks, tuple(tuple(s) for s in layout.subsets)))
+    spec = recipe.calibration or CalibrationSpec()
+    set_routing(model, spec.expert_routing, spec.expert_min_tokens)
 
 
 def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> list[dict]:
