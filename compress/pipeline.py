@@ -25,8 +25,10 @@ from compress.data.selection import select_calibration_set
 from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
 from compress.harness.catalog import check_lm_eval_installed
+from compress.layout import BlockLayout, pin_layout
 from compress.measure import verify
 from compress.models import load_model
+from compress.moe import set_routing
 from compress.plan import check_plan
 from compress.recipe import CalibrationSpec, Recipe, validate_recipe
 from compress.sizes import module_bytes, size_change, weights_on_disk
@@ -110,6 +112,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
                             trust_remote_code=recipe.model.trust_remote_code, progress=progress)
     model, tokenizer = loaded.model, loaded.tokenizer
+    configure_model(model, recipe)
     structure = structure_of(model)
     check_plan(recipe, structure, exports=out_dir is not None)  # order and targets, before any work
     remember_structure(loaded.path, structure)  # so that validating a recipe for this model builds nothing
@@ -198,6 +201,16 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
                                report=final_report, state=ctx.state, force=force, progress=progress)
     return RunResult(model, tokenizer, recipe, report, written, ctx.state)
+
+
+def configure_model(model, recipe: Recipe) -> None:
+    """What the recipe says about the model beyond its weights: a hand-written block layout, and how
+    a mixture of experts feeds its experts' calibration statistics."""
+    if recipe.model.layout is not None:
+        layout = recipe.model.layout
+        pin_layout(model, BlockLayout(layout.blocks, tuple(tuple(s) for s in layout.subsets)))
+    spec = recipe.calibration or CalibrationSpec()
+    set_routing(model, spec.expert_routing, spec.expert_min_tokens)
 
 
 def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> list[dict]:

@@ -39,11 +39,20 @@ RECIPE_VERSION = 1
 DTYPES = Literal["float32", "float16", "bfloat16"]
 
 
+class LayoutSpec(StrictModel):
+    """A hand-written block layout, for a model whose inferred one (compress/layout.py) is wrong."""
+
+    blocks: str = Field(min_length=1, description="fqn of the ModuleList of decoder blocks, e.g. model.layers")
+    subsets: list[list[str]] = Field(min_length=1, description="true-sequential subsets of linears, names "
+                                     "relative to a block, e.g. [[self_attn.q_proj, self_attn.k_proj], ...]")
+
+
 class ModelSpec(StrictModel):
     id: str  # a zoo id, a model folder or a hub id; required: a recipe says which model it compresses
     dtype: DTYPES = "float32"
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     trust_remote_code: bool = False
+    layout: LayoutSpec | None = Field(None, description="override the inferred block layout (exotic models)")
 
     @field_validator("id")
     @classmethod
@@ -81,6 +90,12 @@ class CalibrationSpec(StrictModel):
     # steps that set the weights (e.g. [gptq] ahead of an adaquant refinement) is a cheaper proxy.
     kl_steps: list[str] | None = Field(None, description="kl: algorithms applied to score a candidate "
                                        "(default: every step of the recipe)")
+    # Mixtures of experts (compress/moe.py); no effect on a dense model.
+    expert_routing: Literal["routed", "all"] = Field(
+        "routed", description="each expert's statistics from the tokens routed to it, or from every calibration "
+                              "token (statistics only: the outputs stay the routed ones)")
+    expert_min_tokens: int = Field(16, ge=0, le=1_000_000_000, description="routed: an expert that receives fewer "
+                                   "tokens in a block takes its statistics from every token (reported per expert)")
 
     @model_validator(mode="after")
     def _kl_steps_need_kl(self) -> "CalibrationSpec":

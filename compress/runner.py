@@ -1,48 +1,69 @@
 """The layer-wise calibration runner shared by every data-driven algorithm.
 
-It captures the inputs of the first decoder block (a forward pre-hook raises
-``StopForward``, so nothing past block 0 runs), then walks the blocks in order.
-For each block it runs the true-sequential subsets (q,k,v -> o -> gate,up ->
-down): accumulators are attached to the subset's modules, the block runs on all
-cached inputs, the algorithm solves those modules, and the next subset sees the
-already-solved outputs. Finally the block is replayed to produce the inputs of
-the next one. Activations live on the offload device (CPU); only the block at
-work is on the compute device, so a model larger than the GPU still goes through.
+It captures the inputs of the first decoder block and the keyword arguments of every block
+(each block's forward is swapped for a stub that records them and passes the hidden states
+on, so no block computes; gemma's sliding and global layers get different masks and rotary
+tables), then walks the blocks in order. For each block it runs the true-sequential subsets
+(q,k,v -> o -> gate,up -> down, inferred from the model: ``compress.layout``): accumulators
+are attached to the subset's modules, the block runs on all cached inputs, the algorithm
+solves those modules, and the next subset sees the already-solved outputs. Finally the block
+is replayed to produce the inputs of the next one. Activations live on the offload device
+(CPU); only the block at work is on the compute device, so a model larger than the GPU still
+goes through. A model streamed from its checkpoint (``compress.stream``) has a block source:
+the runner asks it for each block and hands the finished block back to be written and freed.
+
+Mixtures of experts (``compress.moe``): each expert's statistics come from the tokens routed
+to it; an expert with fewer than its list's ``min_tokens`` gets a second pass that feeds it
+every token (for statistics only); the tokens each expert received are reported.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from compress import moe
+# BlockLayout and LAYOUTS (the overrides) live in compress.layout; importable from here as before.
+from compress.layout import (LAYOUTS, BlockLayout, block_linears, find_block_list, pin_layout, pinned_layout,
+                             trace_subsets)
 from compress.errors import CompressError
 
+__all__ = ["LAYOUTS", "BlockLayout", "block_layout", "capture_block_inputs", "run_layerwise", "HessianAccumulator"]
 
-@dataclass(frozen=True)
-class BlockLayout:
-    blocks: str  # fqn of the ModuleList of decoder blocks
-    subsets: tuple[tuple[str, ...], ...]  # true-sequential subsets, names relative to a block
-
-
-_LLAMA_LIKE = BlockLayout(
-    blocks="model.layers",
-    subsets=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-             ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
-)
-LAYOUTS: dict[str, BlockLayout] = {"llama": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "mistral": _LLAMA_LIKE}
+# A streamed model (compress.stream) carries its block source under this attribute: an object with
+# ``acquire(i, device) -> block``, ``done(i, block)`` (the block is final: write it) and
+# ``release(i, block)`` (free it, written or not).
+BLOCK_SOURCE = "_compress_block_source"
+_TRACE_TOKENS = 16  # the dummy sequence whose forward through block 0 gives the layout
 
 
 def block_layout(model: nn.Module) -> BlockLayout:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in LAYOUTS:
-        return LAYOUTS[model_type]
-    raise CompressError(
-        f"no block layout for model type {model_type!r} ({type(model).__name__}); "
-        f"supported: {', '.join(LAYOUTS)}. Add a BlockLayout to compress.runner.LAYOUTS.")
+    """The model's decoder blocks and true-sequential subsets: an override if one is pinned or
+    registered, else inferred (``compress.layout``) from one traced forward of block 0 on a dummy
+    sequence, and pinned on the model so that it is traced once."""
+    layout = pinned_layout(model)
+    if layout is not None:
+        return layout
+    path = find_block_list(model)
+    blocks = model.get_submodule(path)
+    ids = (torch.arange(_TRACE_TOKENS) % model.get_input_embeddings().num_embeddings)[None]
+    source = model.__dict__.get(BLOCK_SOURCE)
+    first = next(blocks[0].parameters(), None)
+    device = "cpu" if source is not None or first is None or first.is_meta else first.device
+    sample = capture_block_inputs(model, [ids], device=device, offload=device, layout=BlockLayout(path, ()))[0]
+    block, home = _acquire_block(model, blocks, 0, device)
+    try:
+        with moe.observing(block):  # every expert sees the tokens, so every expert is placed
+            subsets = trace_subsets(block, sample.hidden, sample.kwargs)
+    finally:
+        _release_block(model, blocks, 0, block, home)
+    layout = BlockLayout(path, subsets, inferred=True)
+    pin_layout(model, layout)
+    return layout
 
 
 class StopForward(Exception):
@@ -73,17 +94,29 @@ class HessianAccumulator:
 class BlockInput:
     hidden: torch.Tensor  # on the offload device
     kwargs: dict[str, Any]  # attention mask, position ids / embeddings... on the offload device
+    # every block's kwargs for this batch (shared objects stay shared); None: block 0's serve all
+    per_block: list[dict[str, Any]] | None = None
+
+    def at_block(self, i: int) -> "BlockInput":
+        """The same hidden states with block ``i``'s keyword arguments."""
+        return self if self.per_block is None else BlockInput(self.hidden, self.per_block[i], self.per_block)
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+def _to(obj: Any, device: torch.device | str, memo: dict | None = None) -> Any:
+    """``obj`` with its tensors on ``device``; with ``memo`` (id -> (original, moved)) a tensor met
+    twice is moved once and stays one object."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        if memo is None:
+            return obj.to(device)
+        if id(obj) not in memo:
+            memo[id(obj)] = (obj, obj.to(device))  # holding the original keeps its id from reuse
+        return memo[id(obj)][1]
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_to(o, device, memo) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_to(o, device, memo) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, memo) for k, v in obj.items()}
     return obj
 
 
@@ -93,19 +126,20 @@ def _block_output(out: Any) -> torch.Tensor:
 
 
 def _move_except(module: nn.Module, skip: nn.Module, device: torch.device | str) -> None:
-    """Move every parameter and buffer of ``module`` to ``device``, except ``skip``'s subtree."""
+    """Move every parameter and buffer of ``module`` to ``device``, except ``skip``'s subtree and
+    tensors on the meta device (a streamed model's output head: nothing before block 0 reads it)."""
     for child in module.children():
         if child is skip:
             continue
         if any(m is skip for m in child.modules()):
             _move_except(child, skip, device)
         else:
-            child.to(device)
+            child._apply(lambda t: t if t.is_meta else t.to(device))  # what .to() does, meta left alone
     for key, p in module._parameters.items():
-        if p is not None:
+        if p is not None and not p.is_meta:
             module._parameters[key] = nn.Parameter(p.data.to(device), requires_grad=p.requires_grad)
     for key, b in module._buffers.items():
-        if b is not None:
+        if b is not None and not b.is_meta:
             module._buffers[key] = b.to(device)
 
 
@@ -113,29 +147,44 @@ def _move_except(module: nn.Module, skip: nn.Module, device: torch.device | str)
 def capture_block_inputs(model: nn.Module, batches: Iterable[torch.Tensor], *,
                          device: torch.device | str, offload: torch.device | str = "cpu",
                          layout: BlockLayout | None = None) -> list[BlockInput]:
-    """Run the model up to block 0 for each batch and keep what block 0 receives."""
-    layout = layout or block_layout(model)
-    blocks = model.get_submodule(layout.blocks)
-    home = next(model.parameters()).device
+    """Run the model through its blocks' stubs for each batch: what block 0 receives, and the
+    keyword arguments of every block (``BlockInput.per_block`` when some block's differ)."""
+    blocks = model.get_submodule(layout.blocks if layout is not None else find_block_list(model))
+    home = next(p for p in model.parameters() if not p.is_meta).device
     _move_except(model, blocks, device)
     captured: list[BlockInput] = []
+    seen: list = []  # this batch: (hidden, kwargs of each block so far)
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "hidden_states")}
-        kwargs["use_cache"] = False
-        captured.append(BlockInput(hidden.to(offload), _to(kwargs, offload)))
-        raise StopForward
+    def stub(i):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            seen.append({k: v for k, v in kwargs.items()
+                         if k not in ("past_key_values", "past_key_value", "hidden_states")} | {"use_cache": False})
+            if i == 0:
+                seen.insert(0, hidden)
+            if i == len(blocks) - 1:
+                raise StopForward  # the head would only cost time (and is not there when streaming)
+            return hidden  # transformers 5 blocks return the hidden states
+        return forward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    for i, block in enumerate(blocks):
+        block.forward = stub(i)  # an instance attribute: nn.Module.__call__ finds it first
     try:
         for ids in batches:
+            seen.clear()
             try:
                 model(input_ids=ids.to(device), use_cache=False)
             except StopForward:
                 pass
+            hidden, per_block = seen[0], seen[1:]
+            memo: dict = {}
+            moved = [_to(kw, offload, memo) for kw in per_block]
+            same = all(kw.keys() == per_block[0].keys() and all(kw[k] is per_block[0][k] for k in kw)
+                       for kw in per_block)
+            captured.append(BlockInput(hidden.to(offload), moved[0], None if same else moved))
     finally:
-        handle.remove()
+        for block in blocks:
+            del block.forward
         _move_except(model, blocks, home)
     return captured
 
@@ -144,8 +193,27 @@ def run_blocks(blocks: nn.ModuleList, inputs: list[BlockInput], *, device, offlo
                start: int = 0, progress: bool = False) -> list[BlockInput]:
     """Replay blocks[start:] on cached inputs, one block on ``device`` at a time."""
     for i in tqdm(range(start, len(blocks)), desc="replay", disable=not progress):
-        inputs = _replay(blocks[i], inputs, device=device, offload=offload)
+        inputs = _replay(blocks[i], [x.at_block(i) for x in inputs], device=device, offload=offload)
     return inputs
+
+
+def _acquire_block(model: nn.Module, blocks: nn.ModuleList, i: int, device) -> tuple[nn.Module, Any]:
+    """Block ``i`` on ``device`` and where it was: moved there, or read by the model's block source."""
+    source = model.__dict__.get(BLOCK_SOURCE)
+    if source is not None:
+        return source.acquire(i, device), None
+    block = blocks[i]
+    home = next(block.parameters()).device
+    block.to(device)
+    return block, home
+
+
+def _release_block(model: nn.Module, blocks: nn.ModuleList, i: int, block: nn.Module, home) -> None:
+    source = model.__dict__.get(BLOCK_SOURCE)
+    if source is not None:
+        source.release(i, block)
+    else:
+        block.to(home)
 
 
 @torch.no_grad()
@@ -153,8 +221,8 @@ def _replay(block: nn.Module, inputs: list[BlockInput], *, device, offload) -> l
     home = next(block.parameters()).device
     block.to(device)
     try:
-        return [BlockInput(_block_output(block(x.hidden.to(device), **_to(x.kwargs, device))).to(offload), x.kwargs)
-                for x in inputs]
+        return [BlockInput(_block_output(block(x.hidden.to(device), **_to(x.kwargs, device))).to(offload), x.kwargs,
+                       x.per_block) for x in inputs]
     finally:
         block.to(home)
 
@@ -163,6 +231,9 @@ def _replay(block: nn.Module, inputs: list[BlockInput], *, device, offload) -> l
 class LayerwiseResult:
     reports: dict[str, Any]  # per-module reports returned by ``solve``
     final: list[BlockInput]  # outputs of the last block (before the final norm)
+    # per expert list (fqn): routed tokens per expert, and the experts whose statistics came from all
+    # tokens (too few routed ones, or routing "all"); empty for a dense model
+    experts: dict[str, Any] = field(default_factory=dict)
 
 
 def run_layerwise(
@@ -203,17 +274,21 @@ def run_layerwise(
         raise CompressError(f"layer-wise algorithms work on decoder blocks; these targets lie outside "
                             f"{layout.blocks}: {outside[:5]} (add them to `ignore`)")
     reports: dict[str, Any] = {}
+    experts: dict[str, Any] = {}
+    traced: dict[frozenset, tuple] = {}  # a block's linears -> its subsets, for blocks unlike block 0
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
-        block = blocks[i]
+        inputs = [x.at_block(i) for x in inputs]
         prefix = f"{layout.blocks}.{i}."
         mine = {n[len(prefix):]: m for n, m in modules.items() if n.startswith(prefix)}
-        declared = [s for subset in layout.subsets for s in subset]
-        subsets = [tuple(s for s in subset if s in mine) for subset in layout.subsets]
-        rest = tuple(s for s in mine if s not in declared)
-        subsets = [s for s in subsets + [rest] if s]
-        home = next(block.parameters()).device
-        block.to(device)
+        block, home = _acquire_block(model, blocks, i, device)
         try:
+            block_subsets = _subsets_of(layout, block, inputs[0], device, traced)
+            declared = [s for subset in block_subsets for s in subset]
+            subsets = [tuple(s for s in subset if s in mine) for subset in block_subsets]
+            rest = tuple(s for s in mine if s not in declared)
+            subsets = [s for s in subsets + [rest] if s]
+            expert_of = moe.expert_of(block)
+            starved: dict[str, set[int]] = {}
             for subset in subsets:
                 accs = {s: make_accumulator(prefix + s, mine[s], device) for s in subset}
                 owner: list = []  # this forward's (input tensor, module that accumulated it)
@@ -233,6 +308,10 @@ def run_layerwise(
                 finally:
                     for h in hooks:
                         h.remove()
+                if expert_of:  # a mixture of experts: experts short of tokens take every token's statistics
+                    _refill_starved(block, inputs, [s for s in subset if s in expert_of], expert_of, mine, accs,
+                                    alias, make_accumulator, prefix, share_inputs, device, starved)
+                _check_fed(subset, accs, alias, prefix)
                 if solve_group is not None and share_inputs:
                     groups: dict[str, dict[str, nn.Module]] = {}
                     for s in subset:
@@ -243,10 +322,87 @@ def run_layerwise(
                     for s in subset:
                         acc = accs[alias.get(s, s)]
                         reports[prefix + s] = solve(prefix + s, mine[s], acc)
-            inputs = _replay(block, inputs, device=device, offload=offload)
+            with moe.counting(block) as routed:
+                inputs = _replay(block, inputs, device=device, offload=offload)
+            experts.update(_expert_report(block, prefix, routed, starved))
+            source = model.__dict__.get(BLOCK_SOURCE)
+            if source is not None:
+                source.done(i, block)  # final: the source writes it before it is freed
         finally:
-            block.to(home)
-    return LayerwiseResult(reports, inputs)
+            _release_block(model, blocks, i, block, home)
+    return LayerwiseResult(reports, inputs, experts)
+
+
+def _subsets_of(layout: BlockLayout, block: nn.Module, sample: BlockInput, device, traced: dict) -> tuple:
+    """The layout's subsets, or, for an inferred layout and a block with linears block 0 lacks (a
+    dense layer among sparse ones), this block's own, traced once per set of linears."""
+    names = frozenset(block_linears(block))
+    if not layout.inferred or names <= {s for subset in layout.subsets for s in subset}:
+        return layout.subsets
+    if names not in traced:
+        with moe.observing(block):
+            traced[names] = trace_subsets(block, sample.hidden.to(device), _to(sample.kwargs, device))
+    return traced[names]
+
+
+def _refill_starved(block, inputs, names, expert_of, mine, accs, alias, make_accumulator, prefix, share, device,
+                    starved: dict[str, set[int]]) -> None:
+    """Experts of this subset whose statistics saw fewer than their list's ``min_tokens`` routed
+    tokens: one more pass in which they (alone) see every token, replacing their accumulators."""
+    lists = dict(moe.expert_lists(block))
+    short: dict[str, set[int]] = {}
+    for s in names:
+        lst, e = expert_of[s]
+        count = getattr(accs[alias.get(s, s)], "count", None)
+        if lists[lst].routing == "routed" and count is not None and count < lists[lst].min_tokens:
+            short.setdefault(lst, set()).add(e)
+    again = [s for s in names if expert_of[s][1] in short.get(expert_of[s][0], ())]
+    if not again:
+        return
+    fresh = {s: make_accumulator(prefix + s, mine[s], device) for s in again}
+    owner: list = []
+    new_alias: dict[str, str] = {}
+    fired: set[str] = set()
+    hooks = [mine[s].register_forward_hook(_accumulate(s, fresh, owner, new_alias, share, fired, len(again)))
+             for s in again]
+    try:
+        with torch.no_grad(), moe.observing(block, {k: frozenset(v) for k, v in short.items()}):
+            for x in inputs:
+                try:
+                    block(x.hidden.to(device), **_to(x.kwargs, device))
+                except StopForward:
+                    pass
+                owner.clear()
+                fired.clear()
+    finally:
+        for h in hooks:
+            h.remove()
+    for s in again:
+        accs[s] = fresh[s]
+        alias.pop(s, None)
+    alias.update(new_alias)
+    for lst, es in short.items():
+        starved.setdefault(lst, set()).update(es)
+
+
+def _check_fed(subset, accs, alias, prefix) -> None:
+    """Refuse to solve a module whose statistics saw no token (an expert the router never chose)."""
+    empty = [prefix + s for s in subset if getattr(accs[alias.get(s, s)], "count", None) == 0]
+    if empty:
+        raise CompressError(
+            f"{empty[0]} received no calibration token{f' (and {len(empty) - 1} more modules)' if len(empty) > 1 else ''}"
+            f": nothing to calibrate it on. For an expert the router never chose, set calibration.expert_min_tokens "
+            f">= 1 (it then takes its statistics from every token) or calibration.expert_routing: all")
+
+
+def _expert_report(block: nn.Module, prefix: str, routed: dict, starved: dict) -> dict[str, Any]:
+    report = {}
+    for name, experts in moe.expert_lists(block):
+        tokens = routed[name].tolist()
+        every = list(range(len(experts))) if experts.routing == "all" else sorted(starved.get(name, ()))
+        report[prefix + name] = {"routed_tokens": tokens, "min_routed": min(tokens), "routing": experts.routing,
+                                 "min_tokens": experts.min_tokens, "all_token_statistics": every}
+    return report
 
 
 def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool, fired: set, total: int):

@@ -82,6 +82,9 @@ def _meta_structure(folder: Path, trust_remote_code: bool) -> Structure:
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # a packed export: its linears are plain ones before packing
+    from compress.moe import split_experts  # imports torch: only when a structure is built
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    split_experts(model)  # per-expert linears, as a loaded model has them
     return structure_of(model)

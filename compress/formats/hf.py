@@ -13,13 +13,15 @@ import torch
 
 from compress.errors import CompressError
 from compress.formats.pruned import has_pruned_layers, load_pruned_checkpoint
+from compress.moe import fused_experts
 
 
 def write_hf(model, tokenizer, folder: Path, state, spec: Any) -> None:
     dtype = getattr(torch, spec.dtype) if getattr(spec, "dtype", None) else None
     if dtype is not None and dtype != next(model.parameters()).dtype:
         model = model.to(dtype)
-    model.save_pretrained(folder, safe_serialization=True)
+    with fused_experts(model):  # experts split into linears (compress.moe) are saved as transformers has them
+        model.save_pretrained(folder, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 

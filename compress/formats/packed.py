@@ -16,6 +16,8 @@ from torch import nn
 
 from compress.errors import CompressError
 from compress.formats.pruned import build_pruned_model
+from compress.layout import find_block_list
+from compress.moe import split_experts
 from compress.quantize.solvers import QuantResult
 
 WEIGHTS_NAME = "model.safetensors"
@@ -56,21 +58,17 @@ def block_list_of(model: nn.Module, names: list[str], fmt: str) -> str:
     """The ModuleList of decoder blocks (``model.layers``) that holds every quantized linear.
 
     GPTQ/compressed-tensors loaders quantize linears inside the repeated blocks;
-    anything else (lm_head, a vision tower) would be loaded as float and miss its weight."""
-    lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and n]
-    found = set()
-    for name in names:
-        owners = [lst for lst in lists if re.match(rf"{re.escape(lst)}\.\d+\.", name)]
-        if not owners:
-            raise CompressError(
-                f"export {fmt}: {name} is quantized but lies outside the model's decoder blocks; "
-                "serving loaders only quantize linears inside the blocks (model.layers.N.*). "
-                "Leave it out of the quantize step (e.g. ignore: [lm_head]) or export format hf")
-        found.add(max(owners, key=len))
-    if len(found) > 1:
-        raise CompressError(f"export {fmt}: quantized linears lie in several block lists ({', '.join(sorted(found))}); "
-                            "only one decoder stack can be quantized")
-    return found.pop()
+    anything else (lm_head, a vision tower) would be loaded as float and miss its weight.
+    The blocks are the model's decoder stack (``compress.layout.find_block_list``), so the
+    expert lists nested inside a block (``model.layers.0.mlp.experts``) are not taken for it."""
+    blocks = find_block_list(model)
+    outside = [name for name in names if not re.match(rf"{re.escape(blocks)}\.\d+\.", name)]
+    if outside:
+        raise CompressError(
+            f"export {fmt}: {outside[0]} is quantized but lies outside the model's decoder blocks ({blocks}); "
+            f"serving loaders only quantize linears inside the blocks ({blocks}.N.*). "
+            "Leave it out of the quantize step (e.g. ignore: [lm_head]) or export format hf")
+    return blocks
 
 
 def float_linears_in_blocks(model: nn.Module, block_list: str, quantized: dict) -> list[str]:
@@ -132,7 +130,9 @@ def build_float_model(path: str | Path, dtype: torch.dtype):
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain nn.Linear layers; we dequantize ourselves
-    return build_pruned_model(config, dtype)  # per-layer sizes where the config lists them
+    model = build_pruned_model(config, dtype)  # per-layer sizes where the config lists them
+    split_experts(model)  # a mixture of experts was exported per expert (compress.moe)
+    return model
 
 
 def load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], dequantized: set[str], path, fmt: str) -> None:

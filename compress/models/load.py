@@ -16,6 +16,7 @@ from compress.formats.calibrator import LMCalibrator, attached_calibrator
 from compress.formats.hf import load_hf
 from compress.models.fetch import fetch, is_fetched
 from compress.models.zoo import ZOO, check_model_source
+from compress.moe import split_experts
 
 
 @dataclass
@@ -59,6 +60,7 @@ def load_model(source: str, *, dtype: torch.dtype | str = torch.float32, device:
     else:
         load = format_of(path).load if Path(path).is_dir() else load_hf  # a hub id: transformers fetches it
         model, tokenizer = load(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        split_experts(model)  # a mixture of experts: per-expert linears (compress.moe); a no-op otherwise
     return LoadedModel(model.eval(), tokenizer, source, path)
 
 

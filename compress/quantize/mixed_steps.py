@@ -168,9 +168,10 @@ def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepCont
         store_quant_result(ctx, name, module, res)
         return {"gptq_error": res.error, "tokens": acc.count}
 
-    final = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                          make_accumulator=make_acc, solve=solve, device=ctx.device,
-                          progress=ctx.progress, desc="gptq_mixed", share_inputs=True).reports
+    walk = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                         make_accumulator=make_acc, solve=solve, device=ctx.device,
+                         progress=ctx.progress, desc="gptq_mixed", share_inputs=True)
+    final = walk.reports
     free_graphs()  # the column-loop CUDA graphs both passes reused
 
     # String keys: the report is written as JSON, and the in-memory report should read the same.
@@ -194,4 +195,5 @@ def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepCont
         "min_avg_bits": alloc.min_avg_bits, "units": len(units),
         "gptq_error_sum": sum(r["gptq_error"] for r in final.values()), **extra,
     }
-    return {"modules": report, "summary": summary}
+    experts = {"experts": walk.experts} if walk.experts else {}  # a mixture of experts: tokens per expert
+    return {"modules": report, "summary": summary, **experts}

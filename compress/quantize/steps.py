@@ -86,5 +86,6 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
     reports = result.reports
     total_g = sum(r["gptq_error"] for r in reports.values())
     total_r = sum(r["rtn_error"] for r in reports.values())
+    experts = {"experts": result.experts} if result.experts else {}  # a mixture of experts: tokens per expert
     return {"modules": reports, "summary": {"gptq_error_sum": total_g, "rtn_error_sum": total_r,
-                                            "gptq_over_rtn": total_g / total_r if total_r else None}}
+                                            "gptq_over_rtn": total_g / total_r if total_r else None}, **experts}
