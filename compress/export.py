@@ -53,8 +53,8 @@ def write_export(model, tokenizer, out_dir: str | Path, *, spec: Any, recipe_yam
             write_calibrator(tmp, state.calibrator)
         (tmp / "recipe.yaml").write_text(recipe_yaml)
         full_report = report() if callable(report) else report
-        if serving is not None:
-            full_report = {**full_report, "serving": {"vllm": serving}}
+        if serving is not None:  # in place: the run's report (RunResult.report) is the file's
+            full_report["serving"] = {"vllm": serving}
         write_json_atomic(tmp / "report.json", full_report)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"format": fmt.name, "toolkit": "compress",
                                                      "version": __version__}, indent=2))
