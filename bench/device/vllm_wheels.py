@@ -1,7 +1,7 @@
 """The wheels vLLM needs on the GPU machine that its image lacks, read from the wheels' own metadata.
 
     python bench/device/vllm_wheels.py resolve [--vllm 0.26.0] [--out .whl-vllm]
-    python bench/device/vllm_wheels.py pack [--out .whl-vllm]      # carry folders + chunks + call plan
+    python bench/device/vllm_wheels.py pack [--out .whl-vllm] [--lean]   # carry folders + chunks + call plan
 
 ``resolve`` downloads ``vllm==VERSION`` (``pip download --no-deps``, cp312 manylinux x86_64), reads its
 ``Requires-Dist`` (markers evaluated for CPython 3.12 on Linux x86_64, extras only where a requirement
@@ -165,8 +165,16 @@ def resolve(vllm_version: str, out: Path) -> dict:
     return report
 
 
-def pack(out: Path, repo: Path = Path(".")) -> list[list[str]]:
+# Needed by no path the SmolLM2/Qwen window takes (MLA attention, video/audio decoding, TileLang kernels and
+# their solver, CuTe-DSL libraries for CUDA 12): ``pack --lean`` leaves them behind (~320 MB, five calls);
+# vllm_check.py then lists them as unmet, and a model that needs one fails to load, naming it.
+LEAN_SKIP = ("tokenspeed-mla", "tokenspeed-triton", "pynvvideocodec", "torchcodec", "tilelang", "z3-solver",
+             "torch-c-dlpack-ext", "nvidia-cutlass-dsl-libs-cu12")
+
+
+def pack(out: Path, repo: Path = Path("."), skip: tuple[str, ...] = ()) -> list[list[str]]:
     report = json.loads((out / "closure.json").read_text())
+    report["carried"] = {k: v for k, v in report["carried"].items() if k not in skip}
     for old in list(out.glob("g[0-9]*")) + list((repo / ".stage").glob("wheel-*")):
         shutil.rmtree(old)
     small: list[tuple[Path, int]] = []
@@ -211,11 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default=".whl-vllm")
     p = sub.add_parser("pack")
     p.add_argument("--out", default=".whl-vllm")
+    p.add_argument("--lean", action="store_true", help=f"leave out {', '.join(LEAN_SKIP)}")
     args = ap.parse_args(argv)
     if args.cmd == "resolve":
         resolve(args.vllm, Path(args.out))
     else:
-        pack(Path(args.out))
+        pack(Path(args.out), skip=LEAN_SKIP if args.lean else ())
     return 0
 
 

