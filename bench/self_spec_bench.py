@@ -42,9 +42,8 @@ from compress.pipeline import resolve_device, versions  # noqa: E402
 
 def _row(name, spec, alone, matched, gamma, extra=None):
     row = spec_row(spec, alone, matched, gamma)
-    row.pop("per_prompt")
-    return {"row": name, **(extra or {}), **row,
-            "first_divergence": [r["first_divergence"] for r in spec_row(spec, alone, matched, gamma)["per_prompt"]]}
+    per_prompt = row.pop("per_prompt")
+    return {"row": name, **(extra or {}), **row, "first_divergence": [r["first_divergence"] for r in per_prompt]}
 
 
 def summarise(path) -> str:
