@@ -13,7 +13,8 @@ Rows per prompt set (compress/draft/bench.py says what each number is):
 - ``stock bf16`` / ``stock W4``: our loop with the stock 0.5B (block engine; W4 on the int4 kernel
   through its own forward), ``old self-drafter``: a width-pruned GPTQ export if given;
 - ``self <head>``: the shared-prefix self-drafter's heads (fixed γ), and the default head with the
-  export's calibrated confidence threshold.
+  export's calibrated confidence threshold; with ``--tree``, each head drafting a static tree
+  (several candidates per position, one verify pass: compress/draft/selfspec/tree.py).
 The target's engine, its compiled steps and recorded graphs are built once and shared by every row;
 results are written after every row, so a cut run keeps what it measured.
 """
@@ -36,6 +37,7 @@ from compress.draft.decoders import cache_len, model_decoder, self_spec_pair, ta
 from compress.draft.engine import EngineDecoder  # noqa: E402
 from compress.draft.selfspec.head import HeadAsModel  # noqa: E402
 from compress.draft.selfspec.step import load_self_spec  # noqa: E402
+from compress.draft.selfspec.tree import as_tree  # noqa: E402
 from compress.models import load_model  # noqa: E402
 from compress.pipeline import resolve_device, versions  # noqa: E402
 
@@ -94,6 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--hf-assisted", action="store_true")
+    ap.add_argument("--tree", default=None,
+                    help='add tree-drafting rows for every head: "default" (compress/draft/selfspec/tree.py) or '
+                         'a JSON list of rank paths, e.g. "[[0],[1],[0,0]]"')
     ap.add_argument("--out", required=True, help="JSON file, rewritten after every row")
     args = ap.parse_args(argv)
 
@@ -102,7 +107,9 @@ def main(argv=None) -> int:
     t = load_model(args.target, dtype=args.dtype, device=device)
     sets = {Path(p).stem: [torch.tensor(t.tokenizer(x, return_attention_mask=False)["input_ids"])
                            for x in read_prompts(p, args.max_prompts)] for p in args.prompts}
-    max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new, gamma)
+    tree = None if args.tree is None else as_tree(args.tree if args.tree == "default" else json.loads(args.tree))
+    # the tree's scratch slots sit past every sequence's end
+    max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new, gamma + (tree.size if tree else 0))
     engine = target_engine(t.model, max_len, compile=args.compile)
     target = EngineDecoder(engine, graphs=args.compile and device.type == "cuda", name="target")
     result = {"command": " ".join(sys.argv), "machine": {**versions(), "torch_threads": torch.get_num_threads()},
@@ -138,6 +145,8 @@ def main(argv=None) -> int:
     pairs = {}
     for name, (head, cal) in heads.items():
         pairs[name] = self_spec_pair(engine, head, compile=args.compile) + (HeadAsModel(t.model, head), cal)
+    tree_pairs = {name: self_spec_pair(engine, head, compile=args.compile, tree=tree)
+                  for name, (head, _) in heads.items()} if tree else {}
     models = {}
     if stock is not None:
         models["stock bf16"] = (model_decoder(stock, max_len, compile=args.compile, name="stock"), stock)
@@ -188,6 +197,22 @@ def main(argv=None) -> int:
                       f"x{row['speedup']:.2f} tau {row['speculative']['tau']:.2f} c {row['c']:.3f} "
                       f"v {row['verify_cost_ratio']:.2f} book {row['time_split']['bookkeeping']:.3f} "
                       f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+        for name, (tdec, ddec) in tree_pairs.items():
+            kw = dict(tree=True)
+            warm_up(tdec, ddec, prompts[0], tree.max_depth, **kw)
+            warm_prefills(tdec, prompts, ddec)
+            run_target_warm(tdec, tree.size + 1)
+            matched = time_target(tdec, prompts, n_new, pad_to=tree.size + 1)
+            spec = time_speculative(tdec, ddec, prompts, n_new, tree.max_depth, **kw)
+            row = _row(f"self {name} tree ({tree.size} nodes, depth {tree.max_depth})", spec, alone, matched,
+                       tree.max_depth, {"exit_layer": heads[name][0].exit_layer, "tree": [list(c) for c in tree.choices],
+                                        "vocab_size": heads[name][0].vocab_size})
+            rows.append(row)
+            save()
+            print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s "
+                  f"x{row['speedup']:.2f} tau {row['speculative']['tau']:.2f} c {row['c']:.3f} "
+                  f"v {row['verify_cost_ratio']:.2f} book {row['time_split']['bookkeeping']:.3f} "
+                  f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
         for name, (ddec, dmodel) in models.items():
             kw = dict(pad_verify=True)
             warm_up(target, ddec, prompts[0], gamma, **kw)
