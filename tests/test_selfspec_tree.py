@@ -142,3 +142,24 @@ def test_the_side_by_side_bench_runs_tree_rows(tmp_path, text_file):
     tree_row = next(r for r in rows if "tree" in r["row"])
     assert tree_row["tree"] == [[0], [1], [0, 0], [0, 1], [0, 0, 0]] and tree_row["identical_prompts"] == 2
     assert tree_row["speculative"]["tau"] >= 1 and set(tree_row["time_split"]) >= {"draft", "verify"}
+
+
+def test_cli_draft_bench_drafts_a_tree_with_a_self_spec_export(tmp_path, text_file, capsys):
+    import json
+
+    from compress.cli import main
+    from tests.test_selfspec import _self_spec_export
+    mdir, out, _ = _self_spec_export(tmp_path, text_file, "qwen2")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n    return\n\nThe quick brown fox\n")
+    def args(tree):
+        return ["draft-bench", "--target", mdir, "--drafter", str(out), "--prompts", str(prompts), "--tree", tree,
+                "--max-new-tokens", "12", "--device", "cpu", "--head", "k1"]
+    assert main(args("default")) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["self_spec"]["tree"] == [list(c) for c in DraftTree(DEFAULT_TREE).choices]
+    assert res["gamma"] == 4 and res["identical_prompts"] == 2 and res["matched_reference"]["pad_to"] == 12
+    assert main(args("[[0, 1]]")) == 2
+    assert "no parent [0]" in capsys.readouterr().err
+    assert main(args("[0, 1")) == 2
+    assert "--tree '[0, 1'" in capsys.readouterr().err
