@@ -68,9 +68,10 @@ def summarise(path) -> str:
                              f"| {row.get('identical_to_fast_prompts')}/{data['prompts']} |")
                 continue
             sp, n = row["speculative"], data["prompts"]
+            f3 = lambda key: "" if row.get(key) is None else f"{row[key]:.3f}"  # noqa: E731 - tree rows: not teacher-forced
             decode = sp["new_tokens"] / (sp["wall_s"] - sp["prefill_s"]) * alone["step_ms"] / 1e3
             lines.append(f"| {row['row']} | {sp['tokens_per_s']:.1f} | {sp['tokens_per_s'] / base:.2f}x | {decode:.2f}x | "
-                         f"{sp['tau']:.2f} | {row['alpha']:.3f} | {row['greedy_agreement']:.3f} | {row['c']:.3f} | "
+                         f"{sp['tau']:.2f} | {f3('alpha')} | {f3('greedy_agreement')} | {row['c']:.3f} | "
                          f"{row['verify_cost_ratio']:.2f} | {row['time_split']['bookkeeping']:.1%} | "
                          f"{row['identical_prompts']}/{n} | {row['identical_to_fast_prompts']}/{n} |")
         lines.append("")
