@@ -163,3 +163,23 @@ def test_cli_draft_bench_drafts_a_tree_with_a_self_spec_export(tmp_path, text_fi
     assert "no parent [0]" in capsys.readouterr().err
     assert main(args("[0, 1")) == 2
     assert "--tree '[0, 1'" in capsys.readouterr().err
+
+
+def test_acceptance_on_the_device_is_the_host_walk():
+    from compress.draft.selfspec.tree import TreeBuffers, accept_on_device
+    tree = DraftTree(DEFAULT_TREE)
+    buf = TreeBuffers(tree, 64, "cpu")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        # few distinct tokens, so paths of every length occur; siblings kept distinct, as top-k makes them
+        nodes = torch.randint(0, 4, (tree.size,), generator=gen)
+        for i in range(tree.size):
+            sibs = [j for j in range(i) if tree.parent[j] == tree.parent[i]]
+            while int(nodes[i]) in [int(nodes[j]) for j in sibs]:
+                nodes[i] = (nodes[i] + 1) % 4
+        want = torch.randint(0, 4, (tree.size + 1,), generator=gen)
+        path, nxt = accept_path(tree, nodes.tolist(), want.tolist())
+        m, chosen, got_next = accept_on_device(buf, nodes, want)
+        assert int(m) == len(path) and int(got_next) == nxt
+        assert chosen.tolist()[:len(path)] == path
+        assert [tree.depth[c] for c in chosen.tolist()] == list(range(1, tree.max_depth + 1))

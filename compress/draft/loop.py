@@ -263,11 +263,11 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
     target_calls = drafter_calls = 0
     while seq.numel() - n_prompt < max_new_tokens:
         if tree:
-            new, path = _tree_round(target, drafter, seq, clock)
+            new, m = _tree_round(target, drafter, seq, clock)
             target_calls, drafter_calls = target_calls + 1, drafter_calls + gamma
             for j in range(gamma):
                 drafted[j] += 1
-                accepted[j] += j < len(path)
+                accepted[j] += j < m
             new, stop = _cut_at_eos(new[:max_new_tokens - (seq.numel() - n_prompt)], eos)
             seq = torch.cat([seq, new])
             target.rewind(seq.numel() - 1)
@@ -309,19 +309,18 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
                       wall_time_s=wall)
 
 
-def _tree_round(target, drafter, seq: torch.Tensor, clock: RoundClock) -> tuple[torch.Tensor, list[int]]:
-    """One tree round: the whole tree drafted, verified in one pass, the path read on the host
-    (the round's one sync) and committed. Returns (path tokens + the target's next, the path)."""
+def _tree_round(target, drafter, seq: torch.Tensor, clock: RoundClock) -> tuple[torch.Tensor, int]:
+    """One tree round: the whole tree drafted, then verified, accepted and committed on the device;
+    the host reads the path's length and tokens (the round's one sync). Returns (path tokens + the
+    target's next one, the path's length)."""
     clock.start("draft")
     nodes = drafter.draft_tree(seq[drafter.length:])
     clock.stop()
     clock.start("verify")
-    wanted = target.verify_tree(seq[target.length:], nodes)
+    verified = target.verify_tree(seq[target.length:], nodes)
     clock.stop()
-    both = torch.cat([nodes, wanted]).tolist()
-    n = nodes.numel()
-    path, nxt = target.accept_tree(both[:n], both[n:])
-    return torch.tensor([both[i] for i in path] + [nxt], device=seq.device), path
+    new = target.accept_tree(verified.tolist())
+    return torch.tensor(new, device=seq.device), len(new) - 1
 
 
 def _full_q(q_rows, vocab: int):

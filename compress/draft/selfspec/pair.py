@@ -28,7 +28,7 @@ import torch
 from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms
 from compress.draft.loop import DraftRule, draft_by_steps
 from compress.draft.selfspec.head import ExitHead
-from compress.draft.selfspec.tree import TreeBuffers, accept_path, as_tree, tree_commit, tree_draft, tree_verify
+from compress.draft.selfspec.tree import TreeBuffers, as_tree, tree_draft, tree_verify
 from compress.errors import CompressError
 
 
@@ -134,18 +134,13 @@ class SelfSpecPair:
         self.head_len = min(self.head_len, length)
         self.deep_len = min(self.deep_len, length)
 
-    def commit_path(self, path: list[int]) -> None:
-        """After a tree round's verification: the accepted nodes' state moves from scratch to the
-        slots after the root (deep_len - 1); every length then covers root + path."""
-        m, root = len(path), self.deep_len - 1
-        if m:
-            src = self.tree_buf.scratch[torch.tensor(path, device=self.engine.device)]
-            dst = self._positions(root + 1, m)
-            self._run(("commit", m), lambda s_, d_: tree_commit(self, s_, d_), src, dst)
+    def tree_committed(self, m: int) -> None:
+        """After a tree round (verified, accepted and committed on the device by one program): root +
+        the m accepted nodes are the sequence's; the deepest nodes never ran the exit head, so a path
+        that reaches the tree's depth leaves the head one token behind."""
+        root = self.deep_len - 1
         self.shallow_len = self.deep_len = root + 1 + m
-        # the deepest nodes never ran the exit head: a path ending there leaves the head one behind
-        ends_deep = m and self.tree.depth[path[-1]] == self.tree.max_depth
-        self.head_len = root + 1 + m - (1 if ends_deep else 0)
+        self.head_len = root + 1 + m - (1 if m == self.tree.max_depth else 0)
 
 
 class _Drafter:
@@ -234,8 +229,9 @@ class _Verifier:
         return self.pair.tree
 
     def verify_tree(self, pending: torch.Tensor, node_tokens: torch.Tensor) -> torch.Tensor:
-        """The target's greedy token at the root (``pending``, one token the drafter has run) and
-        at every node [1 + N]; the caller reads them, picks the path and calls ``accept_tree``."""
+        """Verify the tree rooted at ``pending`` (one token the drafter has run), accept its greedy path
+        and commit its state, on the device: [m, path tokens (first m valid), next token] for
+        ``accept_tree``, which the caller calls with those numbers read on the host."""
         p, buf = self.pair, self.pair.tree_buf
         if pending.numel() != 1 or p.shallow_len != p.deep_len + 1:
             raise CompressError("internal: a tree round verifies exactly one pending token the drafter has run")
@@ -246,11 +242,11 @@ class _Verifier:
         p.deep_len += 1
         return out.clone()
 
-    def accept_tree(self, node_tokens: list[int], target_tokens: list[int]) -> tuple[list[int], int]:
-        """Greedy acceptance (host lists) and the state commit: (accepted nodes, the next token)."""
-        path, nxt = accept_path(self.pair.tree, node_tokens, target_tokens)
-        self.pair.commit_path(path)
-        return path, nxt
+    def accept_tree(self, verified: list[int]) -> list[int]:
+        """``verify_tree``'s numbers read on the host: the new tokens (path + the target's next one)."""
+        m = verified[0]
+        self.pair.tree_committed(m)
+        return verified[1:1 + m] + verified[-1:]
 
     def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
         p = self.pair

@@ -13,9 +13,9 @@ each record as one CUDA graph, and no host sync happens until the accepted path 
 
 Slots. A node's position is root + depth, but several nodes share a position, so their KV (and
 the shallow output h_k) live in scratch slots at the end of every cache; a row reads the committed
-slots (≤ the root's) and its ancestors' scratch slots (``mask_rows``). The accepted path is then
-copied from scratch to the slots after the root (``SelfSpecPair.tree_commit``), one graph per
-path length.
+slots (≤ the root's) and its ancestors' scratch slots (``node_mask``). The verify program also
+finds the greedy path by tensor ops and copies its state from scratch to the slots after the root
+(``tree_verify``), so a round's host work is reading D + 2 numbers.
 """
 from __future__ import annotations
 
@@ -135,7 +135,10 @@ class TreeBuffers:
         anc = torch.zeros(n, max_len, dtype=torch.bool)
         anc[:, max_len - n:] = tree.ancestors()
         self.reads = anc.to(device)  # [N, max_len]: the scratch slots node i reads
-        self.rows = [torch.tensor(tree.at_depth(d), device=device) for d in range(tree.max_depth + 1)]
+        self.rows = [torch.tensor(tree.at_depth(d), device=device, dtype=torch.long) for d in range(tree.max_depth + 1)]
+        self.parent = torch.tensor(tree.parent, device=device)
+        self.node_ids = torch.arange(n, device=device)
+        self.depths = torch.arange(1, tree.max_depth + 1, device=device)
         self.k = [tree.topk(d) for d in range(tree.max_depth + 1)]
         # depth d+1 nodes take the (row of their parent among depth d's rows, rank) choice
         self.pick = []
@@ -176,8 +179,41 @@ def tree_draft(pair, buf: TreeBuffers, root_logits: torch.Tensor, root: torch.Te
 
 
 def tree_verify(pair, buf: TreeBuffers, node_tokens: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
-    """The target's greedy token [1 + N] at the root and at every node: the shallow blocks on the
-    deepest nodes (the only ones drafting did not run), then the deep blocks on root + all nodes."""
+    """Verify, accept and commit a tree round on the device: [m, path tokens (D, the first m valid),
+    the target's next token] (int64, D + 2). The shallow blocks run on the deepest nodes (the only
+    ones drafting did not run), the deep blocks on root + all nodes; the greedy path is found by
+    tensor ops (``accept_on_device``) and the state of one node per depth — the accepted one where
+    there is one — is copied to the slots after the root (beyond the path it is junk past the new
+    length, overwritten later), so the host only reads D + 2 numbers."""
+    want = target_tokens(pair, buf, node_tokens, root)
+    m, chosen, nxt = accept_on_device(buf, node_tokens, want)
+    tree_commit(pair, buf.scratch.index_select(0, chosen), root + buf.depths)
+    return torch.cat([m.reshape(1), node_tokens.index_select(0, chosen), nxt.reshape(1)])
+
+
+def accept_on_device(buf: TreeBuffers, node_tokens: torch.Tensor, want: torch.Tensor):
+    """The greedy path by tensor ops (no host sync): a node is accepted when its token is the target's
+    token at its parent and its parent is accepted. Siblings carry distinct tokens, so at most one node
+    per depth is. Returns (m, the node chosen per depth [D] — the accepted one, else the depth's first —,
+    the target's token after the path)."""
+    accepted = []
+    for d in range(1, buf.max_depth + 1):
+        rows = buf.rows[d]
+        parent = buf.parent.index_select(0, rows)  # -1: the root
+        match = node_tokens.index_select(0, rows) == want.index_select(0, parent + 1)
+        if d > 1:
+            match = match & torch.cat(accepted).index_select(0, parent)
+        accepted.append(match)
+    acc = torch.cat(accepted)
+    # index_select with 1-d indices throughout: indexing by a 0-d tensor would read it on the host
+    chosen = torch.cat([buf.rows[d].index_select(0, acc.index_select(0, buf.rows[d]).int().argmax().reshape(1))
+                        for d in range(1, buf.max_depth + 1)])
+    last = (acc.long() * (buf.node_ids + 1)).max()  # the deepest accepted node + 1, or 0 (the root)
+    return acc.sum(), chosen, want.index_select(0, last.reshape(1))[0]
+
+
+def target_tokens(pair, buf: TreeBuffers, node_tokens: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """The target's greedy token [1 + N] at the root and at every node."""
     e = pair.engine
     leaves = buf.rows[buf.max_depth]
     lslots = buf.scratch.index_select(0, leaves)
