@@ -48,6 +48,12 @@ def _row(name, spec, alone, matched, gamma, extra=None):
     return {"row": name, **(extra or {}), **row, "first_divergence": [r["first_divergence"] for r in per_prompt]}
 
 
+def _say(set_name: str, row: dict, n: int) -> None:
+    print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s x{row['speedup']:.2f} "
+          f"tau {row['speculative']['tau']:.2f} c {row['c']:.3f} v {row['verify_cost_ratio']:.2f} "
+          f"book {row['time_split']['bookkeeping']:.3f} identical {row['identical_prompts']}/{n}", flush=True)
+
+
 def summarise(path) -> str:
     """A markdown table per prompt set from a results file. Speedups are taken against the FASTER of
     the two target-alone runs (one-row steps, and the matched (γ+1)-row reference), so a one-time
@@ -194,10 +200,7 @@ def main(argv=None) -> int:
                 row.update(teacher_forced(t.model, teacher, prompts, outputs, gamma))
                 rows.append(row)
                 save()
-                print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s "
-                      f"x{row['speedup']:.2f} tau {row['speculative']['tau']:.2f} c {row['c']:.3f} "
-                      f"v {row['verify_cost_ratio']:.2f} book {row['time_split']['bookkeeping']:.3f} "
-                      f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+                _say(set_name, row, len(prompts))
         for name, (tdec, ddec) in tree_pairs.items():
             kw = dict(tree=True)
             warm_up(tdec, ddec, prompts[0], tree.max_depth, **kw)
@@ -210,10 +213,7 @@ def main(argv=None) -> int:
                                         "vocab_size": heads[name][0].vocab_size})
             rows.append(row)
             save()
-            print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s "
-                  f"x{row['speedup']:.2f} tau {row['speculative']['tau']:.2f} c {row['c']:.3f} "
-                  f"v {row['verify_cost_ratio']:.2f} book {row['time_split']['bookkeeping']:.3f} "
-                  f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+            _say(set_name, row, len(prompts))
         for name, (ddec, dmodel) in models.items():
             kw = dict(pad_verify=True)
             warm_up(target, ddec, prompts[0], gamma, **kw)
@@ -223,9 +223,7 @@ def main(argv=None) -> int:
             row.update(teacher_forced(t.model, dmodel, prompts, outputs, gamma))
             rows.append(row)
             save()
-            print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s x{row['speedup']:.2f} "
-                  f"tau {row['speculative']['tau']:.2f} c {row['c']:.3f} v {row['verify_cost_ratio']:.2f} "
-                  f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+            _say(set_name, row, len(prompts))
         if args.hf_assisted and stock is not None:
             hf = hf_static_generate(t.model, prompts, n_new, assistant=stock)
             rows.append({"row": "hf assisted (stock bf16, transformers defaults)", "tokens_per_s": hf["tokens_per_s"],
