@@ -29,7 +29,7 @@ from compress.structure import remember_structure, structure_of
 
 
 def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = False, progress: bool = True,
-                  log=print, calibration=None, interrupt_after: int | None = None):
+                  log=print, calibration=None, interrupt_after: tuple[int, int] | None = None):
     """Compress ``recipe``'s model block by block into ``out_dir`` (see the module docstring);
     returns a ``compress.pipeline.RunResult`` whose model is the skeleton (no weights).
 
@@ -86,17 +86,18 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
     source = StreamSource(model, checkpoint, work, dtype=dtype, fingerprint=key, total_passes=passes,
                           resume=recipe.model.stream.resume,
                           write_shard=ShardWriter(work / "export", layout, len(blocks), export_dtype))
-    if source.resumed:
+    resumed = source.resumed
+    if resumed:
         done = sum(f >= 0 for f in source.manifest["finished"])
         log(f"resuming the streamed run in {work}: {done} of {len(blocks)} blocks written by an earlier run")
-    if interrupt_after is not None:  # tests: stop as a crash would, once block k is written
-        source.done = _interrupting(source.done, interrupt_after)
+    if interrupt_after is not None:  # tests: (pass, block): stop as a crash would once that block is written
+        source.done = _interrupting(source, interrupt_after)
     model.__dict__[BLOCK_SOURCE] = source
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calibration,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
     ctx.state.quant, ctx.state.float_weight = source.quant, source.float_weight
     report["stages"] = _apply_stages(model, recipe, ctx, log, timer)
-    report["stream"] = {"work_dir": str(work), "resumed": source.resumed, "passes": passes, "blocks": len(blocks)}
+    report["stream"] = {"work_dir": str(work), "resumed": resumed, "passes": passes, "blocks": len(blocks)}
     report["timings"] = timer.timings
     if timer.peak_device_mb:
         report["peak_device_mb"] = timer.peak_device_mb
@@ -137,9 +138,11 @@ def _materialise_outside(model, blocks, checkpoint: Checkpoint, dtype, tied: set
                     t.to(dtype) if t.is_floating_point() else t, requires_grad=False)
 
 
-def _interrupting(done, after: int):
+def _interrupting(source: StreamSource, after: tuple[int, int]):
+    done = source.done
+
     def wrapped(i, block, reports=None):
         done(i, block, reports)
-        if i == after:
-            raise KeyboardInterrupt(f"interrupted after block {i} (test)")
+        if (source.pass_index, i) == tuple(after):
+            raise KeyboardInterrupt(f"interrupted after block {i} of pass {source.pass_index} (test)")
     return wrapped
