@@ -29,12 +29,15 @@ from compress.structure import remember_structure, structure_of
 
 
 def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = False, progress: bool = True,
-                  log=print, calibration=None, interrupt_after: tuple[int, int] | None = None):
+                  log=print, calibration=None, checkpoint: Checkpoint | None = None, on_block=None):
     """Compress ``recipe``'s model block by block into ``out_dir`` (see the module docstring);
     returns a ``compress.pipeline.RunResult`` whose model is the skeleton (no weights).
 
     ``calibration``: a ready ``CalibrationSet`` instead of the recipe's (the scale benchmark feeds
-    random token ids to a checkpoint that has no tokenizer)."""
+    random token ids to a checkpoint that has no tokenizer). ``checkpoint``: where the tensors come
+    from instead of the model folder's safetensors (anything with ``keys``, ``get``, ``in``: the
+    benchmark generates a 70B-shaped model from a seed). ``on_block(pass_index, i)``: called once
+    block ``i`` of a pass is written (the benchmark's per-block clock; tests interrupt there)."""
     from compress.pipeline import RunResult, _apply_stages, _Timer, configure_model
 
     if not isinstance(recipe, Recipe):
@@ -47,7 +50,7 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
                               "stages": [], "versions": versions()}
     with timer("load"):
         folder = resolve_model_dir(recipe.model.id, progress=progress)
-        checkpoint = Checkpoint(folder)
+        checkpoint = checkpoint if checkpoint is not None else Checkpoint(folder)
         model = skeleton(folder, dtype, trust_remote_code=recipe.model.trust_remote_code)
         if any(_splittable(m) for m in model.modules()):
             raise CompressError(f"{recipe.model.id}: a mixture of experts; streaming does not split experts yet "
@@ -90,8 +93,8 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
     if resumed:
         done = sum(f >= 0 for f in source.manifest["finished"])
         log(f"resuming the streamed run in {work}: {done} of {len(blocks)} blocks written by an earlier run")
-    if interrupt_after is not None:  # tests: (pass, block): stop as a crash would once that block is written
-        source.done = _interrupting(source, interrupt_after)
+    if on_block is not None:
+        source.done = _observed(source, on_block)
     model.__dict__[BLOCK_SOURCE] = source
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calibration,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
@@ -138,11 +141,10 @@ def _materialise_outside(model, blocks, checkpoint: Checkpoint, dtype, tied: set
                     t.to(dtype) if t.is_floating_point() else t, requires_grad=False)
 
 
-def _interrupting(source: StreamSource, after: tuple[int, int]):
+def _observed(source: StreamSource, on_block):
     done = source.done
 
     def wrapped(i, block, reports=None):
         done(i, block, reports)
-        if (source.pass_index, i) == tuple(after):
-            raise KeyboardInterrupt(f"interrupted after block {i} of pass {source.pass_index} (test)")
+        on_block(source.pass_index, i)
     return wrapped
