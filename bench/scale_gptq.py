@@ -61,6 +61,18 @@ def config_for(shape: str, layers: int | None = None):
                                 tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
 
 
+def placeholder_tokenizer(vocab: int):
+    """A word-level tokenizer whose token i is "tI": GPTQModel's loader insists on a tokenizer, and
+    nothing tokenizes text here (calibration is token ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t1", pad_token="t1",
+                                   unk_token="t0")
+
+
 class SeededCheckpoint:
     """The tensors of a random model, each generated from (seed, name) when read: the same bytes every
     time, in any order, one tensor in memory at a time (``compress.checkpoint.Checkpoint``'s reading side)."""
@@ -74,6 +86,7 @@ class SeededCheckpoint:
         model = skeleton(folder, dtype)
         self.shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         self.torch = torch
+        self.seconds = 0.0  # spent generating (with --generate, inside the per-block times)
 
     def keys(self):
         return self.shapes.keys()
@@ -88,13 +101,18 @@ class SeededCheckpoint:
             return torch.ones(shape, dtype=self.dtype)
         if name.endswith(".bias"):
             return torch.zeros(shape, dtype=self.dtype)
+        t0 = time.perf_counter()
         g = torch.Generator().manual_seed(int(hashlib.sha256(f"{self.seed}:{name}".encode()).hexdigest()[:15], 16))
-        return (torch.randn(shape, generator=g) * STD).to(self.dtype)
+        out = (torch.randn(shape, generator=g) * STD).to(self.dtype)
+        self.seconds += time.perf_counter() - t0
+        return out
 
 
 def write_config(shape: str, folder: Path, seed: int, layers: int | None, generated: bool) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    config_for(shape, layers).save_pretrained(folder)
+    config = config_for(shape, layers)
+    config.save_pretrained(folder)
+    placeholder_tokenizer(config.vocab_size).save_pretrained(folder)
     if generated:
         (folder / GENERATED).write_text(json.dumps({"seed": seed, "shape": shape}))
 
@@ -208,6 +226,8 @@ def cmd_run(args) -> dict:
             if (folder / GENERATED).is_file() else None
         res = run_streaming(recipe, out_dir=args.export_dir or str(folder) + "-gptq", force=True,
                             progress=args.progress, log=print, calibration=calib, checkpoint=ckpt, on_block=on_block)
+        if ckpt is not None:
+            result["generate_seconds"] = round(ckpt.seconds, 1)  # part of the block times: CPU randn
         result["resumed"] = res.report["stream"]["resumed"]
         result["export_bytes"] = sum(f.stat().st_size for f in Path(res.out_dir).glob("*.safetensors"))
         result["timings"] = res.report["timings"]
@@ -222,6 +242,7 @@ def cmd_run(args) -> dict:
 def _run_gptqmodel(folder: Path, calib, args, device) -> dict:
     """GPTQModel 7.6 with its defaults at W4 g128 (sym), the same token ids, its own peaks."""
     import torch
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 2))  # its default pool wants 2+ here
     from gptqmodel import GPTQModel, QuantizeConfig, __version__
 
     t0 = time.perf_counter()
