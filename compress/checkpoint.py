@@ -93,10 +93,16 @@ def skeleton(folder: str | Path, dtype: torch.dtype, *, trust_remote_code: bool 
         parent, _, leaf = key.rpartition(".")
         module = model.get_submodule(parent) if parent else model
         if leaf in module._non_persistent_buffers_set:
-            module._buffers[leaf] = torch.empty_like(buf, device="cpu")
+            # NaN, not empty: a buffer that _init_weights leaves alone is then found below, not used.
+            module._buffers[leaf] = torch.full(buf.shape, float("nan"), dtype=buf.dtype, device="cpu") \
+                if buf.is_floating_point() else torch.zeros(buf.shape, dtype=buf.dtype, device="cpu")
             owners[parent] = module
     for module in owners.values():
         model._init_weights(module)
+    for key, buf in model.named_buffers():
+        if buf.is_floating_point() and not buf.is_meta and torch.isnan(buf).any():
+            raise CompressError(f"{folder}: streaming cannot compute the buffer {key} of this architecture "
+                                "without loading the model (its _init_weights leaves it); drop model.stream")
     if (Path(folder) / "generation_config.json").is_file():  # as from_pretrained reads it
         from transformers import GenerationConfig
 

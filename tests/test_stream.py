@@ -169,3 +169,32 @@ def test_smollm2_streamed_from_the_zoo_folder_equals_in_memory(tmp_path):
     recipe["model"]["stream"] = True
     run_recipe(recipe, out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
     _same_export(tmp_path / "mem", tmp_path / "st")
+
+
+DENSE = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+
+
+@pytest.mark.parametrize("arch", DENSE)
+def test_streamed_equals_in_memory_across_architectures(arch, tmp_path):
+    """The coverage table's dense architectures (tests/tiny_archs.py): gemma's sliding and global
+    layers (per-block masks), qwen3's q/k norms, phi3's fused projections."""
+    from tests.tiny_archs import arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", arch)
+    steps = [{"algorithm": "gptq", "bits": 4, "group_size": 32, "sym": True}]
+    run_recipe(_recipe(src, steps), out_dir=tmp_path / "mem", progress=False, log=lambda *_: None)
+    run_recipe(_recipe(src, steps, True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+    _same_export(tmp_path / "mem", tmp_path / "st")
+
+
+def test_a_mixture_of_experts_is_refused_when_streamed(tmp_path):
+    from tests.tiny_archs import arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", "mixtral")
+    with pytest.raises(CompressError, match="mixture of experts"):
+        run_recipe(_recipe(src, RECIPES["gptq"], True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+    from compress.structure import model_structure
+
+    structure, _ = model_structure(src)  # what `compress validate` checks, from the config alone
+    with pytest.raises(RecipeError, match="mixture of experts"):
+        check_plan(validate_recipe(_recipe(src, RECIPES["gptq"], True)), structure)
