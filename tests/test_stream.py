@@ -108,7 +108,8 @@ def test_without_resume_an_interrupted_run_starts_over(sharded, tmp_path):
     run_recipe(_recipe(sharded, steps, True), out_dir=tmp_path / "ref", progress=False, log=lambda *_: None)
     recipe = validate_recipe(_recipe(sharded, steps, {"resume": False}))
     with pytest.raises(KeyboardInterrupt):
-        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None, on_block=_interrupt((0, 1)))
+        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None,
+                      on_block=_interrupt((0, 1)))
     assert not list((work_dir_for(tmp_path / "out") / "blocks").glob("*.safetensors"))  # only packed shards
     result = run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None)
     assert not result.report["stream"]["resumed"]
@@ -118,7 +119,8 @@ def test_without_resume_an_interrupted_run_starts_over(sharded, tmp_path):
 def test_a_changed_recipe_does_not_resume_the_old_work(sharded, tmp_path):
     recipe = validate_recipe(_recipe(sharded, RECIPES["gptq"], True))
     with pytest.raises(KeyboardInterrupt):
-        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None, on_block=_interrupt((0, 0)))
+        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None,
+                      on_block=_interrupt((0, 0)))
     other = validate_recipe(_recipe(sharded, [{"algorithm": "gptq", **Q, "damp": 0.05}], True))
     result = run_streaming(other, out_dir=tmp_path / "out", progress=False, log=lambda *_: None)
     assert not result.report["stream"]["resumed"]
