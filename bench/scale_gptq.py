@@ -230,7 +230,9 @@ def cmd_run(args) -> dict:
             result["generate_seconds"] = round(ckpt.seconds, 1)  # part of the block times: CPU randn
         result["resumed"] = res.report["stream"]["resumed"]
         result["export_bytes"] = sum(f.stat().st_size for f in Path(res.out_dir).glob("*.safetensors"))
-        result["timings"] = res.report["timings"]
+        result["timings"] = res.report["timings"]  # per phase: load, stage:q (the blocks), export
+        result["peak_host_mb_per_phase"] = res.report.get("peak_host_mb")
+        result["peak_device_mb_per_phase"] = res.report.get("peak_device_mb")
     calls.append(round(time.perf_counter() - t0, 1))
     result["calls"] = calls  # wall time of each call (a resumed run has several)
     result["total_seconds"] = round(sum(calls), 1)
