@@ -1,10 +1,9 @@
 """Run a recipe: load, calibrate, apply the stages, verify, export. No global state.
 
-Resuming an interrupted run: the stages run in memory and the export is written at the end, so an
+Resuming an interrupted run: in memory, the stages run and the export is written at the end, so an
 interrupted run starts over — except the float baseline, which is cached across runs
-(``compress/baseline_cache.py``). Per-block resume belongs with the layer-wise runner's per-block
-writing (the streaming work, ``compress/runner.py``); where it joins this file is marked
-``RESUME:`` in ``_apply_stages``.
+(``compress/baseline_cache.py``). A streamed run (``model.stream``, ``compress/stream_run.py``)
+writes every block as it finishes and resumes at the first block not written (``compress/stream.py``).
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from compress.algorithms import ALGORITHMS, StepContext
 from compress.baseline_cache import baseline_fingerprint, cached_baseline, fingerprint_key, store_baseline
 from compress.data import corpus_text
 from compress.data.selection import select_calibration_set
+from compress.errors import CompressError
 from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
 from compress.harness.catalog import check_lm_eval_installed
@@ -100,6 +100,12 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     model and verify settings stored it (``compress/baseline_cache.py``); it is stored either way."""
     if not isinstance(recipe, Recipe):
         recipe = validate_recipe(recipe)
+    if recipe.model.stream is not None:  # one block at a time, never the whole model (compress/stream.py)
+        if out_dir is None:
+            raise CompressError("model.stream writes the compressed model as it goes: give an output folder")
+        from compress.stream_run import run_streaming
+
+        return run_streaming(recipe, out_dir=out_dir, force=force, progress=progress, log=log)
     if out_dir is not None:
         check_out_dir(out_dir, force=force)  # fail before the work, not after
     if recipe.verify is not None and recipe.verify.tasks:
@@ -221,8 +227,7 @@ def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> l
         stage_report = {"name": stage.name, "steps": []}
         with timer(f"stage:{stage.name}") if timer else nullcontext():
             for ki, step in enumerate(stage.steps):
-                # RESUME: a step that the streaming runner wrote block by block would restart here
-                # from its last finished block; today every step runs from its first block.
+                # A streamed model resumes inside the step: its source knows the blocks already written.
                 ctx.where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
                 t0 = time.perf_counter()
                 log(f"stage {stage.name!r}: {step.algorithm}")

@@ -35,8 +35,8 @@ from compress.errors import CompressError
 __all__ = ["LAYOUTS", "BlockLayout", "block_layout", "capture_block_inputs", "run_layerwise", "HessianAccumulator"]
 
 # A streamed model (compress.stream) carries its block source under this attribute: an object with
-# ``acquire(i, device) -> block``, ``done(i, block)`` (the block is final: write it) and
-# ``release(i, block)`` (free it, written or not).
+# ``begin_pass()``, ``acquire(i, device) -> block``, ``done(i, block, reports)`` (final: write it),
+# ``release(i, block)`` (free it, written or not), and for resuming ``finished(i)`` / ``reports(i)``.
 BLOCK_SOURCE = "_compress_block_source"
 _TRACE_TOKENS = 16  # the dummy sequence whose forward through block 0 gives the layout
 
@@ -276,9 +276,18 @@ def run_layerwise(
     reports: dict[str, Any] = {}
     experts: dict[str, Any] = {}
     traced: dict[frozenset, tuple] = {}  # a block's linears -> its subsets, for blocks unlike block 0
+    source = model.__dict__.get(BLOCK_SOURCE)
+    if source is not None:
+        source.begin_pass()
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
         inputs = [x.at_block(i) for x in inputs]
         prefix = f"{layout.blocks}.{i}."
+        if source is not None and source.finished(i):  # written before an interruption: replayed, not solved
+            reports.update(source.reports(i))
+            if not source.finished(len(blocks) - 1):  # a later block still needs this one's outputs
+                inputs = _replay(source.acquire(i, device), inputs, device=device, offload=offload)
+                source.release(i, blocks[i])
+            continue
         mine = {n[len(prefix):]: m for n, m in modules.items() if n.startswith(prefix)}
         block, home = _acquire_block(model, blocks, i, device)
         try:
@@ -311,7 +320,7 @@ def run_layerwise(
                 if expert_of:  # a mixture of experts: experts short of tokens take every token's statistics
                     _refill_starved(block, inputs, [s for s in subset if s in expert_of], expert_of, mine, accs,
                                     alias, make_accumulator, prefix, share_inputs, device, starved)
-                _check_fed(subset, accs, alias, prefix)
+                moe.check_fed(subset, accs, alias, prefix)
                 if solve_group is not None and share_inputs:
                     groups: dict[str, dict[str, nn.Module]] = {}
                     for s in subset:
@@ -324,10 +333,9 @@ def run_layerwise(
                         reports[prefix + s] = solve(prefix + s, mine[s], acc)
             with moe.counting(block) as routed:
                 inputs = _replay(block, inputs, device=device, offload=offload)
-            experts.update(_expert_report(block, prefix, routed, starved))
-            source = model.__dict__.get(BLOCK_SOURCE)
-            if source is not None:
-                source.done(i, block)  # final: the source writes it before it is freed
+            experts.update(moe.expert_report(block, prefix, routed, starved))
+            if source is not None:  # final: the source writes it (and its reports) before it is freed
+                source.done(i, block, {n: r for n, r in reports.items() if n.startswith(prefix)})
         finally:
             _release_block(model, blocks, i, block, home)
     return LayerwiseResult(reports, inputs, experts)
@@ -383,26 +391,6 @@ def _refill_starved(block, inputs, names, expert_of, mine, accs, alias, make_acc
     alias.update(new_alias)
     for lst, es in short.items():
         starved.setdefault(lst, set()).update(es)
-
-
-def _check_fed(subset, accs, alias, prefix) -> None:
-    """Refuse to solve a module whose statistics saw no token (an expert the router never chose)."""
-    empty = [prefix + s for s in subset if getattr(accs[alias.get(s, s)], "count", None) == 0]
-    if empty:
-        raise CompressError(
-            f"{empty[0]} received no calibration token{f' (and {len(empty) - 1} more modules)' if len(empty) > 1 else ''}"
-            f": nothing to calibrate it on. For an expert the router never chose, set calibration.expert_min_tokens "
-            f">= 1 (it then takes its statistics from every token) or calibration.expert_routing: all")
-
-
-def _expert_report(block: nn.Module, prefix: str, routed: dict, starved: dict) -> dict[str, Any]:
-    report = {}
-    for name, experts in moe.expert_lists(block):
-        tokens = routed[name].tolist()
-        every = list(range(len(experts))) if experts.routing == "all" else sorted(starved.get(name, ()))
-        report[prefix + name] = {"routed_tokens": tokens, "min_routed": min(tokens), "routing": experts.routing,
-                                 "min_tokens": experts.min_tokens, "all_token_statistics": every}
-    return report
 
 
 def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool, fired: set, total: int):

@@ -7,7 +7,6 @@ dequantized grid values) and leaves the integer levels, scales and zeros in
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from compress.algorithms import StepContext
 from compress.errors import CompressError
@@ -16,6 +15,7 @@ from compress.quantize.grid import QuantSpec
 from compress.quantize.solvers import (QuantResult, free_graphs, gptq_solve, layer_output_error, rtn_solve,
                                       split_rows)
 from compress.runner import HessianAccumulator, run_layerwise
+from compress.stream import per_block
 from compress.targets import match_modules
 
 
@@ -41,14 +41,18 @@ def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)
     spec = cfg.spec()
     _check_shapes(modules, spec, ctx.where)
-    report = {}
-    for name, m in tqdm(modules.items(), desc="rtn", unit="linear", disable=not ctx.progress):
+
+    def solve(name, m):
         w = m.weight.data.to(ctx.device)
         res = rtn_solve(w, spec)
-        report[name] = {"bits": spec.bits, "group_size": spec.group_size,
-                        "weight_rel_mse": float(((res.weight - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)))}
+        # Measured before storing: on the CPU, ``w`` is the module's own weight, which storing overwrites.
+        report = {"bits": spec.bits, "group_size": spec.group_size,
+                  "weight_rel_mse": float(((res.weight - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)))}
         store_quant_result(ctx, name, m, res)
-    return {"modules": report}
+        return report
+
+    # In model order; a streamed model (compress.stream) block by block.
+    return {"modules": per_block(model, modules, solve, device=ctx.device, progress=ctx.progress, desc="rtn")}
 
 
 def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dict:
