@@ -49,7 +49,7 @@ import torch.nn as nn
 from compress.errors import CompressError
 from compress.runtime import resolve_device
 
-__all__ = ["Session", "current", "is_main", "launch", "merge_expert_counts", "one_unit", "rank_device",
+__all__ = ["Session", "current", "gather_json", "is_main", "launch", "merge_expert_counts", "one_unit", "rank_device",
            "reduce_statistics", "shard_batches", "shared", "solve_units", "wait_for_main"]
 
 ENV_TIMEOUT = "COMPRESS_DIST_TIMEOUT_S"
@@ -137,6 +137,22 @@ def wait_for_main() -> None:
     group's longer timeout. Without a session: nothing."""
     if _SESSION is not None:
         dist.barrier(group=_SESSION.control)
+
+
+def gather_json(obj: Any) -> list | None:
+    """Every rank's ``obj`` (JSON), in rank order, on every rank; ``None`` without a session."""
+    s = _SESSION
+    if s is None:
+        return None
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(s.device)
+    n = torch.tensor([data.numel()], dtype=torch.int64, device=s.device)
+    sizes = [torch.empty_like(n) for _ in range(s.world)]
+    dist.all_gather(sizes, n)
+    buf = torch.zeros(max(int(k) for k in sizes), dtype=torch.uint8, device=s.device)
+    buf[:data.numel()] = data
+    got = [torch.empty_like(buf) for _ in range(s.world)]
+    dist.all_gather(got, buf)
+    return [json.loads(g[:int(k)].cpu().numpy().tobytes().decode()) for g, k in zip(got, sizes)]
 
 
 # ----------------------------------------------------------------------------- calibration data

@@ -22,7 +22,7 @@ from compress.algorithms import ALGORITHMS, StepContext
 from compress.baseline_cache import baseline_fingerprint, cached_baseline, fingerprint_key, store_baseline
 from compress.data import corpus_text
 from compress.data.selection import select_calibration_set
-from compress.distributed import current, is_main, rank_device, wait_for_main
+from compress.distributed import current, gather_json, is_main, rank_device, wait_for_main
 from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
 from compress.harness.catalog import check_lm_eval_installed
@@ -174,6 +174,9 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
     report["stages"] = _apply_stages(model, recipe, ctx, log, timer)
+    if current() is not None:  # each rank's own times and peak memory so far (the rest of the report: rank 0's)
+        report["distributed"]["ranks"] = gather_json({"timings": timer.timings, "peak_host_mb": timer.peak_host_mb,
+                                                      "peak_device_mb": timer.peak_device_mb})
     model.to(device)
 
     if recipe.verify is not None and is_main():
