@@ -50,7 +50,7 @@ from compress.errors import CompressError
 from compress.runtime import resolve_device
 
 __all__ = ["Session", "current", "gather_json", "is_main", "launch", "merge_expert_counts", "one_unit", "rank_device",
-           "reduce_statistics", "shard_batches", "shared", "solve_units", "wait_for_main"]
+           "reduce_statistics", "shard_batches", "shared", "solve_units", "union_alias", "wait_for_main"]
 
 ENV_TIMEOUT = "COMPRESS_DIST_TIMEOUT_S"
 ENV_WAIT = "COMPRESS_DIST_WAIT_S"
@@ -190,12 +190,27 @@ def _sum_in_rank_order(s: Session, t: torch.Tensor) -> torch.Tensor:
     return out.view(t.shape)
 
 
-def reduce_statistics(accs: dict[str, Any]) -> None:
-    """Replace each accumulator's sums with those of every rank (same order of names on every rank)."""
+def union_alias(parts: list[dict[str, str]]) -> dict[str, str]:
+    """The ranks' alias maps (module -> the module whose accumulator took its input) as one. A module
+    is aliased where it ran: an expert that no token reached on one rank has no alias there, and an
+    empty accumulator; every rank must still reduce and solve the same set."""
+    merged: dict[str, str] = {}
+    for part in parts:
+        for name, root in part.items():
+            if merged.setdefault(name, root) != root:
+                raise CompressError(f"{name} shared its input with {merged[name]} on one rank and with {root} on "
+                                    f"another: the ranks' blocks differ")
+    return merged
+
+
+def reduce_statistics(accs: dict[str, Any], alias: dict[str, str]) -> None:
+    """Replace each accumulator's sums with those of every rank, and ``alias`` (updated in place) with
+    the union of every rank's; accumulators of aliased modules are left out (they took nothing)."""
     s = _SESSION
     if s is None:
         return
-    for name in sorted(accs):
+    alias.update(union_alias(gather_json(alias)))
+    for name in sorted(n for n in accs if n not in alias):  # the same names, in the same order, on every rank
         acc = accs[name]
         if not hasattr(acc, "statistics"):
             raise CompressError(f"{type(acc).__name__} (for {name}) cannot be combined across processes: it has "

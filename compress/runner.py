@@ -295,7 +295,7 @@ def run_layerwise(
                 finally:
                     for h in hooks:
                         h.remove()
-                reduce_statistics({s: a for s, a in accs.items() if s not in alias})  # every rank's batches
+                reduce_statistics(accs, alias)  # under torchrun: the statistics of every rank's batches
                 if expert_of:  # a mixture of experts: experts short of tokens take every token's statistics
                     _refill_starved(block, inputs, [s for s in subset if s in expert_of], expert_of, mine, accs,
                                     alias, make_accumulator, prefix, share_inputs, device, starved)
@@ -364,7 +364,7 @@ def _refill_starved(block, inputs, names, expert_of, mine, accs, alias, make_acc
     finally:
         for h in hooks:
             h.remove()
-    reduce_statistics({s: a for s, a in fresh.items() if s not in new_alias})
+    reduce_statistics(fresh, new_alias)
     for s in again:
         accs[s] = fresh[s]
         alias.pop(s, None)

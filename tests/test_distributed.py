@@ -172,3 +172,32 @@ def test_a_failing_rank_ends_the_run_on_every_rank_and_writes_nothing(tmp_path, 
                 p.join()
     assert waited < 120
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+# ----------------------------------------------------------------------------- the parts that need no processes
+
+
+def test_each_rank_takes_a_contiguous_share_and_every_batch_is_taken_once(monkeypatch):
+    import compress.distributed as d
+    from compress.errors import CompressError
+
+    for world, n in [(2, 5), (3, 7), (4, 4)]:
+        shares = []
+        for rank in range(world):
+            monkeypatch.setattr(d, "_SESSION", d.Session(rank, world, rank, "gloo", torch.device("cpu"), 1, 1))
+            shares.append(list(d.shard_batches(iter(range(n)))))
+        assert sum(shares, []) == list(range(n))
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+    with pytest.raises(CompressError, match="every rank needs"):
+        d.shard_batches(range(3))  # 4 ranks
+
+
+def test_alias_maps_of_the_ranks_are_joined():
+    from compress.distributed import union_alias
+    from compress.errors import CompressError
+
+    # rank 1's expert 3 received no token: no alias there, the union still has it
+    parts = [{"q.k": "q.q", "e3.up": "e3.gate"}, {"q.k": "q.q"}]
+    assert union_alias(parts) == {"q.k": "q.q", "e3.up": "e3.gate"}
+    with pytest.raises(CompressError, match="differ"):
+        union_alias([{"a": "b"}, {"a": "c"}])
