@@ -101,7 +101,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
-    ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS of every process (CPU runs)")
+    ap.add_argument("--cores", type=int, help="CPU runs: the cores all processes share (each of N gets cores // N "
+                                              "threads: OMP_NUM_THREADS)")
     ap.add_argument("--out", required=True, help="results JSON")
     args = ap.parse_args()
 
@@ -117,12 +118,13 @@ def main() -> None:
     path = work / "recipe.yaml"
     path.write_text(json.dumps(recipe))  # JSON is YAML
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
     rows, outs = [], {}
     for n in [int(x) for x in args.ranks.split(",")]:
         outs[n] = work / f"out-{n}"
+        if args.cores:
+            env["OMP_NUM_THREADS"] = str(max(1, args.cores // n))
         row = run_one(n, path, outs[n], env)
+        row["threads_per_process"] = env.get("OMP_NUM_THREADS")
         first = rows[0] if rows else None
         if "error" not in row and first is not None and "error" not in first:
             row["equal_to_first"] = same_weights(outs[first["ranks"]], outs[n])

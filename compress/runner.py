@@ -12,6 +12,9 @@ is replayed to produce the inputs of the next one. Activations live on the offlo
 goes through. A model streamed from its checkpoint (``compress.stream``) has a block source:
 the runner asks it for each block and hands the finished block back to be written and freed.
 
+Under torchrun (``compress.distributed``) each rank runs its share of the batches, the statistics are
+added over ranks after each subset's forward, and a subset's solves are split across ranks.
+
 Mixtures of experts (``compress.moe``): each expert's statistics come from the tokens routed
 to it; an expert with fewer than its list's ``min_tokens`` gets a second pass that feeds it
 every token (for statistics only); the tokens each expert received are reported.
