@@ -101,6 +101,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, help="CPU runs: OMP_NUM_THREADS of every process, whatever N")
     ap.add_argument("--cores", type=int, help="CPU runs: the cores all processes share (each of N gets cores // N "
                                               "threads: OMP_NUM_THREADS)")
     ap.add_argument("--out", required=True, help="results JSON")
@@ -121,8 +122,8 @@ def main() -> None:
     rows, outs = [], {}
     for n in [int(x) for x in args.ranks.split(",")]:
         outs[n] = work / f"out-{n}"
-        if args.cores:
-            env["OMP_NUM_THREADS"] = str(max(1, args.cores // n))
+        if args.cores or args.threads:
+            env["OMP_NUM_THREADS"] = str(args.threads or max(1, args.cores // n))
         row = run_one(n, path, outs[n], env)
         row["threads_per_process"] = env.get("OMP_NUM_THREADS")
         first = rows[0] if rows else None
