@@ -309,8 +309,8 @@ def run_layerwise(
                         groups.setdefault(alias.get(s, s), {})[prefix + s] = mine[s]
                     units = [(members, partial(solve_group, members, accs[root])) for root, members in groups.items()]
                 else:
-                    units = [({prefix + s: mine[s]}, partial(one_unit, solve, prefix + s, mine[s], accs[alias.get(s, s)]))
-                             for s in subset]
+                    units = [({prefix + s: mine[s]},
+                              partial(one_unit, solve, prefix + s, mine[s], accs[alias.get(s, s)])) for s in subset]
                 reports.update(solve_units(units, solver))
             with moe.counting(block) as routed:
                 inputs = _replay(block, inputs, device=device, offload=offload)
