@@ -203,9 +203,12 @@ def _dispatch(args) -> int:
             plan = plan_run(recipe, out_dir=args.out, force=args.force, reuse_baseline=not args.no_baseline_cache)
             print(format_plan(plan, args.recipe))
             return 0
-        result = run_recipe(recipe, out_dir=args.out, force=args.force, progress=not args.quiet,
-                            reuse_baseline=not args.no_baseline_cache)
-        print_summary(result.report, result.out_dir)
+        from compress.distributed import is_main, launch
+        with launch(recipe.model.device):  # under torchrun: one process group (compress/distributed.py)
+            result = run_recipe(recipe, out_dir=args.out, force=args.force, progress=not args.quiet,
+                                reuse_baseline=not args.no_baseline_cache)
+            if is_main():
+                print_summary(result.report, result.out_dir)
         return 0
 
     if args.command == "eval":

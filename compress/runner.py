@@ -12,14 +12,17 @@ is replayed to produce the inputs of the next one. Activations live on the offlo
 goes through. A model streamed from its checkpoint (``compress.stream``) has a block source:
 the runner asks it for each block and hands the finished block back to be written and freed.
 
+Under torchrun (``compress.distributed``) each rank runs its share of the batches, the statistics are
+added over ranks after each subset's forward, and a subset's solves are split across ranks.
+
 Mixtures of experts (``compress.moe``): each expert's statistics come from the tokens routed
 to it; an expert with fewer than its list's ``min_tokens`` gets a second pass that feeds it
 every token (for statistics only); the tokens each expert received are reported.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -27,6 +30,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compress import moe
+from compress.accumulators import HessianAccumulator  # GPTQ's statistic; importable from here as before
+from compress.distributed import merge_expert_counts, one_unit, reduce_statistics, shard_batches, solve_units
 # BlockLayout and LAYOUTS (the overrides) live in compress.layout; importable from here as before.
 from compress.layout import (LAYOUTS, BlockLayout, block_linears, find_block_list, pin_layout, pinned_layout,
                              trace_subsets)
@@ -72,22 +77,6 @@ class StopForward(Exception):
 
 class Accumulator(Protocol):
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None: ...
-
-
-class HessianAccumulator:
-    """Running mean of H = 2·X·Xᵀ over every token seen by a linear layer (GPTQ's statistic)."""
-
-    def __init__(self, in_features: int, device: torch.device | str):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None) -> None:
-        x = inp.reshape(-1, inp.shape[-1]).to(self.H.device, torch.float32)
-        n = x.shape[0]
-        self.H *= self.count / (self.count + n)
-        self.count += n
-        x = x * math.sqrt(2.0 / self.count)
-        self.H += x.T @ x
 
 
 @dataclass
@@ -263,10 +252,11 @@ def run_layerwise(
     """
     if solve is None and (solve_group is None or not share_inputs):
         raise TypeError("run_layerwise needs `solve`, or `solve_group` with share_inputs=True")
+    solver = solve_group if solve_group is not None and share_inputs else solve  # split across ranks if `shared`
     device = torch.device(device)
     layout = block_layout(model)
     blocks = model.get_submodule(layout.blocks)
-    inputs = capture_block_inputs(model, batches, device=device, offload=offload, layout=layout)
+    inputs = capture_block_inputs(model, shard_batches(batches), device=device, offload=offload, layout=layout)
     if not inputs:
         raise CompressError("the calibration set is empty: no batch reached the first block")
     outside = [n for n in modules if not n.startswith(layout.blocks + ".")]
@@ -317,6 +307,7 @@ def run_layerwise(
                 finally:
                     for h in hooks:
                         h.remove()
+                reduce_statistics(accs, alias)  # under torchrun: the statistics of every rank's batches
                 if expert_of:  # a mixture of experts: experts short of tokens take every token's statistics
                     _refill_starved(block, inputs, [s for s in subset if s in expert_of], expert_of, mine, accs,
                                     alias, make_accumulator, prefix, share_inputs, device, starved)
@@ -325,12 +316,11 @@ def run_layerwise(
                     groups: dict[str, dict[str, nn.Module]] = {}
                     for s in subset:
                         groups.setdefault(alias.get(s, s), {})[prefix + s] = mine[s]
-                    for root, members in groups.items():
-                        reports.update(solve_group(members, accs[root]))
+                    units = [(members, partial(solve_group, members, accs[root])) for root, members in groups.items()]
                 else:
-                    for s in subset:
-                        acc = accs[alias.get(s, s)]
-                        reports[prefix + s] = solve(prefix + s, mine[s], acc)
+                    units = [({prefix + s: mine[s]},
+                              partial(one_unit, solve, prefix + s, mine[s], accs[alias.get(s, s)])) for s in subset]
+                reports.update(solve_units(units, solver))
             with moe.counting(block) as routed:
                 inputs = _replay(block, inputs, device=device, offload=offload)
             experts.update(moe.expert_report(block, prefix, routed, starved))
@@ -338,7 +328,7 @@ def run_layerwise(
                 source.done(i, block, {n: r for n, r in reports.items() if n.startswith(prefix)})
         finally:
             _release_block(model, blocks, i, block, home)
-    return LayerwiseResult(reports, inputs, experts)
+    return LayerwiseResult(reports, inputs, merge_expert_counts(experts))
 
 
 def _subsets_of(layout: BlockLayout, block: nn.Module, sample: BlockInput, device, traced: dict) -> tuple:
@@ -385,6 +375,7 @@ def _refill_starved(block, inputs, names, expert_of, mine, accs, alias, make_acc
     finally:
         for h in hooks:
             h.remove()
+    reduce_statistics(fresh, new_alias)
     for s in again:
         accs[s] = fresh[s]
         alias.pop(s, None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from compress.algorithms import StepContext
+from compress.distributed import shared
 from compress.errors import CompressError
 from compress.quantize.config import GPTQConfig, RTNConfig
 from compress.quantize.grid import QuantSpec
@@ -83,7 +84,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
 
     try:
         result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                               make_accumulator=make_acc, solve_group=solve_group, device=ctx.device,
+                               make_accumulator=make_acc, solve_group=shared(solve_group, ctx.state), device=ctx.device,
                                progress=ctx.progress, desc="gptq", share_inputs=True)
     finally:
         free_graphs()
