@@ -18,7 +18,6 @@ every token (for statistics only); the tokens each expert received are reported.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
@@ -27,6 +26,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compress import moe
+from compress.accumulators import HessianAccumulator  # noqa: F401  (importable from here as before)
 # BlockLayout and LAYOUTS (the overrides) live in compress.layout; importable from here as before.
 from compress.layout import (LAYOUTS, BlockLayout, block_linears, find_block_list, pin_layout, pinned_layout,
                              trace_subsets)
@@ -72,22 +72,6 @@ class StopForward(Exception):
 
 class Accumulator(Protocol):
     def add_batch(self, inp: torch.Tensor, out: torch.Tensor) -> None: ...
-
-
-class HessianAccumulator:
-    """Running mean of H = 2·X·Xᵀ over every token seen by a linear layer (GPTQ's statistic)."""
-
-    def __init__(self, in_features: int, device: torch.device | str):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None) -> None:
-        x = inp.reshape(-1, inp.shape[-1]).to(self.H.device, torch.float32)
-        n = x.shape[0]
-        self.H *= self.count / (self.count + n)
-        self.count += n
-        x = x * math.sqrt(2.0 / self.count)
-        self.H += x.T @ x
 
 
 @dataclass
@@ -249,6 +233,7 @@ def run_layerwise(
     desc: str = "layer-wise",
     share_inputs: bool = False,
     solve_group: Callable[[dict[str, nn.Module], Accumulator], dict[str, Any]] | None = None,
+    twin: Any = None,
 ) -> LayerwiseResult:
     """Walk the blocks, accumulate statistics of ``modules`` per subset, solve, replay.
 
@@ -259,7 +244,8 @@ def run_layerwise(
     accumulator instead of repeating the same X·Xᵀ. ``solve_group`` (with
     ``share_inputs``): called once per set of modules that shared an accumulator,
     ``{fqn: module}`` in block order, returning ``{fqn: report}`` — one solve for
-    q,k,v stacked instead of three (``solve`` is then unused).
+    q,k,v stacked instead of three (``solve`` is then unused). ``twin`` (``compress.twin.FloatTwin``):
+    runs the float block beside this one, so accumulators can pair float and quantized inputs.
     """
     if solve is None and (solve_group is None or not share_inputs):
         raise TypeError("run_layerwise needs `solve`, or `solve_group` with share_inputs=True")
@@ -282,6 +268,8 @@ def run_layerwise(
         mine = {n[len(prefix):]: m for n, m in modules.items() if n.startswith(prefix)}
         block, home = _acquire_block(model, blocks, i, device)
         try:
+            if twin is not None:
+                twin.begin(block, inputs)
             block_subsets = _subsets_of(layout, block, inputs[0], device, traced)
             declared = [s for subset in block_subsets for s in subset]
             subsets = [tuple(s for s in subset if s in mine) for subset in block_subsets]
@@ -298,7 +286,9 @@ def run_layerwise(
                     _accumulate(s, accs, owner, alias, share_inputs, fired, len(subset))) for s in subset]
                 try:
                     with torch.no_grad():
-                        for x in inputs:
+                        for j, x in enumerate(inputs):
+                            if twin is not None:  # the float block on the same batch, first
+                                twin.feed(j, [mine[s] for s in subset], device)
                             try:
                                 block(x.hidden.to(device), **_to(x.kwargs, device))
                             except StopForward:  # every module of the subset has its input: skip the rest
@@ -324,6 +314,8 @@ def run_layerwise(
                         reports[prefix + s] = solve(prefix + s, mine[s], acc)
             with moe.counting(block) as routed:
                 inputs = _replay(block, inputs, device=device, offload=offload)
+            if twin is not None:
+                twin.end(device, offload)
             experts.update(_expert_report(block, prefix, routed, starved))
             source = model.__dict__.get(BLOCK_SOURCE)
             if source is not None:
