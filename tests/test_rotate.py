@@ -165,3 +165,23 @@ def test_rotated_gptq_export_loads_in_plain_transformers(tmp_path, arch):
     ours = load_model(str(out)).model
     torch.testing.assert_close(logits(ours), logits(model), rtol=2e-2, atol=2e-2 * logits(model).abs().max().item())
     assert IDS.shape[0] == 2
+
+
+@pytest.mark.interop
+def test_rotated_compressed_tensors_export_loads_in_plain_transformers(tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from compress.algorithms import ALGORITHMS, StepContext
+    from tests.test_interop import assert_logits_close
+    from tests.test_quant_export import _Calibration
+    from tests.tiny import byte_tokenizer
+    model = _tiny("qwen2", tie=True)
+    ctx = StepContext(tokenizer=byte_tokenizer(), device="cpu", calibration=_Calibration(), batch_size=2,
+                      progress=False)
+    for name, kw in [("rotate", {}), ("gptq", dict(bits=4, group_size=32, sym=True, grid="mse", asymmetric=True))]:
+        ALGORITHMS[name].apply(model, ALGORITHMS[name].config(algorithm=name, **kw), ctx)
+    out = export(model, ctx.state, tmp_path / "out", fmt="compressed-tensors")
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        hf(IDS)  # compressed-tensors decompresses on the first forward
+    assert type(hf).__name__ == "Qwen2ForCausalLM" and hf.lm_head.weight is not hf.model.embed_tokens.weight
+    assert_logits_close(hf, out, rel=3e-3)  # a float16 model, as test_interop's compressed-tensors case
