@@ -13,7 +13,8 @@ Rows per prompt set (compress/draft/bench.py says what each number is):
 - ``stock bf16`` / ``stock W4``: our loop with the stock 0.5B (block engine; W4 on the int4 kernel
   through its own forward), ``old self-drafter``: a width-pruned GPTQ export if given;
 - ``self <head>``: the shared-prefix self-drafter's heads (fixed γ), and the default head with the
-  export's calibrated confidence threshold.
+  export's calibrated confidence threshold; with ``--tree``, each head drafting a static tree
+  (several candidates per position, one verify pass: compress/draft/selfspec/tree.py).
 The target's engine, its compiled steps and recorded graphs are built once and shared by every row;
 results are written after every row, so a cut run keeps what it measured.
 """
@@ -36,6 +37,7 @@ from compress.draft.decoders import cache_len, model_decoder, self_spec_pair, ta
 from compress.draft.engine import EngineDecoder  # noqa: E402
 from compress.draft.selfspec.head import HeadAsModel  # noqa: E402
 from compress.draft.selfspec.step import load_self_spec  # noqa: E402
+from compress.draft.selfspec.tree import as_tree  # noqa: E402
 from compress.models import load_model  # noqa: E402
 from compress.pipeline import resolve_device, versions  # noqa: E402
 
@@ -44,6 +46,12 @@ def _row(name, spec, alone, matched, gamma, extra=None):
     row = spec_row(spec, alone, matched, gamma)
     per_prompt = row.pop("per_prompt")
     return {"row": name, **(extra or {}), **row, "first_divergence": [r["first_divergence"] for r in per_prompt]}
+
+
+def _say(set_name: str, row: dict, n: int) -> None:
+    print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s x{row['speedup']:.2f} "
+          f"tau {row['speculative']['tau']:.2f} c {row['c']:.3f} v {row['verify_cost_ratio']:.2f} "
+          f"book {row['time_split']['bookkeeping']:.3f} identical {row['identical_prompts']}/{n}", flush=True)
 
 
 def summarise(path) -> str:
@@ -66,9 +74,10 @@ def summarise(path) -> str:
                              f"| {row.get('identical_to_fast_prompts')}/{data['prompts']} |")
                 continue
             sp, n = row["speculative"], data["prompts"]
+            f3 = lambda key: "" if row.get(key) is None else f"{row[key]:.3f}"  # noqa: E731 - tree rows: not teacher-forced
             decode = sp["new_tokens"] / (sp["wall_s"] - sp["prefill_s"]) * alone["step_ms"] / 1e3
             lines.append(f"| {row['row']} | {sp['tokens_per_s']:.1f} | {sp['tokens_per_s'] / base:.2f}x | {decode:.2f}x | "
-                         f"{sp['tau']:.2f} | {row['alpha']:.3f} | {row['greedy_agreement']:.3f} | {row['c']:.3f} | "
+                         f"{sp['tau']:.2f} | {f3('alpha')} | {f3('greedy_agreement')} | {row['c']:.3f} | "
                          f"{row['verify_cost_ratio']:.2f} | {row['time_split']['bookkeeping']:.1%} | "
                          f"{row['identical_prompts']}/{n} | {row['identical_to_fast_prompts']}/{n} |")
         lines.append("")
@@ -94,6 +103,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--hf-assisted", action="store_true")
+    ap.add_argument("--tree", default=None,
+                    help='add tree-drafting rows for every head: "default" (compress/draft/selfspec/tree.py) or '
+                         'a JSON list of rank paths, e.g. "[[0],[1],[0,0]]"')
     ap.add_argument("--out", required=True, help="JSON file, rewritten after every row")
     args = ap.parse_args(argv)
 
@@ -102,7 +114,9 @@ def main(argv=None) -> int:
     t = load_model(args.target, dtype=args.dtype, device=device)
     sets = {Path(p).stem: [torch.tensor(t.tokenizer(x, return_attention_mask=False)["input_ids"])
                            for x in read_prompts(p, args.max_prompts)] for p in args.prompts}
-    max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new, gamma)
+    tree = None if args.tree is None else as_tree(args.tree if args.tree == "default" else json.loads(args.tree))
+    # the tree's scratch slots sit past every sequence's end
+    max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new, gamma + (tree.size if tree else 0))
     engine = target_engine(t.model, max_len, compile=args.compile)
     target = EngineDecoder(engine, graphs=args.compile and device.type == "cuda", name="target")
     result = {"command": " ".join(sys.argv), "machine": {**versions(), "torch_threads": torch.get_num_threads()},
@@ -138,6 +152,8 @@ def main(argv=None) -> int:
     pairs = {}
     for name, (head, cal) in heads.items():
         pairs[name] = self_spec_pair(engine, head, compile=args.compile) + (HeadAsModel(t.model, head), cal)
+    tree_pairs = {name: self_spec_pair(engine, head, compile=args.compile, tree=tree)
+                  for name, (head, _) in heads.items()} if tree else {}
     models = {}
     if stock is not None:
         models["stock bf16"] = (model_decoder(stock, max_len, compile=args.compile, name="stock"), stock)
@@ -184,10 +200,20 @@ def main(argv=None) -> int:
                 row.update(teacher_forced(t.model, teacher, prompts, outputs, gamma))
                 rows.append(row)
                 save()
-                print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s "
-                      f"x{row['speedup']:.2f} tau {row['speculative']['tau']:.2f} c {row['c']:.3f} "
-                      f"v {row['verify_cost_ratio']:.2f} book {row['time_split']['bookkeeping']:.3f} "
-                      f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+                _say(set_name, row, len(prompts))
+        for name, (tdec, ddec) in tree_pairs.items():
+            kw = dict(tree=True)
+            warm_up(tdec, ddec, prompts[0], tree.max_depth, **kw)
+            warm_prefills(tdec, prompts, ddec)
+            run_target_warm(tdec, tree.size + 1)
+            matched = time_target(tdec, prompts, n_new, pad_to=tree.size + 1)
+            spec = time_speculative(tdec, ddec, prompts, n_new, tree.max_depth, **kw)
+            row = _row(f"self {name} tree ({tree.size} nodes, depth {tree.max_depth})", spec, alone, matched,
+                       tree.max_depth, {"exit_layer": heads[name][0].exit_layer, "tree": [list(c) for c in tree.choices],
+                                        "vocab_size": heads[name][0].vocab_size})
+            rows.append(row)
+            save()
+            _say(set_name, row, len(prompts))
         for name, (ddec, dmodel) in models.items():
             kw = dict(pad_verify=True)
             warm_up(target, ddec, prompts[0], gamma, **kw)
@@ -197,9 +223,7 @@ def main(argv=None) -> int:
             row.update(teacher_forced(t.model, dmodel, prompts, outputs, gamma))
             rows.append(row)
             save()
-            print(f"[{set_name}] {row['row']}: {row['speculative']['tokens_per_s']:.1f} tok/s x{row['speedup']:.2f} "
-                  f"tau {row['speculative']['tau']:.2f} c {row['c']:.3f} v {row['verify_cost_ratio']:.2f} "
-                  f"identical {row['identical_prompts']}/{len(prompts)}", flush=True)
+            _say(set_name, row, len(prompts))
         if args.hf_assisted and stock is not None:
             hf = hf_static_generate(t.model, prompts, n_new, assistant=stock)
             rows.append({"row": "hf assisted (stock bf16, transformers defaults)", "tokens_per_s": hf["tokens_per_s"],

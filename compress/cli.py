@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                          "drafter export ships, if it maps drafter confidences) falls below this (default: fixed γ)")
     db.add_argument("--head", default=None,
                     help="a self-spec drafter export's head to use (default: the one it chose, e.g. k5)")
+    db.add_argument("--tree", default=None,
+                    help='a self-spec drafter drafts a static tree each round: "default" or a JSON list of rank '
+                         'paths such as "[[0],[1],[0,0]]" (greedy; γ becomes the tree\'s depth; default: no tree)')
     db.add_argument("--no-matched", action="store_true",
                     help="skip the matched target-alone reference (exact identity check) and pad no verify pass")
     db.add_argument("--out", default=None, help="folder for draft_bench.json and draft_bench.png (default: none)")
@@ -200,9 +203,12 @@ def _dispatch(args) -> int:
             plan = plan_run(recipe, out_dir=args.out, force=args.force, reuse_baseline=not args.no_baseline_cache)
             print(format_plan(plan, args.recipe))
             return 0
-        result = run_recipe(recipe, out_dir=args.out, force=args.force, progress=not args.quiet,
-                            reuse_baseline=not args.no_baseline_cache)
-        print_summary(result.report, result.out_dir)
+        from compress.distributed import is_main, launch
+        with launch(recipe.model.device):  # under torchrun: one process group (compress/distributed.py)
+            result = run_recipe(recipe, out_dir=args.out, force=args.force, progress=not args.quiet,
+                                reuse_baseline=not args.no_baseline_cache)
+            if is_main():
+                print_summary(result.report, result.out_dir)
         return 0
 
     if args.command == "eval":
@@ -272,11 +278,22 @@ def _draft_bench(args) -> dict:
     from compress.runtime import resolve_device, versions
 
     check_gamma(args.gamma)
+    tree = None
+    if args.tree is not None:
+        import json
+
+        from compress.draft.selfspec.tree import as_tree
+        try:
+            tree = as_tree(args.tree if args.tree == "default" else json.loads(args.tree))
+        except (ValueError, TypeError) as exc:
+            raise CompressError(f"--tree {args.tree!r}: expected \"default\" or a JSON list of rank lists ({exc})")
+        if read_manifest(args.drafter) is None:
+            raise CompressError("--tree is for a self-spec drafter export (its heads draft the tree)")
     device = resolve_device(args.device)
     texts = read_prompts(args.prompts, args.max_prompts)
     t = load_model(args.target, dtype=args.dtype, device=device)
     ids = [t.tokenizer(p, return_attention_mask=False)["input_ids"] for p in texts]
-    max_len = cache_len([len(i) for i in ids], args.max_new_tokens, args.gamma)
+    max_len = cache_len([len(i) for i in ids], args.max_new_tokens, args.gamma + (tree.size if tree else 0))
     compile = args.compile
     info: dict = {"target": args.target, "drafter": args.drafter, "prompts_file": args.prompts}
     calibrator = teacher = None
@@ -287,10 +304,11 @@ def _draft_bench(args) -> dict:
             raise CompressError("--int4-drafter is for GPTQ exports; a self-spec drafter runs the target's own blocks")
         head, manifest, calibrator = load_self_spec(args.drafter, t.model, args.head)
         engine = target_engine(t.model, max_len, compile=compile)
-        target, drafter = self_spec_pair(engine, head, compile=compile)
+        target, drafter = self_spec_pair(engine, head, compile=compile, tree=tree)
         teacher = HeadAsModel(t.model, head)
         info["self_spec"] = {"head": args.head or manifest["default"], "exit_layer": head.exit_layer,
-                             "vocab_size": head.vocab_size}
+                             "vocab_size": head.vocab_size,
+                             "tree": None if tree is None else [list(c) for c in tree.choices]}
     else:
         d = load_model(args.drafter, dtype=args.dtype, device=device)
         check_same_vocabulary(t.tokenizer, d.tokenizer)
@@ -307,7 +325,7 @@ def _draft_bench(args) -> dict:
                          confidence_threshold=args.confidence_threshold,
                          calibrator=calibrator if args.confidence_threshold is not None else None,
                          teacher_drafter=teacher, target_model=t.model, hf_baseline=args.hf_baseline,
-                         matched=not args.no_matched)
+                         matched=not args.no_matched, tree=tree is not None)
     machine = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch_threads": torch.get_num_threads(), **versions()}
     result = {**info, "dtype": args.dtype, "compile": bool(compile),

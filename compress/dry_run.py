@@ -35,7 +35,8 @@ def plan_run(recipe: Recipe, *, out_dir: str | Path | None, force: bool = False,
     check_plan(recipe, structure, exports=out_dir is not None)
     folder = local_model_dir(recipe.model.id)
     model: dict = {"id": recipe.model.id, "dtype": recipe.model.dtype, "device": recipe.model.device,
-                   "folder": str(folder) if folder else None, "note": note or None}
+                   "folder": str(folder) if folder else None, "note": note or None,
+                   "stream": recipe.model.stream is not None}
     if folder is not None:
         params = safetensors_elements(folder)
         model.update(parameters=params, disk_bytes=weights_on_disk(folder),
@@ -117,8 +118,10 @@ def format_plan(plan: dict, recipe_path: str) -> str:
     lines = [f"{recipe_path}: valid; a dry run: nothing loaded, nothing written"]
     if "parameters" in m:
         lines.append(f"model        {m['id']}: {m['parameters'] / 1e6:,.1f}M parameters; "
-                     f"{human_bytes(m['disk_bytes'])} on disk, {human_bytes(m['memory_bytes'])} in memory "
-                     f"as {m['dtype']} (device {m['device']})")
+                     f"{human_bytes(m['disk_bytes'])} on disk, {human_bytes(m['memory_bytes'])} "
+                     + ("as " if m.get("stream") else "in memory as ")
+                     + f"{m['dtype']} (device {m['device']})"
+                     + ("; streamed: one block in memory at a time" if m.get("stream") else ""))
     else:
         fetch = f"; fetching downloads {human_bytes(m['fetch_bytes'])} first" if "fetch_bytes" in m else ""
         lines.append(f"model        {m['id']}: size unknown here ({m['note'] or 'not a local folder'}){fetch}")

@@ -27,11 +27,13 @@ written, so that ``save_pretrained`` writes the layout transformers loads.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from compress.errors import CompressError
 
 ROUTING_MODES = ("routed", "all")
 
@@ -224,3 +226,26 @@ def fused_experts(model: nn.Module):
     finally:
         for parent, attr, experts in swapped:
             setattr(parent, attr, experts)
+
+
+# The layer-wise runner's checks and reports on experts (compress/runner.py).
+
+
+def check_fed(subset, accs, alias, prefix) -> None:
+    """Refuse to solve a module whose statistics saw no token (an expert the router never chose)."""
+    empty = [prefix + s for s in subset if getattr(accs[alias.get(s, s)], "count", None) == 0]
+    if empty:
+        raise CompressError(
+            f"{empty[0]} received no calibration token{f' (and {len(empty) - 1} more modules)' if len(empty) > 1 else ''}"
+            f": nothing to calibrate it on. For an expert the router never chose, set calibration.expert_min_tokens "
+            f">= 1 (it then takes its statistics from every token) or calibration.expert_routing: all")
+
+
+def expert_report(block: nn.Module, prefix: str, routed: dict, starved: dict) -> dict[str, Any]:
+    report = {}
+    for name, experts in expert_lists(block):
+        tokens = routed[name].tolist()
+        every = list(range(len(experts))) if experts.routing == "all" else sorted(starved.get(name, ()))
+        report[prefix + name] = {"routed_tokens": tokens, "min_routed": min(tokens), "routing": experts.routing,
+                                 "min_tokens": experts.min_tokens, "all_token_statistics": every}
+    return report

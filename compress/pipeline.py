@@ -1,10 +1,9 @@
 """Run a recipe: load, calibrate, apply the stages, verify, export. No global state.
 
-Resuming an interrupted run: the stages run in memory and the export is written at the end, so an
+Resuming an interrupted run: in memory, the stages run and the export is written at the end, so an
 interrupted run starts over — except the float baseline, which is cached across runs
-(``compress/baseline_cache.py``). Per-block resume belongs with the layer-wise runner's per-block
-writing (the streaming work, ``compress/runner.py``); where it joins this file is marked
-``RESUME:`` in ``_apply_stages``.
+(``compress/baseline_cache.py``). A streamed run (``model.stream``, ``compress/stream_run.py``)
+writes every block as it finishes and resumes at the first block not written (``compress/stream.py``).
 """
 from __future__ import annotations
 
@@ -22,6 +21,8 @@ from compress.algorithms import ALGORITHMS, StepContext
 from compress.baseline_cache import baseline_fingerprint, cached_baseline, fingerprint_key, store_baseline
 from compress.data import corpus_text
 from compress.data.selection import select_calibration_set
+from compress.distributed import current, gather_json, is_main, rank_device, wait_for_main
+from compress.errors import CompressError
 from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
 from compress.harness.catalog import check_lm_eval_installed
@@ -100,13 +101,23 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     model and verify settings stored it (``compress/baseline_cache.py``); it is stored either way."""
     if not isinstance(recipe, Recipe):
         recipe = validate_recipe(recipe)
+    if recipe.model.stream is not None:  # one block at a time, never the whole model (compress/stream.py)
+        if out_dir is None:
+            raise CompressError("model.stream writes the compressed model as it goes: give an output folder")
+        from compress.stream_run import run_streaming
+
+        return run_streaming(recipe, out_dir=out_dir, force=force, progress=progress, log=log)
     if out_dir is not None:
         check_out_dir(out_dir, force=force)  # fail before the work, not after
     if recipe.verify is not None and recipe.verify.tasks:
         check_lm_eval_installed("verify.tasks")  # before loading the model (check_plan runs after)
-    device = resolve_device(recipe.model.device)
+    device = rank_device(resolve_device(recipe.model.device))  # under torchrun: this rank's GPU
+    if not is_main():  # under torchrun, rank 0 speaks, evaluates and exports (compress.distributed)
+        log, progress = (lambda *_: None), False
     timer = _Timer(device)
     report: dict[str, Any] = {"model": {"source": recipe.model.id}, "stages": [], "versions": versions()}
+    if current() is not None:
+        report["distributed"] = current().describe()
 
     with timer("load"):
         loaded = load_model(recipe.model.id, dtype=recipe.model.dtype, device="cpu",
@@ -147,7 +158,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     if recipe.verify is not None:
         v = recipe.verify
         verify_windows = window_token_ids(tokenizer, corpus_text(v.corpus, v.split), v.seq_len, v.max_windows)
-        if v.baseline:
+        if v.baseline and is_main():
             fingerprint = baseline_fingerprint(loaded.path, dtype=recipe.model.dtype, device_type=device.type,
                                                verify=v)
             cached = cached_baseline(fingerprint) if reuse_baseline else None
@@ -164,13 +175,17 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
                     f"ECE {report['baseline']['ece']:.4f}")
             if fingerprint is not None:
                 report["baseline_cache"] = {"hit": cached is not None, "key": fingerprint_key(fingerprint)}
+    wait_for_main()  # the other ranks, while rank 0 evaluates the baseline
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
     report["stages"] = _apply_stages(model, recipe, ctx, log, timer)
+    if current() is not None:  # each rank's own times and peak memory so far (the rest of the report: rank 0's)
+        report["distributed"]["ranks"] = gather_json({"timings": timer.timings, "peak_host_mb": timer.peak_host_mb,
+                                                      "peak_device_mb": timer.peak_device_mb})
     model.to(device)
 
-    if recipe.verify is not None:
+    if recipe.verify is not None and is_main():
         with timer("verify"):
             report["verify"] = verify(model, tokenizer, verify_windows, recipe.verify, device, progress,
                                       calibrator=ctx.state.calibrator, desc="verify")
@@ -188,7 +203,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     report["size"] = size_change(size_before, {"memory_bytes": module_bytes(model)})
 
     written = None
-    if out_dir is not None:
+    if out_dir is not None and is_main():
         def final_report(folder: Path) -> dict:
             # Called by the export once the weights are in ``folder``, so that report.json, written
             # once, carries the export's own time, peak memory and size on disk.
@@ -200,6 +215,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
         timer.start("export")
         written = write_export(model, tokenizer, out_dir, spec=recipe.export, recipe_yaml=recipe.to_yaml(),
                                report=final_report, state=ctx.state, force=force, progress=progress)
+    wait_for_main()  # the other ranks, until rank 0 has written the export
     return RunResult(model, tokenizer, recipe, report, written, ctx.state)
 
 
@@ -221,8 +237,7 @@ def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> l
         stage_report = {"name": stage.name, "steps": []}
         with timer(f"stage:{stage.name}") if timer else nullcontext():
             for ki, step in enumerate(stage.steps):
-                # RESUME: a step that the streaming runner wrote block by block would restart here
-                # from its last finished block; today every step runs from its first block.
+                # A streamed model resumes inside the step: its source knows the blocks already written.
                 ctx.where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
                 t0 = time.perf_counter()
                 log(f"stage {stage.name!r}: {step.algorithm}")

@@ -37,6 +37,8 @@ def check_plan(recipe, structure: Structure | None = None, *, exports: bool = Tr
         raise RecipeError("stages: the recipe has no stage, so it would export an unchanged copy of the model: give "
                           "`stages:` at least one stage with one step (to evaluate a model as it is, use "
                           "`compress eval`)")
+    if recipe.model.stream is not None:
+        check_stream(recipe, structure)
     produced: dict[Fact, str] = {}  # fact -> the last step that produced it ("stages[0].steps[1] (gptq)")
     per_module: dict[Fact, set[str]] = {f: set() for f in Fact if f.per_module}
     for si, stage in enumerate(recipe.stages):
@@ -94,3 +96,39 @@ def _producers(fact: Fact) -> str:
     """The algorithms that produce ``fact`` from nothing (not those that refine it), for advice."""
     names = [a.name for a in ALGORITHMS.values() if fact in a.produces and fact not in a.needs]
     return " or ".join(names) if names else "a step that produces it"
+
+
+# Steps that work one decoder block at a time (compress/stream.py can run them streamed). Anything
+# else needs the whole model at once: NIRVANA and the other pruners score every block together
+# (gradients through the whole network), s2ft trains through it, recalibrate and self_spec fit on
+# its outputs.
+STREAMING_STEPS = ("rtn", "gptq", "gptq_mixed", "adaquant", "bias_correction")
+PASSES_BY_STEP = {"gptq_mixed": 2}  # walks over the blocks per step (its probe, then its solve); others: one
+
+
+def check_stream(recipe, structure: Structure | None = None) -> None:
+    """``model.stream``: every step layer-wise, a GPTQ export, nothing that needs the whole model."""
+    if structure is not None and any(".experts." in name for name, _ in structure.linears):
+        raise RecipeError(f"model.stream: {recipe.model.id} is a mixture of experts; streaming does not split "
+                          "experts yet (drop model.stream: the model is then loaded whole)")
+    for si, stage in enumerate(recipe.stages):
+        for ki, step in enumerate(stage.steps):
+            where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
+            if step.algorithm not in STREAMING_STEPS:
+                raise RecipeError(f"{where}: {step.algorithm} needs the whole model at once, so it cannot run on a "
+                                  f"streamed model (model.stream); streaming runs the layer-wise steps "
+                                  f"{', '.join(STREAMING_STEPS)}. Drop model.stream (the model is then loaded "
+                                  f"whole) or the step")
+            if step.algorithm == "gptq_mixed" and step.sensitivity == "loss":
+                raise RecipeError(f"{where}: sensitivity loss measures the whole model's loss per candidate; on a "
+                                  f"streamed model use sensitivity: layer")
+    if recipe.export.format != "gptq":
+        raise RecipeError(f"export.format {recipe.export.format}: a streamed model is written block by block in "
+                          f"the GPTQ v1 layout; use export.format gptq (or drop model.stream)")
+    if recipe.verify is not None:
+        raise RecipeError("verify: evaluating needs the whole model, which a streamed run never holds; drop verify "
+                          "and evaluate the export afterwards (compress eval OUT_DIR)")
+    c = recipe.calibration
+    if c is not None and c.strategy not in ("random", "domain"):
+        raise RecipeError(f"calibration.strategy {c.strategy}: it runs the whole model to choose the windows; a "
+                          f"streamed run takes strategy random or domain")

@@ -48,12 +48,26 @@ class LayoutSpec(StrictModel):
                                      "relative to a block, e.g. [[self_attn.q_proj, self_attn.k_proj], ...]")
 
 
+class StreamSpec(StrictModel):
+    """Compress the model one decoder block at a time from its safetensors (compress/stream.py)."""
+
+    resume: bool = Field(True, description="keep each finished block so that an interrupted run resumes at the "
+                         "first block not written (costs one float copy of the model on disk while it runs)")
+
+
 class ModelSpec(StrictModel):
     id: str  # a zoo id, a model folder or a hub id; required: a recipe says which model it compresses
     dtype: DTYPES = "float32"
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:N")
     trust_remote_code: bool = False
     layout: LayoutSpec | None = Field(None, description="override the inferred block layout (exotic models)")
+    stream: StreamSpec | None = Field(None, description="true: read, compress and write one decoder block at a "
+                                      "time (layer-wise steps, export gptq); host memory O(one block)")
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_shorthand(cls, v: Any) -> Any:
+        return {} if v is True else None if v is False else v
 
     @field_validator("id")
     @classmethod

@@ -12,6 +12,9 @@ is replayed to produce the inputs of the next one. Activations live on the offlo
 goes through. A model streamed from its checkpoint (``compress.stream``) has a block source:
 the runner asks it for each block and hands the finished block back to be written and freed.
 
+Under torchrun (``compress.distributed``) each rank runs its share of the batches, the statistics are
+added over ranks after each subset's forward, and a subset's solves are split across ranks.
+
 Mixtures of experts (``compress.moe``): each expert's statistics come from the tokens routed
 to it; an expert with fewer than its list's ``min_tokens`` gets a second pass that feeds it
 every token (for statistics only); the tokens each expert received are reported.
@@ -19,6 +22,7 @@ every token (for statistics only); the tokens each expert received are reported.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
@@ -26,7 +30,8 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from compress import moe
-from compress.accumulators import HessianAccumulator  # noqa: F401  (importable from here as before)
+from compress.accumulators import HessianAccumulator  # GPTQ's statistic; importable from here as before
+from compress.distributed import merge_expert_counts, one_unit, reduce_statistics, shard_batches, solve_units
 # BlockLayout and LAYOUTS (the overrides) live in compress.layout; importable from here as before.
 from compress.layout import (LAYOUTS, BlockLayout, block_linears, find_block_list, pin_layout, pinned_layout,
                              trace_subsets)
@@ -35,8 +40,8 @@ from compress.errors import CompressError
 __all__ = ["LAYOUTS", "BlockLayout", "block_layout", "capture_block_inputs", "run_layerwise", "HessianAccumulator"]
 
 # A streamed model (compress.stream) carries its block source under this attribute: an object with
-# ``acquire(i, device) -> block``, ``done(i, block)`` (the block is final: write it) and
-# ``release(i, block)`` (free it, written or not).
+# ``begin_pass()``, ``acquire(i, device) -> block``, ``done(i, block, reports)`` (final: write it),
+# ``release(i, block)`` (free it, written or not), and for resuming ``finished(i)`` / ``reports(i)``.
 BLOCK_SOURCE = "_compress_block_source"
 _TRACE_TOKENS = 16  # the dummy sequence whose forward through block 0 gives the layout
 
@@ -249,10 +254,11 @@ def run_layerwise(
     """
     if solve is None and (solve_group is None or not share_inputs):
         raise TypeError("run_layerwise needs `solve`, or `solve_group` with share_inputs=True")
+    solver = solve_group if solve_group is not None and share_inputs else solve  # split across ranks if `shared`
     device = torch.device(device)
     layout = block_layout(model)
     blocks = model.get_submodule(layout.blocks)
-    inputs = capture_block_inputs(model, batches, device=device, offload=offload, layout=layout)
+    inputs = capture_block_inputs(model, shard_batches(batches), device=device, offload=offload, layout=layout)
     if not inputs:
         raise CompressError("the calibration set is empty: no batch reached the first block")
     outside = [n for n in modules if not n.startswith(layout.blocks + ".")]
@@ -262,9 +268,18 @@ def run_layerwise(
     reports: dict[str, Any] = {}
     experts: dict[str, Any] = {}
     traced: dict[frozenset, tuple] = {}  # a block's linears -> its subsets, for blocks unlike block 0
+    source = model.__dict__.get(BLOCK_SOURCE)
+    if source is not None:
+        source.begin_pass()
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
         inputs = [x.at_block(i) for x in inputs]
         prefix = f"{layout.blocks}.{i}."
+        if source is not None and source.finished(i):  # written before an interruption: replayed, not solved
+            reports.update(source.reports(i))
+            if not source.finished(len(blocks) - 1):  # a later block still needs this one's outputs
+                inputs = _replay(source.acquire(i, device), inputs, device=device, offload=offload)
+                source.release(i, blocks[i])
+            continue
         mine = {n[len(prefix):]: m for n, m in modules.items() if n.startswith(prefix)}
         block, home = _acquire_block(model, blocks, i, device)
         try:
@@ -298,31 +313,30 @@ def run_layerwise(
                 finally:
                     for h in hooks:
                         h.remove()
+                reduce_statistics(accs, alias)  # under torchrun: the statistics of every rank's batches
                 if expert_of:  # a mixture of experts: experts short of tokens take every token's statistics
                     _refill_starved(block, inputs, [s for s in subset if s in expert_of], expert_of, mine, accs,
                                     alias, make_accumulator, prefix, share_inputs, device, starved)
-                _check_fed(subset, accs, alias, prefix)
+                moe.check_fed(subset, accs, alias, prefix)
                 if solve_group is not None and share_inputs:
                     groups: dict[str, dict[str, nn.Module]] = {}
                     for s in subset:
                         groups.setdefault(alias.get(s, s), {})[prefix + s] = mine[s]
-                    for root, members in groups.items():
-                        reports.update(solve_group(members, accs[root]))
+                    units = [(members, partial(solve_group, members, accs[root])) for root, members in groups.items()]
                 else:
-                    for s in subset:
-                        acc = accs[alias.get(s, s)]
-                        reports[prefix + s] = solve(prefix + s, mine[s], acc)
+                    units = [({prefix + s: mine[s]},
+                              partial(one_unit, solve, prefix + s, mine[s], accs[alias.get(s, s)])) for s in subset]
+                reports.update(solve_units(units, solver))
             with moe.counting(block) as routed:
                 inputs = _replay(block, inputs, device=device, offload=offload)
             if twin is not None:
                 twin.end(device, offload)
-            experts.update(_expert_report(block, prefix, routed, starved))
-            source = model.__dict__.get(BLOCK_SOURCE)
-            if source is not None:
-                source.done(i, block)  # final: the source writes it before it is freed
+            experts.update(moe.expert_report(block, prefix, routed, starved))
+            if source is not None:  # final: the source writes it (and its reports) before it is freed
+                source.done(i, block, {n: r for n, r in reports.items() if n.startswith(prefix)})
         finally:
             _release_block(model, blocks, i, block, home)
-    return LayerwiseResult(reports, inputs, experts)
+    return LayerwiseResult(reports, inputs, merge_expert_counts(experts))
 
 
 def _subsets_of(layout: BlockLayout, block: nn.Module, sample: BlockInput, device, traced: dict) -> tuple:
@@ -369,32 +383,13 @@ def _refill_starved(block, inputs, names, expert_of, mine, accs, alias, make_acc
     finally:
         for h in hooks:
             h.remove()
+    reduce_statistics(fresh, new_alias)
     for s in again:
         accs[s] = fresh[s]
         alias.pop(s, None)
     alias.update(new_alias)
     for lst, es in short.items():
         starved.setdefault(lst, set()).update(es)
-
-
-def _check_fed(subset, accs, alias, prefix) -> None:
-    """Refuse to solve a module whose statistics saw no token (an expert the router never chose)."""
-    empty = [prefix + s for s in subset if getattr(accs[alias.get(s, s)], "count", None) == 0]
-    if empty:
-        raise CompressError(
-            f"{empty[0]} received no calibration token{f' (and {len(empty) - 1} more modules)' if len(empty) > 1 else ''}"
-            f": nothing to calibrate it on. For an expert the router never chose, set calibration.expert_min_tokens "
-            f">= 1 (it then takes its statistics from every token) or calibration.expert_routing: all")
-
-
-def _expert_report(block: nn.Module, prefix: str, routed: dict, starved: dict) -> dict[str, Any]:
-    report = {}
-    for name, experts in moe.expert_lists(block):
-        tokens = routed[name].tolist()
-        every = list(range(len(experts))) if experts.routing == "all" else sorted(starved.get(name, ()))
-        report[prefix + name] = {"routed_tokens": tokens, "min_routed": min(tokens), "routing": experts.routing,
-                                 "min_tokens": experts.min_tokens, "all_token_statistics": every}
-    return report
 
 
 def _accumulate(name: str, accs: dict, owner: list, alias: dict, share: bool, fired: set, total: int):

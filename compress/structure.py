@@ -2,10 +2,13 @@
 layer, which is what a recipe's ``targets`` are matched against.
 
 From a live model (``structure_of``), or from a model's ``config.json`` built on the meta device
-(``model_structure``): no weight is read or allocated. Building even an empty model imports torch
-and the architecture's transformers code (seconds), so the result is cached by the config's content
-and the transformers version (``COMPRESS_CACHE/structure``); a later check of the same model reads
-one small JSON file and imports neither.
+(``model_structure``): no weight is read or allocated. For the dense decoder families whose module
+tree is fixed by a few config numbers (llama, mistral, qwen2/3, gemma2/3, phi3) the linears are
+written from ``config.json`` alone (``static_structure``; tests/test_validate.py checks each against
+the model transformers builds). Any other model is built on the meta device: that imports torch
+and the architecture's transformers code (about 8 s on 2 cores: it made the first validation of a
+model slower than the warm ones), so its result is cached by the config's content and the
+transformers version (``COMPRESS_CACHE/structure``); a later check of it reads one small JSON file.
 """
 from __future__ import annotations
 
@@ -50,9 +53,34 @@ def model_structure(source: str, *, trust_remote_code: bool = False) -> tuple[St
     if cached.is_file():
         data = json.loads(cached.read_text())
         return Structure(data["model_type"], tuple(map(tuple, data["linears"]))), ""
+    if not trust_remote_code:  # remote code may build any tree: only transformers' own classes are known
+        structure = static_structure(json.loads((folder / "config.json").read_text()))
+        if structure is not None:
+            return structure, ""
     structure = _meta_structure(folder, trust_remote_code)
     remember_structure(folder, structure)
     return structure, ""
+
+
+# Per decoder layer, the linears (under ``model.layers.{i}.``, in registration order) of the families whose
+# tree has no other variable than the layer count; then ``lm_head``, a Linear even when it is tied.
+_ATTN_MLP = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+             "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_LAYER_LINEARS = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"), _ATTN_MLP),
+    "phi3": ("self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+}
+
+
+def static_structure(config: dict) -> Structure | None:
+    """The structure of a ``config.json`` of a known dense family, without torch or transformers;
+    None for any other (a mixture of experts, remote code, an unknown type)."""
+    per_layer = _LAYER_LINEARS.get(config.get("model_type"))
+    layers = config.get("num_hidden_layers")
+    if per_layer is None or "auto_map" in config or not isinstance(layers, int) or layers < 1:
+        return None
+    names = [f"model.layers.{i}.{n}" for i in range(layers) for n in per_layer] + ["lm_head"]
+    return Structure(config["model_type"], tuple((n, "Linear") for n in names))
 
 
 def remember_structure(folder: str | Path, structure: Structure) -> None:

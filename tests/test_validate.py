@@ -14,6 +14,7 @@ from compress.plan import check_plan
 from compress.recipe import validate_recipe
 from compress.structure import model_structure, structure_of
 from tests.tiny import tiny_model, tiny_model_dir
+from tests.tiny_archs import COVERAGE_ARCHS
 
 GPTQ = {"algorithm": "gptq", "bits": 4, "group_size": 32}
 RTN = {"algorithm": "rtn", "bits": 4, "group_size": 32}
@@ -111,7 +112,8 @@ def test_a_model_whose_config_is_not_here_is_valid_with_a_note(tmp_path, capsys)
     assert code == 0 and "targets not checked: some-org/some-model has no local config.json" in out
 
 
-def test_the_meta_structure_is_the_model_s_and_is_cached(weightless_dir, tmp_path):
+def test_the_meta_structure_is_the_model_s_and_is_cached(weightless_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("compress.structure._LAYER_LINEARS", {})  # llama: built, as an unknown family is
     built, note = model_structure(weightless_dir)
     assert note == "" and built == structure_of(tiny_model())
     assert len(built.linears) == 3 * 7 + 1 and built.model_type == "llama"
@@ -125,6 +127,7 @@ def test_a_run_leaves_the_structure_cached_for_validate(tmp_path, monkeypatch):
     monkeypatch.setenv("COMPRESS_CACHE", str(tmp_path / "cache"))
     model_dir = tiny_model_dir(tmp_path / "m")
     run_recipe(_recipe(model_dir, RTN), progress=False, log=lambda *_: None)
+    monkeypatch.setattr("compress.structure._LAYER_LINEARS", {})  # the cache, not the config, answers
     monkeypatch.setattr("compress.structure._meta_structure", lambda *a: pytest.fail("built the structure again"))
     assert model_structure(model_dir)[0] == structure_of(tiny_model())
 
@@ -139,6 +142,34 @@ def test_validate_imports_no_torch_once_the_structure_is_cached(weightless_dir, 
     done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
                           env={**__import__("os").environ, "COMPRESS_CACHE": str(tmp_path / "cache")})
     assert done.stdout.strip().endswith("0 []"), done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("arch", COVERAGE_ARCHS)
+def test_the_static_structure_is_the_one_transformers_builds(arch, tmp_path):
+    """A dense family's linears written from config.json alone are exactly those of the model built
+    on the meta device; a mixture of experts is not written (its experts are split after building)."""
+    from compress.structure import _meta_structure, static_structure
+    from tests.tiny_archs import MOE_ARCHS, arch_config
+
+    arch_config(arch).save_pretrained(tmp_path)
+    static = static_structure(json.loads((tmp_path / "config.json").read_text()))
+    if arch in MOE_ARCHS:
+        assert static is None
+    else:
+        assert static == _meta_structure(tmp_path, False)
+    assert static_structure({**json.loads((tmp_path / "config.json").read_text()), "auto_map": {}}) is None
+
+
+def test_the_first_validation_of_a_dense_model_imports_no_torch(weightless_dir, tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(weightless_dir, GPTQ, export={"format": "gptq"})))
+    probe = ("import sys; from compress.cli import main; code = main(['validate', sys.argv[1]]); "
+             "heavy = sorted({'torch', 'transformers', 'datasets', 'scipy'} & set(sys.modules)); "
+             "print(code, heavy)")
+    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                          env={**__import__("os").environ, "COMPRESS_CACHE": str(tmp_path / "cache")})
+    assert done.stdout.strip().endswith("0 []"), done.stdout + done.stderr
+    assert not list((tmp_path / "cache").glob("structure/*.json"))  # nothing built, nothing to cache
 
 
 def test_a_recipe_without_stages_measures_but_does_not_export(tmp_path):

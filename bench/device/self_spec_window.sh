@@ -6,7 +6,8 @@
 #   (then one `bash bench/device/gpu_setup.sh stage` call per remaining chunk folder, back to back)
 #   prep   convert both models; train the self-drafter (recipes/qwen-coder-1.5b-self-spec.yaml)
 #   w4     the stock 0.5B at GPTQ W4 (int4 drafter row); the GPU tests
-#   bench  every drafter row on both prompt sets (bench/self_spec_bench.py)
+#   bench  every drafter row on both prompt sets (bench/self_spec_bench.py); STOCK= HF= leave out the
+#          stock drafter and transformers' assisted row, TREE=default adds tree rows, GPU_TESTS=files
 #   long   the two best depths trained 1,500 steps (the recipe's default since), benched alone
 # Results go to /tmp/results and back as files in $OUT after every phase.
 set -uo pipefail
@@ -22,7 +23,7 @@ case $1 in
       --train-steps 10 --out $R/smoke.json 2>&1 | quiet | tail -25;;
   prep)
     bash bench/device/gpu_setup.sh stage 2>&1 | tail -2
-    bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+    bash bench/device/gpu_setup.sh convert ${MODELS:-qwen2.5-coder-1.5b qwen2.5-coder-0.5b}
     timeout ${T:-500} python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml --out /tmp/out/self-spec --force \
       ${SETS:-} 2>&1 | quiet | tail -20 | tee $R/self-spec-run.log
     cp /tmp/out/self-spec/report.json $R/self-spec-report.json 2>/dev/null
@@ -34,10 +35,11 @@ case $1 in
     timeout ${T:-300} python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tail -8 | tee $R/gpu-tests.txt;;
   bench)
     W4=""; [ -d /tmp/out/q05-w4 ] && W4="--stock-w4 /tmp/out/q05-w4"
-    timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --stock qwen2.5-coder-0.5b $W4 \
+    timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 \
       --self-spec /tmp/out/self-spec ${HEADS:+--heads $HEADS} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-4} --device cuda --dtype bfloat16 --compile \
-      ${HF:---hf-assisted} --out $R/self-spec-bench.json 2>&1 | quiet | tail -40;;
+      ${HF---hf-assisted} ${TREE:+--tree "$TREE"} --out $R/self-spec-bench.json 2>&1 | quiet | tail -40
+    [ -z "${GPU_TESTS:-}" ] || timeout 200 python3 -m pytest -q -m gpu $GPU_TESTS -p no:cacheprovider 2>&1 | tail -4 | tee $R/gpu-tests.txt;;
   long)
     timeout 230 python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml --out /tmp/out/self-spec-long --force \
       --quiet --set 'stages[0].steps[0].exit_layers=[2,3]' --set 'stages[0].steps[0].full_vocab_layers=[]' \

@@ -179,25 +179,30 @@ def _cudagraph_counters() -> dict:
 
 def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int = 128,
                 confidence_threshold: float | None = None, calibrator=None, teacher_drafter=None,
-                target_model=None, hf_baseline: bool = False, matched: bool = True) -> dict:
+                target_model=None, hf_baseline: bool = False, matched: bool = True, tree: bool = False) -> dict:
     """Time the target alone (decoder ``target``) and speculative decoding with ``drafter`` (a decoder
     or a drafter) on the same prompts; see the module docstring. ``teacher_drafter`` / ``target_model``:
-    the two as models, for the teacher-forced numbers (skipped when absent)."""
+    the two as models, for the teacher-forced numbers (skipped when absent). ``tree``: the self-drafter
+    pair drafts its static tree (γ is the tree's depth; the matched reference pads to the tree's rows)."""
+    pad = gamma + 1
+    if tree:
+        gamma, pad = target.tree.max_depth, target.tree.size + 1
     check_gamma(gamma)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise CompressError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not prompts:
         raise CompressError("no prompts given")
     prompts = [as_prompt(p).to(target.device) for p in prompts]
-    stop = dict(confidence_threshold=confidence_threshold, calibrator=calibrator, pad_verify=matched)
+    stop = (dict(tree=True) if tree else
+            dict(confidence_threshold=confidence_threshold, calibrator=calibrator, pad_verify=matched))
     graphs_before = _cudagraph_counters()
     warm_up(target, drafter, prompts[0], gamma, **stop)
     warm_prefills(target, prompts, drafter)
     run_target(target, prompts[0], 4)
     if matched:
-        run_target(target, prompts[0], 4, pad_to=gamma + 1)
+        run_target(target, prompts[0], 4, pad_to=pad)
     alone = time_target(target, prompts, max_new_tokens)
-    ref = time_target(target, prompts, max_new_tokens, pad_to=gamma + 1) if matched else None
+    ref = time_target(target, prompts, max_new_tokens, pad_to=pad) if matched else None
     spec = time_speculative(target, drafter, prompts, max_new_tokens, gamma, **stop)
     row = spec_row(spec, alone, ref, gamma)
     result = {"gamma": gamma, "max_new_tokens": max_new_tokens, "prompts": len(prompts), "device": str(target.device),

@@ -51,9 +51,10 @@ def model_decoder(model, max_len: int, *, compile: bool | str = False, engine: B
     return dec
 
 
-def self_spec_pair(engine: BlockEngine, head, *, compile: bool | str = False):
-    """(target, drafter) views of a self-spec head on the target's engine."""
-    pair = SelfSpecPair(engine, head, graphs=compile is not False and engine.device.type == "cuda")
+def self_spec_pair(engine: BlockEngine, head, *, compile: bool | str = False, tree=None):
+    """(target, drafter) views of a self-spec head on the target's engine (``tree``: a static draft
+    tree, compress/draft/selfspec/tree.py, whose scratch slots take the engine's last positions)."""
+    pair = SelfSpecPair(engine, head, graphs=compile is not False and engine.device.type == "cuda", tree=tree)
     return pair.target, pair.drafter
 
 

@@ -110,10 +110,11 @@ def layer_tensors(layer: nn.Module, head_dim: int, fuse: bool) -> LayerTensors:
                         n_kv=attn.k_proj.out_features // head_dim)
 
 
-def layer_forward(h, cos, sin, mask, ln1, ln2, wqkv, bqkv, wo, wgu, wd, k_cache, v_cache, positions,
+def layer_forward(h, cos, sin, mask, ln1, ln2, wqkv, bqkv, wo, wgu, wd, k_cache, v_cache, slots,
                   n_q: int, n_kv: int, head_dim: int, eps: float, scale: float, act: str):
-    """One decoder layer on rows h [M, hidden] at ``positions`` [M]; writes this layer's keys and
-    values into k_cache / v_cache [kv_heads, S, head_dim] at those positions; returns the new h.
+    """One decoder layer on rows h [M, hidden] (rotary tables cos/sin of their positions); writes
+    this layer's keys and values into k_cache / v_cache [kv_heads, S, head_dim] at ``slots`` [M]
+    (the rows' positions, except for tree drafts, which live in scratch slots); returns the new h.
 
     Grouped-query attention folds each KV head's query group into the row dimension
     ([kv, g·M, d] against [kv, S, d]), so no key/value is ever repeated."""
@@ -124,8 +125,8 @@ def layer_forward(h, cos, sin, mask, ln1, ln2, wqkv, bqkv, wo, wgu, wd, k_cache,
     q = _rope(q.view(m, n_q, head_dim).transpose(0, 1), cos, sin)  # [n_q, M, d]
     k = _rope(k.view(m, n_kv, head_dim).transpose(0, 1), cos, sin)
     v = v.view(m, n_kv, head_dim).transpose(0, 1)
-    k_cache.index_copy_(1, positions, k)
-    v_cache.index_copy_(1, positions, v)
+    k_cache.index_copy_(1, slots, k)
+    v_cache.index_copy_(1, slots, v)
     g = n_q // n_kv
     q = q.reshape(n_kv, g * m, head_dim)
     attn = F.scaled_dot_product_attention(q.unsqueeze(0), k_cache.unsqueeze(0), v_cache.unsqueeze(0),
@@ -208,16 +209,20 @@ class BlockEngine:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Layers [start, stop) on rows h [M, hidden] at ``positions`` [M] (writing their KV). Passes of
-        up to GRAPH_ROWS rows use the compiled layer (compiled once per row count), longer ones eager
-        code, so prompts of any length never trigger a compilation."""
-        cos, sin, mask = self.cos[positions], self.sin[positions], self.mask(positions)
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int, stop: int, *,
+                   slots: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers [start, stop) on rows h [M, hidden] at ``positions`` [M], writing their KV at ``slots``
+        (default: the positions) and reading what ``mask`` [M, max_len] allows (default: causal by
+        position). Passes of up to GRAPH_ROWS rows use the compiled layer (compiled once per row
+        count), longer ones eager code, so prompts of any length never trigger a compilation."""
+        cos, sin = self.cos[positions], self.sin[positions]
+        mask = self.mask(positions) if mask is None else mask
+        slots = positions if slots is None else slots
         layer = self.layer_fn(h.shape[0])
         for i in range(start, stop):
             t = self.layers[i]
             h = layer(h, cos, sin, mask, t.ln1, t.ln2, t.wqkv, t.bqkv, t.wo, t.wgu, t.wd, self.k[i], self.v[i],
-                            positions, t.n_q, t.n_kv, self.head_dim, self.eps, self.scale, self.act)
+                      slots, t.n_q, t.n_kv, self.head_dim, self.eps, self.scale, self.act)
         return h
 
     def final(self, h: torch.Tensor) -> torch.Tensor:

@@ -217,10 +217,18 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
                     temperature: float = 1.0, top_p: float | None = None,
                     confidence_threshold: float | None = None, calibrator: Calibrator | None = None,
                     seed: int = 0, eos_token_id: int | Iterable[int] | None = None,
-                    pad_verify: bool = False) -> SpecResult:
+                    pad_verify: bool = False, tree: bool = False) -> SpecResult:
     """Generate ``max_new_tokens`` tokens (fewer if an EOS comes) by speculative decoding; see the
-    module docstring. ``pad_verify``: verify with γ+1 rows every round (exact-identity mode)."""
+    module docstring. ``pad_verify``: verify with γ+1 rows every round (exact-identity mode).
+    ``tree``: draft the target's static tree each round (a self-drafter built with one,
+    compress/draft/selfspec/tree.py; greedy only; γ is then the tree's depth)."""
     _check_positive("max_new_tokens", max_new_tokens)
+    if tree:
+        if mode != "greedy" or confidence_threshold is not None:
+            raise CompressError("tree drafting is greedy without confidence stopping")
+        if getattr(target, "tree", None) is None or not hasattr(drafter, "draft_tree"):
+            raise CompressError("tree drafting needs a self-drafter pair built with a draft tree")
+        gamma = target.tree.max_depth
     check_gamma(gamma)
     if mode not in MODES:
         raise CompressError(f"unknown speculative mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -233,7 +241,8 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
     drafter = as_drafter(drafter)
     device = target.device
     prompt = as_prompt(input_ids).to(device)
-    _check_fits({"target": target, "drafter": drafter}, prompt.numel(), max_new_tokens, gamma if pad_verify else 0)
+    _check_fits({"target": target, "drafter": drafter}, prompt.numel(), max_new_tokens,
+                gamma if pad_verify or tree else 0)
     sample = mode == "sample"
     rule = DraftRule(sample=sample, temperature=temperature, top_p=top_p,
                      generator=torch.Generator(device=device).manual_seed(seed) if sample else None,
@@ -253,6 +262,19 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
     drafted, accepted = [0] * gamma, [0] * gamma
     target_calls = drafter_calls = 0
     while seq.numel() - n_prompt < max_new_tokens:
+        if tree:
+            new, m = _tree_round(target, drafter, seq, clock)
+            target_calls, drafter_calls = target_calls + 1, drafter_calls + gamma
+            for j in range(gamma):
+                drafted[j] += 1
+                accepted[j] += j < m
+            new, stop = _cut_at_eos(new[:max_new_tokens - (seq.numel() - n_prompt)], eos)
+            seq = torch.cat([seq, new])
+            target.rewind(seq.numel() - 1)
+            drafter.rewind(seq.numel() - 1)
+            if stop:
+                break
+            continue
         budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)  # never draft past the end
         clock.start("draft")
         draft_ids, q_rows = drafter.draft(seq[drafter.length:], budget, rule)
@@ -285,6 +307,20 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
                       drafted=drafted, accepted=accepted, target_time_s=spans.get("verify", 0.0),
                       drafter_time_s=spans.get("draft", 0.0), prefill_time_s=spans.get("prefill", 0.0),
                       wall_time_s=wall)
+
+
+def _tree_round(target, drafter, seq: torch.Tensor, clock: RoundClock) -> tuple[torch.Tensor, int]:
+    """One tree round: the whole tree drafted, then verified, accepted and committed on the device;
+    the host reads the path's length and tokens (the round's one sync). Returns (path tokens + the
+    target's next one, the path's length)."""
+    clock.start("draft")
+    nodes = drafter.draft_tree(seq[drafter.length:])
+    clock.stop()
+    clock.start("verify")
+    verified = target.verify_tree(seq[target.length:], nodes)
+    clock.stop()
+    new = target.accept_tree(verified.tolist())
+    return torch.tensor(new, device=seq.device), len(new) - 1
 
 
 def _full_q(q_rows, vocab: int):

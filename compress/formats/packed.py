@@ -109,6 +109,12 @@ def write_model_files(model: nn.Module, tokenizer, folder: Path, tensors: dict, 
                       quantization_config: dict, metadata_format: str) -> None:
     """model.safetensors, config.json (with ``quantization_config``), generation config, tokenizer."""
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": metadata_format})
+    write_config_files(model, tokenizer, folder, dtype, quantization_config)
+
+
+def write_config_files(model: nn.Module, tokenizer, folder: Path, dtype: torch.dtype,
+                       quantization_config: dict) -> None:
+    """Everything of a packed export but its weights (a streamed export writes those in shards)."""
     config = copy.deepcopy(model.config)
     config.dtype = dtype
     if hasattr(config, "quantization_config"):
@@ -154,6 +160,17 @@ def load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], dequantized: s
         raise CompressError(f"{path}: the {fmt} export lacks tensors: {missing[:5]}")
 
 
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor of an export: ``model.safetensors``, or the shards its index names (streamed)."""
+    index = Path(path) / "model.safetensors.index.json"
+    if not index.is_file():
+        return load_file(str(Path(path) / WEIGHTS_NAME))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        tensors.update(load_file(str(Path(path) / shard)))
+    return tensors
+
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer  # transformers (slow to import) only when an export is read
 
@@ -165,7 +182,7 @@ def load_packed_model(path: str, fmt: str, packed_suffix: str, dequantize_one, *
     weight ``dequantize_one(name, linear, tensors)`` rebuilds (popping the tensors it uses);
     every other tensor loads as is."""
     model = build_float_model(path, dtype)
-    tensors = load_file(str(Path(path) / WEIGHTS_NAME))
+    tensors = read_tensors(path)
     modules = dict(model.named_modules())
     dequantized = set()
     for key in [k for k in tensors if k.endswith(packed_suffix)]:

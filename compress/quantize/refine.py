@@ -21,6 +21,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from compress.accumulators import MeanAccumulator  # bias correction's statistic; importable from here
+
 from .grid import MIN_ASYM_ZERO, dequantize
 from .solvers import QuantResult, layer_output_error
 
@@ -201,20 +203,3 @@ def output_shift(W0: Tensor, W_hat: Tensor, mean_x: Tensor) -> Tensor:
     dev = mean_x.device
     D = W0.to(device=dev, dtype=torch.float32) - W_hat.to(device=dev, dtype=torch.float32)
     return D @ mean_x.to(torch.float32)
-
-
-class MeanAccumulator:
-    """Running mean of a linear layer's inputs over every token seen (float32)."""
-
-    def __init__(self, in_features: int, device: torch.device | str):
-        self.mean = torch.zeros(in_features, dtype=torch.float32, device=device)
-        self.count = 0
-
-    def add_batch(self, inp: Tensor, out: Tensor | None = None) -> None:
-        x = inp.reshape(-1, inp.shape[-1]).to(self.mean.device, torch.float32)
-        n = x.shape[0]
-        if n == 0:
-            return
-        self.count += n
-        # Incremental form: no large running sum, so the mean stays accurate over many tokens.
-        self.mean += (x.sum(dim=0) - n * self.mean) / self.count

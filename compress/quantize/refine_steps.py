@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from compress.algorithms import StepContext
+from compress.distributed import shared
 from compress.errors import CompressError
 from compress.quantize.config import AdaQuantConfig, BiasCorrectionConfig
 from compress.quantize.refine import MeanAccumulator, adaquant_refine, output_shift
@@ -56,7 +57,7 @@ def apply_adaquant(model: nn.Module, cfg: AdaQuantConfig, ctx: StepContext) -> d
                 "best_step": stats["best_step"]}
 
     result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                           make_accumulator=make_acc, solve=solve, device=ctx.device,
+                           make_accumulator=make_acc, solve=shared(solve, ctx.state), device=ctx.device,
                            progress=ctx.progress, desc="adaquant", share_inputs=True)
     reports = result.reports
     before = sum(r["error_before"] for r in reports.values())
@@ -142,7 +143,7 @@ def apply_bias_correction(model: nn.Module, cfg: BiasCorrectionConfig, ctx: Step
                 "mean_output_error_after": float((shift - applied).pow(2).mean().sqrt())}
 
     result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                           make_accumulator=make_acc, solve=solve, device=ctx.device,
+                           make_accumulator=make_acc, solve=shared(solve, ctx.state), device=ctx.device,
                            progress=ctx.progress, desc="bias correction", share_inputs=True)
     reports = result.reports
     n = len(reports)

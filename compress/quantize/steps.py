@@ -7,9 +7,9 @@ dequantized grid values) and leaves the integer levels, scales and zeros in
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from compress.algorithms import StepContext
+from compress.distributed import shared
 from compress.errors import CompressError
 from compress.quantize.config import GPTQConfig, RTNConfig
 from compress.quantize.grid import QuantSpec
@@ -18,6 +18,7 @@ from compress.quantize.solvers import (QuantResult, free_graphs, gptq_solve, lay
 from compress.accumulators import AsymmetricAccumulator, HessianAccumulator
 from compress.quantize.gptaq import asymmetric_target
 from compress.runner import run_layerwise
+from compress.stream import per_block
 from compress.twin import FloatTwin
 from compress.targets import match_modules
 
@@ -44,14 +45,18 @@ def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
     modules = match_modules(model, cfg.targets, cfg.ignore, where=ctx.where)
     spec = cfg.spec()
     _check_shapes(modules, spec, ctx.where)
-    report = {}
-    for name, m in tqdm(modules.items(), desc="rtn", unit="linear", disable=not ctx.progress):
+
+    def solve(name, m):
         w = m.weight.data.to(ctx.device)
         res = rtn_solve(w, spec)
-        report[name] = {"bits": spec.bits, "group_size": spec.group_size,
-                        "weight_rel_mse": float(((res.weight - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)))}
+        # Measured before storing: on the CPU, ``w`` is the module's own weight, which storing overwrites.
+        report = {"bits": spec.bits, "group_size": spec.group_size,
+                  "weight_rel_mse": float(((res.weight - w).pow(2).mean() / w.pow(2).mean().clamp_min(1e-30)))}
         store_quant_result(ctx, name, m, res)
-    return {"modules": report}
+        return report
+
+    # In model order; a streamed model (compress.stream) block by block.
+    return {"modules": per_block(model, modules, solve, device=ctx.device, progress=ctx.progress, desc="rtn")}
 
 
 def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dict:
@@ -89,7 +94,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
 
     try:
         result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                               make_accumulator=make_acc, solve_group=solve_group, device=ctx.device,
+                               make_accumulator=make_acc, solve_group=shared(solve_group, ctx.state), device=ctx.device,
                                progress=ctx.progress, desc="gptq", share_inputs=True, twin=twin)
     finally:
         free_graphs()

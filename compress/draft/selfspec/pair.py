@@ -28,6 +28,7 @@ import torch
 from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms
 from compress.draft.loop import DraftRule, draft_by_steps
 from compress.draft.selfspec.head import ExitHead
+from compress.draft.selfspec.tree import TreeBuffers, as_tree, tree_draft, tree_verify
 from compress.errors import CompressError
 
 
@@ -41,7 +42,7 @@ def head_tensors(head: ExitHead, dtype: torch.dtype, device) -> tuple[LayerTenso
 class SelfSpecPair:
     """The shared state; ``.drafter`` and ``.target`` are its two views for the loop."""
 
-    def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False):
+    def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False, tree=None):
         if head.fingerprint["num_hidden_layers"] != engine.num_layers:
             raise CompressError(f"the head was trained for a {head.fingerprint['num_hidden_layers']}-block target, "
                                 f"this one has {engine.num_layers}")
@@ -56,6 +57,10 @@ class SelfSpecPair:
         self.shallow_len = self.head_len = self.deep_len = 0
         self.shallow_rows = {"drafter": 0, "verifier": 0}  # since the last reset (one sequence)
         self.shallow_total = {"drafter": 0, "verifier": 0}  # since construction
+        # tree drafting (selfspec/tree.py): its nodes' scratch slots are the cache's last ones
+        self.tree = as_tree(tree)
+        self.tree_buf = None if self.tree is None else TreeBuffers(self.tree, e.max_len, e.device)
+        self.context = e.max_len - (self.tree.size if self.tree else 0)
         self.drafter, self.target = _Drafter(self), _Verifier(self)
 
     # ---------------------------------------------------------------- programs (graph-safe)
@@ -65,12 +70,21 @@ class SelfSpecPair:
         self.hidden.index_copy_(0, pos, h)
         return h
 
+    def _head_layer(self, h, pos, slots, mask) -> torch.Tensor:
+        e, t = self.engine, self.layer
+        return e.layer_fn(h.shape[0])(h, e.cos[pos], e.sin[pos], mask, t.ln1, t.ln2, t.wqkv, t.bqkv, t.wo, t.wgu,
+                                      t.wd, self.head_k, self.head_v, slots, t.n_q, t.n_kv, e.head_dim, e.eps,
+                                      e.scale, e.act)
+
     def _head(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Exit head on rows h at ``pos`` (writing its KV): trimmed logits of the last row, float32."""
-        e, t = self.engine, self.layer
-        x = e.layer_fn(h.shape[0])(h, e.cos[pos], e.sin[pos], e.mask(pos), t.ln1, t.ln2, t.wqkv, t.bqkv, t.wo, t.wgu, t.wd,
-                  self.head_k, self.head_v, pos, t.n_q, t.n_kv, e.head_dim, e.eps, e.scale, e.act)
-        return torch.nn.functional.linear(_rms(x[-1:], self.norm, e.eps), self.lm_rows).float()[0]
+        x = self._head_layer(h, pos, pos, self.engine.mask(pos))
+        return torch.nn.functional.linear(_rms(x[-1:], self.norm, self.engine.eps), self.lm_rows).float()[0]
+
+    def head_rows(self, h, pos, slots, mask) -> torch.Tensor:
+        """Exit head on rows h (KV written at ``slots``, reading ``mask``): trimmed logits of every row."""
+        x = self._head_layer(h, pos, slots, mask)
+        return torch.nn.functional.linear(_rms(x, self.norm, self.engine.eps), self.lm_rows).float()
 
     def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
         h = self.engine.run_layers(self.hidden[pos], pos, self.k, self.engine.num_layers)
@@ -120,6 +134,14 @@ class SelfSpecPair:
         self.head_len = min(self.head_len, length)
         self.deep_len = min(self.deep_len, length)
 
+    def tree_committed(self, m: int) -> None:
+        """After a tree round (verified, accepted and committed on the device by one program): root +
+        the m accepted nodes are the sequence's; the deepest nodes never ran the exit head, so a path
+        that reaches the tree's depth leaves the head one token behind."""
+        root = self.deep_len - 1
+        self.shallow_len = self.deep_len = root + 1 + m
+        self.head_len = root + 1 + m - (1 if m == self.tree.max_depth else 0)
+
 
 class _Drafter:
     """The loop's drafter: feeds are the committed tokens it has not seen; drafts come from the head."""
@@ -127,7 +149,7 @@ class _Drafter:
     def __init__(self, pair: SelfSpecPair):
         self.pair = pair
         self.device = pair.engine.device
-        self.context = pair.engine.max_len
+        self.context = pair.context
         self.vocab_map = pair.vocab_map
         self.rounds_fused = 0
 
@@ -170,6 +192,19 @@ class _Drafter:
         self.rounds_fused += 1
         return tokens.clone(), None
 
+    def draft_tree(self, feed: torch.Tensor) -> torch.Tensor:
+        """Every node's token [N] of the pair's static tree, rooted after ``feed``'s last token."""
+        p, buf = self.pair, self.pair.tree_buf
+        if buf is None:
+            raise CompressError("this self-drafter was built without a draft tree")
+        root_logits = self._step(feed)
+        root = p._positions(self.length - 1, 1)
+        tokens = p._run(("tree_draft", buf.size), lambda l_, r_: tree_draft(p, buf, l_, r_), root_logits, root)
+        rows = sum(r.numel() for r in buf.rows[1:-1])
+        p.shallow_rows["drafter"] += rows
+        p.shallow_total["drafter"] += rows
+        return tokens.clone()
+
     def rewind(self, length: int) -> None:
         self.pair.rewind(length)
 
@@ -183,11 +218,35 @@ class _Verifier:
     def __init__(self, pair: SelfSpecPair):
         self.pair = pair
         self.device = pair.engine.device
-        self.context = pair.engine.max_len
+        self.context = pair.context
 
     @property
     def length(self) -> int:
         return self.pair.deep_len
+
+    @property
+    def tree(self):
+        return self.pair.tree
+
+    def verify_tree(self, pending: torch.Tensor, node_tokens: torch.Tensor) -> torch.Tensor:
+        """Verify the tree rooted at ``pending`` (one token the drafter has run), accept its greedy path
+        and commit its state, on the device: [m, path tokens (first m valid), next token] for
+        ``accept_tree``, which the caller calls with those numbers read on the host."""
+        p, buf = self.pair, self.pair.tree_buf
+        if pending.numel() != 1 or p.shallow_len != p.deep_len + 1:
+            raise CompressError("internal: a tree round verifies exactly one pending token the drafter has run")
+        root = p._positions(p.deep_len, 1)
+        out = p._run(("tree_verify", buf.size + 1), lambda t_, r_: tree_verify(p, buf, t_, r_), node_tokens, root)
+        p.shallow_rows["verifier"] += buf.rows[-1].numel()
+        p.shallow_total["verifier"] += buf.rows[-1].numel()
+        p.deep_len += 1
+        return out.clone()
+
+    def accept_tree(self, verified: list[int]) -> list[int]:
+        """``verify_tree``'s numbers read on the host: the new tokens (path + the target's next one)."""
+        m = verified[0]
+        self.pair.tree_committed(m)
+        return verified[1:1 + m] + verified[-1:]
 
     def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
         p = self.pair
@@ -196,9 +255,9 @@ class _Verifier:
         if not 1 <= keep <= real:
             raise CompressError(f"target: feed at least one token and keep 1..{real} positions (keep={keep})")
         n = max(real, pad_to or 0)
-        if p.deep_len + n > p.engine.max_len:
+        if p.deep_len + n > p.context:
             raise CompressError(f"target: {p.deep_len} cached + {n} new tokens exceed the engine's "
-                                f"{p.engine.max_len} positions")
+                                f"{p.context} positions (a draft tree's scratch slots excluded)")
         start = p.deep_len
         if p.shallow_len < start:
             raise CompressError("internal: shallow state behind the deep state")  # the loop never does this

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Issue 17 part 5 on the H200: streaming GPTQ W4 g128 at real shapes (bench/scale_gptq.py), in phases,
+# one `device run` call each (10-minute limit per call, 64 GB disk, /tmp kept only while the machine
+# stays warm: run the phases back to back).
+#   bash bench/device/scale_window.sh PHASE
+# Every call carries .whl (the wheels the GPU image lacks: `bash bench/device/prepare.sh smollm2-135m`
+# writes it here; 3.7 MiB) and starts with `setup` implicitly. Results: /tmp/results/scale-*.json, and
+# every phase copies them to $OUT (they come back; commit them into bench/results/scale/).
+#
+# Phases, in order (disk used after each):
+#   write8b     the Llama-3.1-8B-shaped checkpoint, bf16, 33 shards (16 GB)
+#   ours8b      streaming GPTQ on it, --resume (+16 GB of finished blocks, +5.7 GB export); if the call is
+#               cut off, run ours8b again: it continues at the first block not written
+#   peer8b      GPTQModel 7.6 on the same folder, its own process (if gptqmodel imports there)
+#   write14b    drops the 8B files, writes the Qwen2.5-14B shape (30 GB)
+#   ours14b     streaming GPTQ, no resume (30 + 10 GB export: blocks kept for resume would not fit)
+#   cap14b      the same with the GPU capped at 0.15 x 141 GB = 21 GB, below the model's 30 GB
+#   ours70b     the 70B shape generated from the seed per block (nothing written but the export);
+#               LAYERS70 of its 80 blocks at full width (default 16: 80 do not fit one 10-minute call;
+#               per-block time and the peaks are what the layer count does not change)
+# Calibration: N x L random token ids (default 128 x 2048; N=32 L=2048 if a phase does not fit).
+set -uo pipefail
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+R=/tmp/results; S=/tmp/scale; mkdir -p $R $S
+N=${N:-128} L=${L:-2048} T=${PHASE_TIMEOUT:-560} LAYERS70=${LAYERS70:-16}
+[ -d /tmp/site/pydantic ] || bash bench/device/gpu_setup.sh install >/dev/null 2>&1 || echo "setup: wheels not installed (carry .whl)"
+run() {  # run NAME ARGS...: bench/scale_gptq.py run into $R/scale-NAME.json
+  local name=$1; shift
+  timeout $T python3 bench/scale_gptq.py run --device cuda --samples $N --seq-len $L --out $R/scale-$name.json "$@" \
+    2>&1 | grep -v "it/s" | tail -12 | cut -c1-400
+}
+case ${1:-} in
+  write8b)  timeout $T python3 bench/scale_gptq.py write --shape llama-3.1-8b --dir $S/8b --out $R/write-8b.json | tail -8;;
+  ours8b)   run 8b-ours --shape llama-3.1-8b --dir $S/8b --export-dir $S/8b-gptq --resume;;
+  peer8b)   rm -rf $S/8b-gptq  # our export: room for the peer's
+            python3 -c "import gptqmodel" 2>/dev/null && run 8b-gptqmodel --shape llama-3.1-8b --dir $S/8b \
+              --export-dir $S/8b-gptqmodel --peer gptqmodel || echo "peer8b: gptqmodel does not import here";;
+  write14b) rm -rf $S/8b $S/8b-gptq $S/8b-gptqmodel
+            timeout $T python3 bench/scale_gptq.py write --shape qwen2.5-14b --dir $S/14b --out $R/write-14b.json | tail -8;;
+  ours14b)  run 14b-ours --shape qwen2.5-14b --dir $S/14b --export-dir $S/14b-gptq;;
+  cap14b)   run 14b-cap --shape qwen2.5-14b --dir $S/14b --export-dir $S/14b-gptq --gpu-fraction 0.15;;
+  ours70b)  rm -rf $S/14b $S/14b-gptq
+            run 70b-ours --shape llama-3.1-70b --generate --layers $LAYERS70 --dir $S/70b --export-dir $S/70b-gptq;;
+  *) sed -n 2,24p "$0" >&2; exit 2;;
+esac
+df -h /tmp | tail -1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $R/gpu.txt 2>/dev/null
+[ -n "${OUT:-}" ] && cp $R/*.json $R/gpu.txt "$OUT"/ 2>/dev/null
+true

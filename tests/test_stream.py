@@ -1,0 +1,202 @@
+"""Streaming (model.stream): the same export as the in-memory run, bit for bit, from a sharded
+folder; resuming an interrupted run; refusals of what needs the whole model, at validate time."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from compress.errors import CompressError, RecipeError
+from compress.formats.packed import read_tensors
+from compress.models import load_model
+from compress.pipeline import run_recipe
+from compress.plan import check_plan
+from compress.recipe import validate_recipe
+from compress.stream import work_dir_for
+from compress.stream_run import run_streaming
+from tests.tiny import byte_tokenizer, tiny_model
+
+
+def _interrupt(after):
+    """An ``on_block`` that stops the run as a crash would, once block ``after[1]`` of pass ``after[0]`` is written."""
+    def on_block(pass_index, i):
+        if (pass_index, i) == after:
+            raise KeyboardInterrupt(f"interrupted after block {i} of pass {pass_index} (test)")
+    return on_block
+
+Q = {"bits": 4, "group_size": 32, "sym": True}
+RECIPES = {
+    "gptq": [{"algorithm": "gptq", **Q}],
+    "rtn": [{"algorithm": "rtn", **Q}],
+    "gptq+adaquant": [{"algorithm": "gptq", **Q}, {"algorithm": "adaquant", "steps": 2}],
+    "rtn+bias_correction": [{"algorithm": "rtn", **Q},
+                            {"algorithm": "bias_correction", "targets": [r"re:self_attn\.[qkv]_proj$"]}],
+    "gptq_mixed": [{"algorithm": "gptq_mixed", "candidate_bits": [4, 8], "target_bits": 6.0, "group_size": 32,
+                    "sym": True, "sensitivity": "layer_error"}],
+}
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory):
+    """A tiny llama saved in many shards (a tensor or two each), as a large checkpoint is."""
+    path = tmp_path_factory.mktemp("src")
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(path, max_shard_size="300KB")
+    tok.save_pretrained(path)
+    assert len(list(path.glob("model-*.safetensors"))) > 3
+    return path
+
+
+def _recipe(model_dir, steps, stream=None):
+    model = {"id": str(model_dir), "device": "cpu"} | ({"stream": stream} if stream is not None else {})
+    return {"model": model, "calibration": {"num_samples": 4, "seq_len": 32, "batch_size": 2},
+            "stages": [{"name": "q", "steps": steps}], "export": {"format": "gptq"}}
+
+
+def _same_export(a, b):
+    ta, tb = read_tensors(a), read_tensors(b)
+    assert set(ta) == set(tb)
+    for k in ta:
+        assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), k
+    for f in ("config.json", "quantize_config.json"):
+        assert (a / f).read_text() == (b / f).read_text(), f
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_streamed_export_is_the_in_memory_one(sharded, tmp_path, name):
+    mem = run_recipe(_recipe(sharded, RECIPES[name]), out_dir=tmp_path / "mem", progress=False, log=lambda *_: None)
+    streamed = run_recipe(_recipe(sharded, RECIPES[name], True), out_dir=tmp_path / "st", progress=False,
+                          log=lambda *_: None)
+    _same_export(tmp_path / "mem", tmp_path / "st")
+    assert (tmp_path / "st" / "model.safetensors.index.json").is_file()
+    assert not work_dir_for(tmp_path / "st").exists()  # the work folder goes once the export is in place
+    # the same per-module reports as the in-memory run (errors, tokens, ...)
+    for sm, ss in zip(mem.report["stages"][0]["steps"], streamed.report["stages"][0]["steps"]):
+        assert sm["modules"] == ss["modules"]
+    if name == "gptq":  # our loader reads the shards: the same model as the in-memory export's
+        a = load_model(str(tmp_path / "mem"), progress=False).model
+        b = load_model(str(tmp_path / "st"), progress=False).model
+        ids = torch.arange(20)[None]
+        assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+@pytest.mark.parametrize("name,k", [("gptq", 1), ("gptq+adaquant", 0), ("gptq+adaquant", 1)])
+def test_interrupted_run_resumes_at_the_first_block_not_written(sharded, tmp_path, name, k):
+    """Interrupted after block k (of 3) of the last pass (adaquant k=0: the second pass's first block);
+    started again it replays the written blocks and the export equals an uninterrupted run's."""
+    run_recipe(_recipe(sharded, RECIPES[name], True), out_dir=tmp_path / "ref", progress=False, log=lambda *_: None)
+    recipe = validate_recipe(_recipe(sharded, RECIPES[name], True))
+    passes = len(RECIPES[name])
+    with pytest.raises(KeyboardInterrupt):
+        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None,
+                      on_block=_interrupt((passes - 1, k)))
+    work = work_dir_for(tmp_path / "out")
+    manifest = json.loads((work / "manifest.json").read_text())
+    assert manifest["finished"] == [passes - 1] * (k + 1) + [passes - 2] * (2 - k)
+    assert not (tmp_path / "out").exists()  # no half export
+    logs = []
+    result = run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=logs.append)
+    assert any("resuming" in line for line in logs) and result.report["stream"]["resumed"]
+    _same_export(tmp_path / "ref", tmp_path / "out")
+
+
+def test_without_resume_an_interrupted_run_starts_over(sharded, tmp_path):
+    steps = RECIPES["gptq"]
+    run_recipe(_recipe(sharded, steps, True), out_dir=tmp_path / "ref", progress=False, log=lambda *_: None)
+    recipe = validate_recipe(_recipe(sharded, steps, {"resume": False}))
+    with pytest.raises(KeyboardInterrupt):
+        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None,
+                      on_block=_interrupt((0, 1)))
+    assert not list((work_dir_for(tmp_path / "out") / "blocks").glob("*.safetensors"))  # only packed shards
+    result = run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None)
+    assert not result.report["stream"]["resumed"]
+    _same_export(tmp_path / "ref", tmp_path / "out")
+
+
+def test_a_changed_recipe_does_not_resume_the_old_work(sharded, tmp_path):
+    recipe = validate_recipe(_recipe(sharded, RECIPES["gptq"], True))
+    with pytest.raises(KeyboardInterrupt):
+        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None,
+                      on_block=_interrupt((0, 0)))
+    other = validate_recipe(_recipe(sharded, [{"algorithm": "gptq", **Q, "damp": 0.05}], True))
+    result = run_streaming(other, out_dir=tmp_path / "out", progress=False, log=lambda *_: None)
+    assert not result.report["stream"]["resumed"]
+    shutil.rmtree(tmp_path / "out")
+
+
+@pytest.mark.parametrize("change,expect", [
+    ({"steps": [{"algorithm": "nirvana", "sparsity": 0.3}]}, "nirvana needs the whole model"),
+    ({"steps": [{"algorithm": "s2ft", "task": "lm", "corpus": "bbc", "steps": 2}]}, "s2ft needs the whole model"),
+    ({"steps": [{"algorithm": "gptq", **Q}, {"algorithm": "recalibrate", "method": "temperature"}]},
+     "recalibrate needs the whole model"),
+    ({"steps": [{"algorithm": "gptq_mixed", "candidate_bits": [4, 8], "target_bits": 6.0, "sensitivity": "loss"}]},
+     "sensitivity loss"),
+    ({"export": {"format": "hf"}}, "use export.format gptq"),
+    ({"verify": {"max_windows": 2}}, "compress eval"),
+    ({"calibration": {"strategy": "diversity"}}, "strategy random or domain"),
+])
+def test_what_needs_the_whole_model_is_refused_at_validate_time(sharded, change, expect):
+    recipe = _recipe(sharded, change.pop("steps", RECIPES["gptq"]), True) | change
+    with pytest.raises(RecipeError, match=expect):
+        check_plan(validate_recipe(recipe))  # no structure, no model: what `compress validate` runs first
+
+
+def test_stream_needs_an_output_folder(sharded):
+    with pytest.raises(CompressError, match="output folder"):
+        run_recipe(_recipe(sharded, RECIPES["gptq"], True), progress=False)
+
+
+def test_stream_shorthand_and_schema():
+    r = validate_recipe({"model": {"id": "smollm2-135m", "stream": True}, "stages": []})
+    assert r.model.stream is not None and r.model.stream.resume
+    assert validate_recipe({"model": {"id": "smollm2-135m", "stream": False}}).model.stream is None
+    with pytest.raises(RecipeError, match="model.stream"):
+        validate_recipe({"model": {"id": "smollm2-135m", "stream": {"resume": True, "bogus": 1}}})
+
+
+def test_smollm2_streamed_from_the_zoo_folder_equals_in_memory(tmp_path):
+    """The real model, as the zoo converts it from GGUF (one model.safetensors, tied embeddings),
+    W4 g128 GPTQ (576 inputs: a partial last group) on a few calibration windows. Three of the 30
+    blocks are quantized (all 30 are read, replayed and written): the other blocks' linears stay
+    float, which the export's config must say (dynamic rules), and the test stays quick."""
+    steps = [{"algorithm": "gptq", "bits": 4, "group_size": 128, "sym": True,
+              "targets": [r"re:^model\.layers\.(0|1|29)\."]}]
+    recipe = {"model": {"id": "smollm2-135m", "device": "cpu"},
+              "calibration": {"num_samples": 2, "seq_len": 64, "batch_size": 2},
+              "stages": [{"name": "q", "steps": steps}], "export": {"format": "gptq"}}
+    run_recipe(recipe, out_dir=tmp_path / "mem", progress=False, log=lambda *_: None)
+    recipe["model"]["stream"] = True
+    run_recipe(recipe, out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+    _same_export(tmp_path / "mem", tmp_path / "st")
+
+
+DENSE = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+
+
+@pytest.mark.parametrize("arch", DENSE)
+def test_streamed_equals_in_memory_across_architectures(arch, tmp_path):
+    """The coverage table's dense architectures (tests/tiny_archs.py): gemma's sliding and global
+    layers (per-block masks), qwen3's q/k norms, phi3's fused projections."""
+    from tests.tiny_archs import arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", arch)
+    steps = [{"algorithm": "gptq", "bits": 4, "group_size": 32, "sym": True}]
+    run_recipe(_recipe(src, steps), out_dir=tmp_path / "mem", progress=False, log=lambda *_: None)
+    run_recipe(_recipe(src, steps, True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+    _same_export(tmp_path / "mem", tmp_path / "st")
+
+
+def test_a_mixture_of_experts_is_refused_when_streamed(tmp_path):
+    from tests.tiny_archs import arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", "mixtral")
+    with pytest.raises(CompressError, match="mixture of experts"):
+        run_recipe(_recipe(src, RECIPES["gptq"], True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+    from compress.structure import model_structure
+
+    structure, _ = model_structure(src)  # what `compress validate` checks, from the config alone
+    with pytest.raises(RecipeError, match="mixture of experts"):
+        check_plan(validate_recipe(_recipe(src, RECIPES["gptq"], True)), structure)
