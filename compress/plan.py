@@ -26,7 +26,7 @@ from compress.targets import match_names
 # Where a producer of the fact stands in a recipe, for "put X before ...".
 _MADE_IN = {Fact.QUANTIZED: "the quantization stage", Fact.FLOAT_WEIGHTS: "the quantization stage",
             Fact.ADAPTER: "the s2ft step", Fact.CALIBRATOR: "the recalibrate step",
-            Fact.DRAFTER_HEADS: "the self_spec step"}
+            Fact.DRAFTER_HEADS: "the self_spec step", Fact.ROTATED: "the rotate step"}
 
 
 def check_plan(recipe, structure: Structure | None = None, *, exports: bool = True) -> None:
