@@ -154,7 +154,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        hint = _resume_hint(args)
+        if hint:
+            print(hint, file=sys.stderr)
         return 130
+
+
+def _resume_hint(args) -> str | None:
+    """After Ctrl-C in `compress run`: how the run could resume next time, if the recipe allows it."""
+    recipe = getattr(args, "_recipe", None)
+    if getattr(args, "command", None) != "run" or recipe is None:
+        return None
+    if recipe.model.stream is not None:
+        return "run the same command again: it resumes at the first block not yet written"
+    try:
+        from compress.plan import check_stream
+        check_stream(recipe)
+    except Exception:  # noqa: BLE001 - a recipe that cannot stream: no hint
+        return None
+    return ("this recipe could stream (model: {stream: true}): it then writes each block as it finishes and "
+            "resumes after an interruption")
 
 
 def _is_user_error(exc: BaseException) -> bool:
@@ -197,7 +216,7 @@ def _dispatch(args) -> int:
             os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         if not args.dry_run:
             from compress.pipeline import run_recipe  # torch and transformers: not for a dry run
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = args._recipe = load_recipe(args.recipe, args.overrides)  # _recipe: Ctrl-C's resume hint
         if args.dry_run:
             from compress.dry_run import format_plan, plan_run
             plan = plan_run(recipe, out_dir=args.out, force=args.force, reuse_baseline=not args.no_baseline_cache)

@@ -175,3 +175,25 @@ def test_quiet_loggers_are_silenced_on_the_console_and_shown_with_verbose(capsys
             assert "a real failure" in capsys.readouterr().err  # errors always show
     finally:
         configure_logging()
+
+
+@pytest.mark.parametrize("extra,hint", [
+    ({}, None),  # verify needs the whole model: no stream, no hint
+    ({"verify": None, "export": {"format": "gptq"}}, "this recipe could stream"),
+    ({"verify": None, "export": {"format": "gptq"}, "stream": True}, "resumes at the first block"),
+])
+def test_ctrl_c_says_how_a_run_could_resume(tmp_path, text_file, capsys, monkeypatch, extra, hint):
+    import compress.pipeline
+
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(compress.pipeline, "run_recipe", interrupted)
+    stream = extra.pop("stream", False)
+    path = _recipe_file(tmp_path, text_file, **extra)
+    if stream:
+        recipe = yaml.safe_load(path.read_text())
+        recipe["model"]["stream"] = True
+        path.write_text(yaml.safe_dump(recipe))
+    assert main(["run", str(path), "--out", str(tmp_path / "o")]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and (hint in err if hint else "resume" not in err)
