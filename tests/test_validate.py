@@ -132,16 +132,21 @@ def test_a_run_leaves_the_structure_cached_for_validate(tmp_path, monkeypatch):
     assert model_structure(model_dir)[0] == structure_of(tiny_model())
 
 
-def test_validate_imports_no_torch_once_the_structure_is_cached(weightless_dir, tmp_path, capsys):
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(_recipe(weightless_dir, GPTQ, export={"format": "gptq"})))
-    assert main(["validate", str(path)]) == 0  # builds and caches the structure
+def _validates_without_heavy_imports(path, cache) -> None:
+    """`compress validate PATH` in a fresh process succeeds and imports none of the heavy libraries."""
     probe = ("import sys; from compress.cli import main; code = main(['validate', sys.argv[1]]); "
              "heavy = sorted({'torch', 'transformers', 'datasets', 'scipy'} & set(sys.modules)); "
              "print(code, heavy)")
     done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "COMPRESS_CACHE": str(tmp_path / "cache")})
+                          env={**__import__("os").environ, "COMPRESS_CACHE": str(cache)})
     assert done.stdout.strip().endswith("0 []"), done.stdout + done.stderr
+
+
+def test_validate_imports_no_torch_once_the_structure_is_cached(weightless_dir, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(weightless_dir, GPTQ, export={"format": "gptq"})))
+    assert main(["validate", str(path)]) == 0  # builds and caches the structure
+    _validates_without_heavy_imports(path, tmp_path / "cache")
 
 
 @pytest.mark.parametrize("arch", COVERAGE_ARCHS)
@@ -163,12 +168,7 @@ def test_the_static_structure_is_the_one_transformers_builds(arch, tmp_path):
 def test_the_first_validation_of_a_dense_model_imports_no_torch(weightless_dir, tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(_recipe(weightless_dir, GPTQ, export={"format": "gptq"})))
-    probe = ("import sys; from compress.cli import main; code = main(['validate', sys.argv[1]]); "
-             "heavy = sorted({'torch', 'transformers', 'datasets', 'scipy'} & set(sys.modules)); "
-             "print(code, heavy)")
-    done = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
-                          env={**__import__("os").environ, "COMPRESS_CACHE": str(tmp_path / "cache")})
-    assert done.stdout.strip().endswith("0 []"), done.stdout + done.stderr
+    _validates_without_heavy_imports(path, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("structure/*.json"))  # nothing built, nothing to cache
 
 
