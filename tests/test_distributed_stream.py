@@ -3,14 +3,15 @@
 Every rank streams the blocks and shares the runner's work; rank 0 alone writes the work folder and
 the export. Equality: the 2-rank streamed export is the 1-process streamed export bit for bit (one
 thread per process in both). Faults: a rank that raises mid-stream ends both ranks with an error
-and no export; run again, both ranks resume at rank 0's first unwritten block, and the export is
-the uninterrupted one.
+and no export; run again (two ranks, or one process), the run resumes at rank 0's first unwritten
+block, and the export is the uninterrupted one.
 """
 import json
 import multiprocessing
 import os
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -83,9 +84,10 @@ def _two_ranks(recipe: str, out, fail: bool) -> list[int]:
     return [p.exitcode for p in ranks]
 
 
-def test_a_rank_failing_mid_stream_ends_both_and_the_rerun_resumes(tmp_path, text_file, monkeypatch):
+def _fail_mid_stream(tmp_path, text_file, monkeypatch):
+    """Two ranks, rank 1 raising in block 1: both end with an error, no export, block 0 on disk."""
     recipe = _streamed(tmp_path, text_file, [GPTQ], "fault")
-    out, ref = tmp_path / "out", tmp_path / "ref"
+    out = tmp_path / "out"
     for k, v in _env(tmp_path).items():
         monkeypatch.setenv(k, v)
     codes = _two_ranks(recipe, out, fail=True)
@@ -94,10 +96,26 @@ def test_a_rank_failing_mid_stream_ends_both_and_the_rerun_resumes(tmp_path, tex
     manifest = json.loads((work_dir_for(out) / "manifest.json").read_text())
     assert manifest["finished"] == [0, -1]  # rank 0 wrote block 0 alone, and nothing of block 1
     assert list(manifest["shards"]) == ["0"]
+    return recipe, out
 
+
+def test_a_rank_failing_mid_stream_ends_both_and_one_process_resumes(tmp_path, text_file, monkeypatch):
+    """The work folder rank 0 left does not depend on the world size: one process resumes it."""
+    recipe, out = _fail_mid_stream(tmp_path, text_file, monkeypatch)
+    logs = []
+    resumed = run_recipe(load_recipe(recipe), out_dir=out, progress=False, log=logs.append)
+    assert resumed.report["stream"]["resumed"] and any("1 of 2 blocks written" in line for line in logs)
+    run_recipe(load_recipe(recipe), out_dir=tmp_path / "ref", progress=False, log=lambda *_: None)
+    _same_export(tmp_path / "ref", out)
+
+
+# Two launches of two processes (about 45 s each on a loaded 2-core box): marked slow.
+@pytest.mark.slow
+def test_a_rank_failing_mid_stream_ends_both_and_the_rerun_resumes(tmp_path, text_file, monkeypatch):
+    recipe, out = _fail_mid_stream(tmp_path, text_file, monkeypatch)
     assert _two_ranks(recipe, out, fail=False) == [0, 0]
     report = json.loads((out / "report.json").read_text())
     assert report["stream"]["resumed"] and report["distributed"]["world_size"] == 2
-    run_recipe(load_recipe(recipe), out_dir=ref, progress=False, log=lambda *_: None)  # uninterrupted, one process
-    _same_export(ref, out)
+    run_recipe(load_recipe(recipe), out_dir=tmp_path / "ref", progress=False, log=lambda *_: None)  # uninterrupted
+    _same_export(tmp_path / "ref", out)
     assert not work_dir_for(out).exists()
