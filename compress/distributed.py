@@ -51,8 +51,8 @@ import torch.nn as nn
 from compress.errors import CompressError
 from compress.runtime import resolve_device
 
-__all__ = ["Session", "barrier", "current", "gather_json", "is_main", "launch", "merge_expert_counts", "one_unit", "rank_device",
-           "reduce_statistics", "shard_batches", "shared", "solve_units", "union_alias", "wait_for_main"]
+__all__ = ["Session", "barrier", "current", "gather_json", "is_main", "launch", "merge_expert_counts", "one_unit",
+           "rank_device", "reduce_statistics", "shard_batches", "shared", "solve_units", "union_alias", "wait_for_main"]
 
 ENV_TIMEOUT = "COMPRESS_DIST_TIMEOUT_S"
 ENV_WAIT = "COMPRESS_DIST_WAIT_S"
