@@ -16,6 +16,10 @@ Methods:
   gptqmodel-matched  GPTQModel 7.6 with our settings (asymmetric, damp 0.01, no act-group-aware)
   gptq-kl-adaquant   KL-guided calibration set (3 candidates), GPTQ, then AdaQuant refinement
   gptq-domain        GPTQ calibrated on code (stdlib/train windows) instead of prose
+  gptq+mse, gptq+gptaq, rotate+gptq, rotate+gptq+mse+gptaq, ...
+                     GPTQ with options joined by '+': mse (grid: mse), gptaq (asymmetric: true),
+                     rotate (a rotate step before GPTQ: randomised Hadamard residual + per-head v/o)
+                     (issue 16; the option rows of bench/results/quant/README.md)
 """
 from __future__ import annotations
 
@@ -117,10 +121,12 @@ def worker(args) -> dict:
                 # calibrate on the code corpus: the domain of the "code" evaluation
                 steps = [{"algorithm": "gptq", "bits": bits, "group_size": group}]
                 calib_spec.update(corpus="stdlib", strategy="domain")
+            elif "+" in args.method:
+                steps = _option_steps(args.method, bits, group)
             else:
                 steps = [{"algorithm": args.method, "bits": bits, "group_size": group}]
             recipe = {"model": {"id": model_dir, "device": args.device}, "stages": [{"name": "q", "steps": steps}]}
-            if args.method != "rtn":
+            if "rtn" not in args.method.split("+"):
                 recipe["calibration"] = calib_spec
             t0 = time.perf_counter()
             res = run_recipe(recipe, progress=False, log=lambda *_: None)
@@ -137,6 +143,20 @@ def worker(args) -> dict:
                 result["layer_error"] = res.report["stages"][0]["steps"][0]["summary"]
     result["eval"] = _evaluate(model, tokenizer, args)
     return result
+
+
+def _option_steps(method: str, bits: int, group: int) -> list[dict]:
+    """'rotate+gptq+mse+gptaq' -> [rotate, gptq with grid mse and asymmetric]."""
+    parts = method.split("+")
+    unknown = set(parts) - {"rotate", "gptq", "rtn", "mse", "gptaq"}
+    if unknown or ("gptq" in parts) == ("rtn" in parts):
+        raise SystemExit(f"unknown option method {method!r}: join rotate, gptq|rtn, mse, gptaq with '+'")
+    quant = {"algorithm": "gptq" if "gptq" in parts else "rtn", "bits": bits, "group_size": group}
+    if "mse" in parts:
+        quant["grid"] = "mse"
+    if "gptaq" in parts:
+        quant["asymmetric"] = True
+    return ([{"algorithm": "rotate"}] if "rotate" in parts else []) + [quant]
 
 
 def run_all(args) -> None:

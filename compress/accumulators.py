@@ -69,3 +69,33 @@ class MeanAccumulator:
 
     def load_statistics(self, stats: dict[str, torch.Tensor]) -> None:
         self.sum, self.count = stats["sum"], int(stats["count"].item())
+
+
+class AsymmetricAccumulator(HessianAccumulator):
+    """H over the quantized model's inputs X, and dXXT = 2·(X̃ − X)ᵀ·X / n with X̃ the float model's
+    inputs to the same linear on the same tokens (GPTAQ's extra statistic), both kept as float64 sums.
+    ``float_input()`` returns the float input of the batch being fed (``compress.twin``)."""
+
+    def __init__(self, in_features: int, device: torch.device | str, float_input):
+        super().__init__(in_features, device)
+        self.dsum = torch.zeros_like(self.sum)
+        self.float_input = float_input
+
+    def add_batch(self, inp: torch.Tensor, out: torch.Tensor | None = None) -> None:
+        x = inp.reshape(-1, inp.shape[-1]).to(self.sum.device, torch.float32)
+        xf = self.float_input().reshape(-1, inp.shape[-1]).to(self.sum.device, torch.float32)
+        if xf.shape != x.shape:
+            raise RuntimeError(f"float input {tuple(xf.shape)} does not pair with quantized input {tuple(x.shape)}")
+        super().add_batch(inp)
+        self.dsum += (xf - x).T @ x
+
+    @property
+    def dXXT(self) -> torch.Tensor:
+        return (self.dsum * (2.0 / self.count if self.count else 0.0)).to(torch.float32)
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        return {**super().statistics(), "dsum": self.dsum}
+
+    def load_statistics(self, stats: dict[str, torch.Tensor]) -> None:
+        super().load_statistics(stats)
+        self.dsum = stats["dsum"]

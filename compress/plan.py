@@ -26,7 +26,7 @@ from compress.targets import match_names
 # Where a producer of the fact stands in a recipe, for "put X before ...".
 _MADE_IN = {Fact.QUANTIZED: "the quantization stage", Fact.FLOAT_WEIGHTS: "the quantization stage",
             Fact.ADAPTER: "the s2ft step", Fact.CALIBRATOR: "the recalibrate step",
-            Fact.DRAFTER_HEADS: "the self_spec step"}
+            Fact.DRAFTER_HEADS: "the self_spec step", Fact.ROTATED: "the rotate step"}
 
 
 def check_plan(recipe, structure: Structure | None = None, *, exports: bool = True) -> None:
@@ -119,6 +119,11 @@ def check_stream(recipe, structure: Structure | None = None) -> None:
                                   f"streamed model (model.stream); streaming runs the layer-wise steps "
                                   f"{', '.join(STREAMING_STEPS)}. Drop model.stream (the model is then loaded "
                                   f"whole) or the step")
+            if getattr(step, "asymmetric", False):
+                # GPTAQ's float twin runs beside every block; a resumed stream skips finished blocks without
+                # advancing it, so the float inputs it pairs would be the wrong ones
+                raise RecipeError(f"{where}: asymmetric (GPTAQ) is not supported on a streamed model yet; drop "
+                                  f"model.stream or asymmetric")
             if step.algorithm == "gptq_mixed" and step.sensitivity == "loss":
                 raise RecipeError(f"{where}: sensitivity loss measures the whole model's loss per candidate; on a "
                                   f"streamed model use sensitivity: layer")

@@ -27,6 +27,7 @@ import compress.finetune  # noqa: F401
 import compress.prune  # noqa: F401
 import compress.quantize  # noqa: F401
 import compress.recalibrate  # noqa: F401
+import compress.rotate  # noqa: F401
 from compress.algorithms import ALGORITHMS
 from compress.config import CorpusName, StrictModel, describe_error, describe_validation_error, format_loc
 from compress.errors import CompressError, RecipeError

@@ -238,6 +238,7 @@ def run_layerwise(
     desc: str = "layer-wise",
     share_inputs: bool = False,
     solve_group: Callable[[dict[str, nn.Module], Accumulator], dict[str, Any]] | None = None,
+    twin: Any = None,
 ) -> LayerwiseResult:
     """Walk the blocks, accumulate statistics of ``modules`` per subset, solve, replay.
 
@@ -248,7 +249,8 @@ def run_layerwise(
     accumulator instead of repeating the same X·Xᵀ. ``solve_group`` (with
     ``share_inputs``): called once per set of modules that shared an accumulator,
     ``{fqn: module}`` in block order, returning ``{fqn: report}`` — one solve for
-    q,k,v stacked instead of three (``solve`` is then unused).
+    q,k,v stacked instead of three (``solve`` is then unused). ``twin`` (``compress.twin.FloatTwin``):
+    runs the float block beside this one, so accumulators can pair float and quantized inputs.
     """
     if solve is None and (solve_group is None or not share_inputs):
         raise TypeError("run_layerwise needs `solve`, or `solve_group` with share_inputs=True")
@@ -281,6 +283,8 @@ def run_layerwise(
         mine = {n[len(prefix):]: m for n, m in modules.items() if n.startswith(prefix)}
         block, home = _acquire_block(model, blocks, i, device)
         try:
+            if twin is not None:
+                twin.begin(block, inputs)
             block_subsets = _subsets_of(layout, block, inputs[0], device, traced)
             declared = [s for subset in block_subsets for s in subset]
             subsets = [tuple(s for s in subset if s in mine) for subset in block_subsets]
@@ -297,7 +301,9 @@ def run_layerwise(
                     _accumulate(s, accs, owner, alias, share_inputs, fired, len(subset))) for s in subset]
                 try:
                     with torch.no_grad():
-                        for x in inputs:
+                        for j, x in enumerate(inputs):
+                            if twin is not None:  # the float block on the same batch, first
+                                twin.feed(j, [mine[s] for s in subset], device)
                             try:
                                 block(x.hidden.to(device), **_to(x.kwargs, device))
                             except StopForward:  # every module of the subset has its input: skip the rest
@@ -323,6 +329,8 @@ def run_layerwise(
                 reports.update(solve_units(units, solver))
             with moe.counting(block) as routed:
                 inputs = _replay(block, inputs, device=device, offload=offload)
+            if twin is not None:
+                twin.end(device, offload)
             experts.update(moe.expert_report(block, prefix, routed, starved))
             if source is not None:  # final: the source writes it (and its reports) before it is freed
                 source.done(i, block, {n: r for n, r in reports.items() if n.startswith(prefix)})

@@ -21,6 +21,7 @@ class Fact(str, Enum):
     ADAPTER = "adapters"  # fine-tuning adapters the export ships beside the model
     CALIBRATOR = "calibrator"  # the confidence calibrator the export ships
     DRAFTER_HEADS = "self_spec"  # a self-spec drafter's exit heads, trained on the model as it was
+    ROTATED = "rotation"  # the residual stream rotated (compress.rotate): weights in another basis
 
     @property
     def what(self) -> str:
@@ -39,7 +40,7 @@ class Fact(str, Enum):
 
 _WHAT = {Fact.QUANTIZED: "quantized weights", Fact.FLOAT_WEIGHTS: "the float weights kept by a quantizing step",
          Fact.ADAPTER: "a fine-tuning adapter", Fact.CALIBRATOR: "a calibrator",
-         Fact.DRAFTER_HEADS: "drafter exit heads"}
+         Fact.DRAFTER_HEADS: "drafter exit heads", Fact.ROTATED: "a rotated residual stream"}
 
 
 @dataclass
@@ -56,6 +57,8 @@ class RunState:
     calibrator: Any = None
     # compress.draft.selfspec.step.SelfSpecResult (heads, manifest, calibrator), or None
     self_spec: Any = None
+    # what the rotate step did (compress.rotate.step: the matrix kind, the seed, untying), or None
+    rotation: Any = None
 
     def has(self, fact: Fact) -> bool:
         return bool(getattr(self, fact.value))

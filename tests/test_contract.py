@@ -50,6 +50,7 @@ CASES = {
     **{m: Case({"sparsity": 0.3, "gamma": 2.0}, calibrate=m != "magnitude")
        for m in ("nirvana", "taylor", "wanda", "magnitude")},
     "s2ft": Case({"task": "lm", "corpus": CORPUS, "steps": 2, "max_len": 32, "batch_size": 2, "mlp_ratio": 0.05}),
+    "rotate": Case({"kind": "hadamard", "seed": 1}),  # untargeted; before gptq it exports packed (test_rotate.py)
     "recalibrate": Case({"method": "temperature", "corpus": CORPUS, "seq_len": 32, "max_windows": 2}),
     "self_spec": Case({"exit_layers": [1], "vocab_size": 64, "train_corpora": [CORPUS], "train_windows": 4,
                        "eval_windows": 2, "seq_len": 32, "steps": 2, "batch_size": 2, "gammas": [2]}),

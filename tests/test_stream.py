@@ -129,11 +129,13 @@ def test_a_changed_recipe_does_not_resume_the_old_work(sharded, tmp_path):
 
 @pytest.mark.parametrize("change,expect", [
     ({"steps": [{"algorithm": "nirvana", "sparsity": 0.3}]}, "nirvana needs the whole model"),
+    ({"steps": [{"algorithm": "rotate"}, {"algorithm": "gptq", **Q}]}, "rotate needs the whole model"),
     ({"steps": [{"algorithm": "s2ft", "task": "lm", "corpus": "bbc", "steps": 2}]}, "s2ft needs the whole model"),
     ({"steps": [{"algorithm": "gptq", **Q}, {"algorithm": "recalibrate", "method": "temperature"}]},
      "recalibrate needs the whole model"),
     ({"steps": [{"algorithm": "gptq_mixed", "candidate_bits": [4, 8], "target_bits": 6.0, "sensitivity": "loss"}]},
      "sensitivity loss"),
+    ({"steps": [{"algorithm": "gptq", **Q, "asymmetric": True}]}, "asymmetric \\(GPTAQ\\)"),
     ({"export": {"format": "hf"}}, "use export.format gptq"),
     ({"verify": {"max_windows": 2}}, "compress eval"),
     ({"calibration": {"strategy": "diversity"}}, "strategy random or domain"),

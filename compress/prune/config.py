@@ -56,7 +56,11 @@ class MagnitudeConfig(StructuredPruneConfig):
 PruneConfig = NirvanaConfig  # the name nirvana's config had when it was also the others' base
 
 _STEP = Deferred("compress.prune.steps", "prune_structured")
-_PRUNING = dict(step=_STEP, invalidates={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS, Fact.CALIBRATOR, Fact.DRAFTER_HEADS},
+# Pruning scores weights element by element (|W|, |∂L/∂W ⊙ W|): in a rotated basis those mean nothing
+# of the model's own structure, so it goes before ``rotate`` (a rotation after it is exact on the
+# pruned shapes: the residual width is never pruned).
+_PRUNING = dict(step=_STEP, invalidates={Fact.QUANTIZED, Fact.FLOAT_WEIGHTS, Fact.CALIBRATOR, Fact.DRAFTER_HEADS,
+                                         Fact.ROTATED},
                 doc="Score KV groups and MLP channels, allocate the budget, and remove the losers for real.")
 register_algorithm("nirvana", NirvanaConfig, requires_calibration=True, **_PRUNING)
 register_algorithm("taylor", TaylorConfig, requires_calibration=True, **_PRUNING)

@@ -18,15 +18,21 @@ from compress.deferred import Deferred
 from compress.state import Fact
 
 
+Grid = Literal["minmax", "mse"]
+_GRID_DOC = ("minmax: each group's grid spans its range; mse: per row, a clipped range chosen by a search that "
+             "minimises the squared rounding error (never worse than minmax on the weights it is fitted to)")
+
+
 class RTNConfig(StepConfig):
     algorithm: Literal["rtn"] = "rtn"
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Literal[-1, 32, 64, 128] = 128
     sym: bool = False
+    grid: Grid = Field("minmax", description=_GRID_DOC)
 
     def spec(self):
         from compress.quantize.grid import QuantSpec  # grid.py imports torch; the recipe schema must not
-        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym)
+        return QuantSpec(bits=self.bits, group_size=self.group_size, sym=self.sym, grid=self.grid)
 
 
 class GPTQConfig(RTNConfig):
@@ -34,6 +40,13 @@ class GPTQConfig(RTNConfig):
     damp: float = Field(0.01, gt=0, le=1, description="damping as a fraction of mean(diag H)")
     act_order: bool = False
     block_size: int = Field(128, ge=1, le=4096)
+    asymmetric: bool = Field(
+        False, description="GPTAQ (GPTQ v2, Li et al. 2025): fit each layer to the float model's output on the "
+                           "float model's inputs, not to its own float output on the quantized model's inputs; "
+                           "the runner also runs the float block (about twice the forwards)")
+    asymmetric_alpha: float = Field(
+        0.25, ge=0, le=1, description="how much of the asymmetric correction to apply (GPTQv2's alpha; 1: the full "
+                                      "least-squares target, which over-fits the calibration windows)")
 
 
 class GPTQMixedConfig(StepConfig):
@@ -43,6 +56,7 @@ class GPTQMixedConfig(StepConfig):
                                                 "between min and max of candidate_bits")
     group_size: Literal[-1, 32, 64, 128] = 128
     sym: bool = False
+    grid: Grid = Field("minmax", description=_GRID_DOC)
     damp: float = Field(0.01, gt=0, le=1, description="damping as a fraction of mean(diag H)")
     act_order: bool = False
     block_size: int = Field(128, ge=1, le=4096)
@@ -70,7 +84,7 @@ class GPTQMixedConfig(StepConfig):
 
     def spec(self, bits: int):
         from compress.quantize.grid import QuantSpec  # grid.py imports torch; the recipe schema must not
-        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym)
+        return QuantSpec(bits=bits, group_size=self.group_size, sym=self.sym, grid=self.grid)
 
 
 class AdaQuantConfig(StepConfig):

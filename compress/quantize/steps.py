@@ -15,8 +15,11 @@ from compress.quantize.config import GPTQConfig, RTNConfig
 from compress.quantize.grid import QuantSpec
 from compress.quantize.solvers import (QuantResult, free_graphs, gptq_solve, layer_output_error, rtn_solve,
                                       split_rows)
-from compress.runner import HessianAccumulator, run_layerwise
+from compress.accumulators import AsymmetricAccumulator, HessianAccumulator
+from compress.quantize.gptaq import asymmetric_target
+from compress.runner import run_layerwise
 from compress.stream import per_block
+from compress.twin import FloatTwin
 from compress.targets import match_modules
 
 
@@ -62,7 +65,11 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
     spec = cfg.spec()
     _check_shapes(modules, spec, ctx.where)
 
+    twin = FloatTwin() if cfg.asymmetric else None
+
     def make_acc(name, module, device):
+        if twin is not None:
+            return AsymmetricAccumulator(module.in_features, device, twin.input_of(module))
         return HessianAccumulator(module.in_features, device)
 
     def solve_group(members: dict[str, torch.nn.Module], acc):
@@ -70,7 +77,10 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
         # row on its own given H: one solve on the stacked rows is the same maths as one per
         # module, with a third of the column loops for q,k,v.
         ws = [m.weight.data.float() for m in members.values()]
-        stacked = gptq_solve(torch.cat(ws), acc.H, spec, percdamp=cfg.damp, block_size=cfg.block_size,
+        target = torch.cat(ws)
+        if twin is not None:  # GPTAQ: GPTQ on the least-squares target for the float inputs (gptaq.py)
+            target = asymmetric_target(target, acc.H, acc.dXXT, percdamp=cfg.damp, alpha=cfg.asymmetric_alpha)
+        stacked = gptq_solve(target, acc.H, spec, percdamp=cfg.damp, block_size=cfg.block_size,
                              act_order=cfg.act_order)
         reports, row = {}, 0
         for (name, module), w in zip(members.items(), ws):
@@ -85,7 +95,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
     try:
         result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
                                make_accumulator=make_acc, solve_group=shared(solve_group, ctx.state), device=ctx.device,
-                               progress=ctx.progress, desc="gptq", share_inputs=True)
+                               progress=ctx.progress, desc="gptq", share_inputs=True, twin=twin)
     finally:
         free_graphs()
     reports = result.reports
