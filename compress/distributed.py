@@ -22,7 +22,9 @@ What the ranks split (hooks in ``compress.runner``):
 - MoE routed-token counts are added over ranks for the report (``merge_expert_counts``).
 
 Rank 0 alone evaluates (baseline, verify) and writes the export (atomically, ``compress.export``);
-the other ranks wait for it at a barrier (``wait_for_main``).
+the other ranks wait for it at a barrier (``wait_for_main``). A streamed run (``compress.stream``)
+likewise: rank 0 alone writes the work folder (blocks, shards, manifest), each block before a
+``barrier``, and the other ranks read rank 0's manifest (the ranks must share the filesystem).
 
 Faults: a rank that raises leaves the group (``launch`` destroys it on the way out); the others
 fail in their next collective — at once on gloo (the peer's sockets close), and under torchrun at
@@ -49,8 +51,8 @@ import torch.nn as nn
 from compress.errors import CompressError
 from compress.runtime import resolve_device
 
-__all__ = ["Session", "current", "gather_json", "is_main", "launch", "merge_expert_counts", "one_unit", "rank_device",
-           "reduce_statistics", "shard_batches", "shared", "solve_units", "union_alias", "wait_for_main"]
+__all__ = ["Session", "barrier", "current", "gather_json", "is_main", "launch", "merge_expert_counts", "one_unit",
+           "rank_device", "reduce_statistics", "shard_batches", "shared", "solve_units", "union_alias", "wait_for_main"]
 
 ENV_TIMEOUT = "COMPRESS_DIST_TIMEOUT_S"
 ENV_WAIT = "COMPRESS_DIST_WAIT_S"
@@ -137,6 +139,13 @@ def wait_for_main() -> None:
     group's longer timeout. Without a session: nothing."""
     if _SESSION is not None:
         dist.barrier(group=_SESSION.control)
+
+
+def barrier() -> None:
+    """Every rank waits for the others, on the collectives' timeout (a rank that died or hangs fails
+    it): where rank 0 has just written a file the others read next. Without a session: nothing."""
+    if _SESSION is not None:
+        dist.barrier()
 
 
 def gather_json(obj: Any) -> list | None:

@@ -23,6 +23,13 @@ finished are skipped, and the unfinished one restarts at its first block not yet
 finished blocks before it are replayed to rebuild the calibration activations, not solved again).
 ``resume: false`` writes no ``blocks/`` file in the last pass (the packed shard only): half the
 disk, and an interrupted run starts over.
+
+Under torchrun (``compress.distributed``) every rank reads the block at work from the source (or
+from ``blocks/``) and keeps the same manifest in memory, but rank 0 alone writes the work folder:
+it opens (or starts) the manifest while the others wait, and they then read its manifest (the
+ranks must share the filesystem); each finished block ends at a ``barrier``, so that no rank reads a
+block file before rank 0 has written it, and a rank that failed stops the others there. A restart
+resumes at rank 0's first unwritten block on every rank.
 """
 from __future__ import annotations
 
@@ -40,6 +47,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from compress.checkpoint import Checkpoint, materialise, to_meta
+from compress.distributed import barrier, gather_json, is_main
 from compress.errors import CompressError
 from compress.fs import write_json_atomic
 from compress.quantize.grid import QuantSpec
@@ -133,8 +141,17 @@ class StreamSource:
         self.layout = block_layout_path(model)
         self.n_blocks = len(model.get_submodule(self.layout))
         self.pass_index = -1
+        self.writer = is_main()  # under torchrun: rank 0 alone writes the work folder
+        ranks = gather_json(fingerprint)
+        if ranks is not None and len(set(ranks)) > 1:
+            raise CompressError(f"the ranks run different recipes, models or calibration sets "
+                                f"(fingerprints {ranks}): start every rank with the same command")
         # Without the blocks of the last pass an interrupted last pass cannot be replayed: start over.
-        self.manifest = self._open_manifest(fingerprint if resume else None)
+        if self.writer:
+            self.manifest = self._open_manifest(fingerprint if resume else None)
+        barrier()  # the other ranks read the manifest rank 0 has just opened or started
+        if not self.writer:
+            self.manifest = self._read_manifest(fingerprint if resume else None)
         self.quant = SpilledDict("quant", self._load_state)
         self.float_weight = SpilledDict("float_weight", self._load_state)
         for kind, d in (("quant", self.quant), ("float_weight", self.float_weight)):
@@ -154,6 +171,14 @@ class StreamSource:
         manifest = {"fingerprint": fingerprint, "blocks": self.n_blocks, "finished": [-1] * self.n_blocks,
                     "reports": {}, "shards": {}, "state": {}}
         write_json_atomic(path, manifest)
+        return manifest
+
+    def _read_manifest(self, fingerprint: str | None) -> dict:
+        path = self.work / MANIFEST
+        manifest = json.loads(path.read_text()) if path.is_file() else None
+        if manifest is None or manifest.get("fingerprint") != fingerprint:
+            raise CompressError(f"{path}: rank 0's manifest is not there (or not this run's): the ranks of a "
+                                "streamed run must share the filesystem of the output folder")
         return manifest
 
     def _save_manifest(self) -> None:
@@ -203,9 +228,11 @@ class StreamSource:
         """Block ``i`` is final for this pass: write it (and its packed shard in the last pass)."""
         prefix = f"{self.layout}.{i}."
         quant, floats = self.quant.take(prefix), self.float_weight.take(prefix)
-        if self.last_pass and self.write_shard is not None:
+        if self.last_pass and self.write_shard is not None and self.writer:
             self.manifest["shards"][str(i)] = self.write_shard(i, block, quant)
-        if not self.last_pass or self.keep_blocks:
+        if not self.writer:
+            pass  # rank 0 writes (every rank holds the same block and results)
+        elif not self.last_pass or self.keep_blocks:
             tensors = {prefix + k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
             meta = {}
             for name, res in quant.items():
@@ -217,6 +244,7 @@ class StreamSource:
             os.replace(tmp, self._block_file(i))  # atomic: a crash leaves the old version or the new one
         else:
             self._block_file(i).unlink(missing_ok=True)
+        if self.last_pass and not self.keep_blocks:
             for n in quant:  # the shard holds them now; nothing reads them in this run again
                 self.quant._disk.discard(n)
         state = self.manifest["state"]
@@ -224,7 +252,9 @@ class StreamSource:
         state["float_weight"] = sorted(self.float_weight._disk)
         self.manifest["reports"].setdefault(str(self.pass_index), {})[str(i)] = _encode(reports or {})
         self.manifest["finished"][i] = self.pass_index
-        self._save_manifest()
+        if self.writer:
+            self._save_manifest()
+        barrier()  # block i is on disk before any rank reads it (next pass), or goes on past a failed rank
 
 
 def block_layout_path(model: nn.Module) -> str:

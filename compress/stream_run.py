@@ -3,6 +3,10 @@
 The same steps as the in-memory run (``compress.pipeline._apply_stages``), on a skeleton whose
 blocks a ``StreamSource`` reads, and an export written block by block (``compress.stream_export``).
 What needs the whole model is refused before any work (``compress.plan.check_stream``).
+
+Under torchrun (``compress.distributed``) every rank streams the blocks and shares the runner's work
+as in memory; rank 0 alone speaks, writes the work folder (``compress.stream``) and the export,
+and removes the work folder; the other ranks wait for it at the end.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 
 from compress.algorithms import StepContext
 from compress.checkpoint import Checkpoint, skeleton
+from compress.distributed import current, gather_json, is_main, rank_device, wait_for_main
 from compress.errors import CompressError
 from compress.export import check_out_dir
 from compress.models import load_tokenizer, parse_dtype, resolve_model_dir
@@ -43,11 +48,15 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
     if not isinstance(recipe, Recipe):
         recipe = validate_recipe(recipe)
     out = check_out_dir(out_dir, force=force).resolve()
-    device = resolve_device(recipe.model.device)
+    device = rank_device(resolve_device(recipe.model.device))  # under torchrun: this rank's GPU
+    if not is_main():  # rank 0 speaks (compress.distributed)
+        log, progress = (lambda *_: None), False
     dtype = parse_dtype(recipe.model.dtype)
     timer = _Timer(device)
     report: dict[str, Any] = {"model": {"source": recipe.model.id, "stream": recipe.model.stream.model_dump()},
                               "stages": [], "versions": versions()}
+    if current() is not None:
+        report["distributed"] = current().describe()
     with timer("load"):
         folder = resolve_model_dir(recipe.model.id, progress=progress)
         checkpoint = checkpoint if checkpoint is not None else Checkpoint(folder)
@@ -101,6 +110,9 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
     ctx.state.quant, ctx.state.float_weight = source.quant, source.float_weight
     report["stages"] = _apply_stages(model, recipe, ctx, log, timer)
     report["stream"] = {"work_dir": str(work), "resumed": resumed, "passes": passes, "blocks": len(blocks)}
+    if current() is not None:  # each rank's own times and peak memory (the rest of the report: rank 0's)
+        report["distributed"]["ranks"] = gather_json({"timings": timer.timings, "peak_host_mb": timer.peak_host_mb,
+                                                      "peak_device_mb": timer.peak_device_mb})
     if recipe.export.vllm != "off":  # compress.formats.vllm reads every layer's result at once: not here yet
         report["serving"] = {"vllm": "not checked: a streamed export (run `compress eval` or vLLM on it)"}
         log("export.vllm: the vLLM load check is not run on a streamed export yet")
@@ -117,11 +129,14 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
         report["peak_host_mb"] = timer.peak_host_mb
         return report
 
-    timer.start("export")
-    written = finish_export(model, tokenizer, checkpoint, source.manifest, work / "export", out, layout=layout,
-                            model_dtype=dtype, dtype=export_dtype, tied=tied, recipe_yaml=recipe.to_yaml(),
-                            report=final_report)
-    shutil.rmtree(work, ignore_errors=True)
+    written = None
+    if is_main():
+        timer.start("export")
+        written = finish_export(model, tokenizer, checkpoint, source.manifest, work / "export", out, layout=layout,
+                                model_dtype=dtype, dtype=export_dtype, tied=tied, recipe_yaml=recipe.to_yaml(),
+                                report=final_report)
+        shutil.rmtree(work, ignore_errors=True)
+    wait_for_main()  # the other ranks, until rank 0 has written the export
     del model.__dict__[BLOCK_SOURCE]
     return RunResult(model, tokenizer, recipe, report, written, ctx.state)
 
