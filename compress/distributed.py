@@ -247,18 +247,20 @@ class Shared:
     solved modules' parameters and buffers, and what it wrote into ``state`` (a ``RunState``:
     ``quant`` and ``float_weight``) for those modules. Calls ``fn`` unchanged."""
 
-    def __init__(self, fn: Callable, state: Any = None):
-        self.fn, self.state = fn, state
+    def __init__(self, fn: Callable, state: Any = None, rebuild_quant: Callable | None = None):
+        self.fn, self.state, self.rebuild_quant = fn, state, rebuild_quant
 
     def __call__(self, *args, **kwargs):
         return self.fn(*args, **kwargs)
 
 
-def shared(fn: Callable, state: Any = None) -> Shared:
+def shared(fn: Callable, state: Any = None, rebuild_quant: Callable | None = None) -> Shared:
     """Mark ``fn`` (a runner ``solve`` or ``solve_group``) as safe to split across ranks: everything
     it changes is in its report, its modules and ``state``'s per-module entries. Its reports must be
-    JSON (string keys): that is how they travel."""
-    return Shared(fn, state)
+    JSON (string keys): that is how they travel. ``rebuild_quant(tensors, spec, error)`` makes a
+    ``state.quant`` record again on the receiving ranks (the quantizer's own type: this module
+    knows none)."""
+    return Shared(fn, state, rebuild_quant)
 
 
 def _cost(members: dict[str, nn.Module]) -> float:
@@ -288,7 +290,7 @@ def solve_units(units: list[tuple[dict[str, nn.Module], Callable[[], dict]]], fn
     done = {i: call() for i, (_, call) in enumerate(units) if owners[i] == s.rank}
     reports = {}
     for i, (members, _) in enumerate(units):
-        reports.update(_share(s, owners[i], members, done.get(i), fn.state))
+        reports.update(_share(s, owners[i], members, done.get(i), fn))
     return reports
 
 
@@ -301,8 +303,9 @@ def _own_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
 
 
-def _share(s: Session, owner: int, members: dict[str, nn.Module], report: dict | None, state: Any) -> dict:
+def _share(s: Session, owner: int, members: dict[str, nn.Module], report: dict | None, fn: Shared) -> dict:
     """Broadcast one solved unit from ``owner``: a JSON header, then every tensor's bytes in one buffer."""
+    state = fn.state
     if s.rank == owner:
         tensors: list[tuple[str, torch.Tensor]] = []
         meta: dict[str, Any] = {"report": report, "quant": {}}
@@ -331,11 +334,12 @@ def _share(s: Session, owner: int, members: dict[str, nn.Module], report: dict |
     dist.broadcast(body, src=owner)
     meta = json.loads(head_dev.cpu().numpy().tobytes().decode())
     if s.rank != owner:
-        _install(meta, body, members, state)
+        _install(meta, body, members, state, fn.rebuild_quant)
     return meta["report"]
 
 
-def _install(meta: dict, body: torch.Tensor, members: dict[str, nn.Module], state: Any) -> None:
+def _install(meta: dict, body: torch.Tensor, members: dict[str, nn.Module], state: Any,
+             rebuild_quant: Callable | None) -> None:
     got, at = {}, 0
     for key, shape, dtype in meta["tensors"]:
         dt = getattr(torch, dtype)
@@ -348,9 +352,9 @@ def _install(meta: dict, body: torch.Tensor, members: dict[str, nn.Module], stat
         if f"float/{fqn}" in got:
             state.float_weight[fqn] = got[f"float/{fqn}"].cpu().clone()
     if meta["quant"]:
-        from compress.quantize.grid import QuantSpec
-        from compress.quantize.solvers import QuantResult
+        if rebuild_quant is None:
+            raise CompressError("internal: a shared solve wrote quantized results but gave no rebuild_quant")
         for fqn, q in meta["quant"].items():
             part = {k: got[f"quant/{fqn}/{k}"].cpu().clone() if f"quant/{fqn}/{k}" in got else None
                     for k in ("weight", "qweight", "scales", "zeros", "g_idx")}
-            state.quant[fqn] = QuantResult(**part, spec=QuantSpec(**q["spec"]), error=q["error"])
+            state.quant[fqn] = rebuild_quant(part, q["spec"], q["error"])

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from compress import host_memory
-from compress.algorithms import ALGORITHMS, StepContext
+from compress.algorithms import StepContext
 from compress.baseline_cache import baseline_fingerprint, cached_baseline, fingerprint_key, store_baseline
 from compress.data import corpus_text
 from compress.data.selection import select_calibration_set
@@ -26,71 +23,18 @@ from compress.errors import CompressError
 from compress.evaluate import window_token_ids
 from compress.export import check_out_dir, write_export
 from compress.harness.catalog import check_lm_eval_installed
-from compress.layout import BlockLayout, pin_layout
 from compress.measure import verify
 from compress.models import load_model
-from compress.moe import set_routing
 from compress.plan import check_plan
 from compress.recipe import CalibrationSpec, Recipe, validate_recipe
 from compress.sizes import module_bytes, size_change, weights_on_disk
 # resolve_device and versions live in compress.runtime; they are imported here too, where callers
 # have always found them.
 from compress.runtime import resolve_device, versions
-from compress.state import RunState
+from compress.stages import PhaseTimer, RunResult, apply_stages, configure_model
 from compress.structure import remember_structure, structure_of
 
 __all__ = ["RunResult", "resolve_device", "run_recipe", "versions"]
-
-
-@dataclass
-class RunResult:
-    model: torch.nn.Module
-    tokenizer: Any
-    recipe: Recipe  # fully resolved
-    report: dict
-    out_dir: Path | None = None
-    state: RunState = field(default_factory=RunState)  # what the steps left: quantized levels, adapters, calibrator
-
-
-class _Timer:
-    """Wall time per phase, the peak resident host memory within each phase (``compress.host_memory``)
-    and, on CUDA, the peak allocated device memory within each phase (the final move of the whole
-    model to the device, after the stages, belongs to no phase)."""
-
-    def __init__(self, device: torch.device | None = None):
-        self.timings: dict[str, float] = {}
-        self.peak_device_mb: dict[str, float] = {}
-        self.peak_host_mb: dict[str, float] = {}
-        self.host_per_phase = True  # False where the host peak cannot be reset (then: process peak so far)
-        self._cuda = device if device is not None and device.type == "cuda" else None
-        self._open: tuple[str, float, float] | None = None  # the phase running now: key, start, time before
-
-    @contextmanager
-    def __call__(self, key: str):
-        self.start(key)
-        try:
-            yield
-        finally:
-            self.stop()
-
-    def start(self, key: str) -> None:
-        self.host_per_phase = host_memory.reset_peak() and self.host_per_phase
-        if self._cuda is not None:
-            torch.cuda.reset_peak_memory_stats(self._cuda)
-        self._open = (key, time.perf_counter(), self.timings.get(key, 0.0))
-
-    def stop(self) -> None:
-        if self._open is None:
-            return
-        key, t0, before = self._open
-        self._open = None
-        self.timings[key] = round(before + time.perf_counter() - t0, 3)
-        host = host_memory.peak_mb()
-        if host is not None:
-            self.peak_host_mb[key] = round(max(host, self.peak_host_mb.get(key, 0.0)), 1)
-        if self._cuda is not None:
-            peak = torch.cuda.max_memory_allocated(self._cuda) / 2**20
-            self.peak_device_mb[key] = round(max(peak, self.peak_device_mb.get(key, 0.0)), 1)
 
 
 def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, force: bool = False,
@@ -114,7 +58,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     device = rank_device(resolve_device(recipe.model.device))  # under torchrun: this rank's GPU
     if not is_main():  # under torchrun, rank 0 speaks, evaluates and exports (compress.distributed)
         log, progress = (lambda *_: None), False
-    timer = _Timer(device)
+    timer = PhaseTimer(device)
     report: dict[str, Any] = {"model": {"source": recipe.model.id}, "stages": [], "versions": versions()}
     if current() is not None:
         report["distributed"] = current().describe()
@@ -179,7 +123,7 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
-    report["stages"] = _apply_stages(model, recipe, ctx, log, timer)
+    report["stages"] = apply_stages(model, recipe, ctx, log, timer)
     if current() is not None:  # each rank's own times and peak memory so far (the rest of the report: rank 0's)
         report["distributed"]["ranks"] = gather_json({"timings": timer.timings, "peak_host_mb": timer.peak_host_mb,
                                                       "peak_device_mb": timer.peak_device_mb})
@@ -219,35 +163,6 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     return RunResult(model, tokenizer, recipe, report, written, ctx.state)
 
 
-def configure_model(model, recipe: Recipe) -> None:
-    """What the recipe says about the model beyond its weights: a hand-written block layout, and how
-    a mixture of experts feeds its experts' calibration statistics."""
-    if recipe.model.layout is not None:
-        layout = recipe.model.layout
-        pin_layout(model, BlockLayout(layout.blocks, tuple(tuple(s) for s in layout.subsets)))
-    spec = recipe.calibration or CalibrationSpec()
-    set_routing(model, spec.expert_routing, spec.expert_min_tokens)
-
-
-def _apply_stages(model, recipe: Recipe, ctx: StepContext, log, timer=None) -> list[dict]:
-    ctx.keep_float_weights = any(ALGORITHMS[step.algorithm].uses_float_weights
-                                 for s in recipe.stages for step in s.steps)
-    reports = []
-    for si, stage in enumerate(recipe.stages):
-        stage_report = {"name": stage.name, "steps": []}
-        with timer(f"stage:{stage.name}") if timer else nullcontext():
-            for ki, step in enumerate(stage.steps):
-                # A streamed model resumes inside the step: its source knows the blocks already written.
-                ctx.where = f"stages[{si}].steps[{ki}] ({step.algorithm})"
-                t0 = time.perf_counter()
-                log(f"stage {stage.name!r}: {step.algorithm}")
-                result = ALGORITHMS[step.algorithm].apply(model, step, ctx)
-                stage_report["steps"].append({"algorithm": step.algorithm, "config": step.model_dump(mode="json"),
-                                              "seconds": round(time.perf_counter() - t0, 3), **result})
-        reports.append(stage_report)
-    return reports
-
-
 def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size) -> torch.nn.Module:
     """KL-guided selection: the recipe's stages (only ``calibration.kl_steps`` if given) applied to a
     copy, with one candidate set."""
@@ -258,5 +173,5 @@ def _compressed_copy(model, recipe: Recipe, calib, tokenizer, device, batch_size
         recipe = recipe.model_copy(update={"stages": [s for s in stages if s.steps]})
     clone = copy.deepcopy(model)
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib, batch_size=batch_size, progress=False)
-    _apply_stages(clone, recipe, ctx, log=lambda *_: None)
+    apply_stages(clone, recipe, ctx, log=lambda *_: None)
     return clone

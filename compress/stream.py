@@ -44,7 +44,6 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from safetensors.torch import save_file
-from tqdm.auto import tqdm
 
 from compress.checkpoint import Checkpoint, materialise, to_meta
 from compress.distributed import barrier, gather_json, is_main
@@ -52,7 +51,6 @@ from compress.errors import CompressError
 from compress.fs import write_json_atomic
 from compress.quantize.grid import QuantSpec
 from compress.quantize.solvers import QuantResult
-from compress.runner import BLOCK_SOURCE, block_layout
 
 MANIFEST = "manifest.json"
 
@@ -270,32 +268,3 @@ def fingerprint(*parts: Any) -> str:
         h.update(p if isinstance(p, bytes) else str(p).encode())
         h.update(b"\0")
     return h.hexdigest()[:32]
-
-
-def per_block(model: nn.Module, modules: dict[str, nn.Module], solve: Callable[[str, nn.Module], Any], *,
-              device, progress: bool, desc: str) -> dict[str, Any]:
-    """``solve(name, module)`` for each module: in model order for a model in memory; block by
-    block through the source for a streamed one (a data-free step such as ``rtn``: one pass)."""
-    source = model.__dict__.get(BLOCK_SOURCE)
-    if source is None:
-        return {n: solve(n, m) for n, m in tqdm(modules.items(), desc=desc, unit="linear", disable=not progress)}
-    layout = block_layout(model).blocks
-    outside = [n for n in modules if not n.startswith(layout + ".")]
-    if outside:
-        raise CompressError(f"a streamed model is compressed block by block; these targets lie outside "
-                            f"{layout}: {outside[:5]} (add them to `ignore`)")
-    source.begin_pass()
-    reports: dict[str, Any] = {}
-    for i in tqdm(range(source.n_blocks), desc=desc, unit="block", disable=not progress):
-        if source.finished(i):
-            reports.update(source.reports(i))
-            continue
-        prefix = f"{layout}.{i}."
-        block = source.acquire(i, device)
-        try:
-            mine = {n: solve(n, m) for n, m in modules.items() if n.startswith(prefix)}
-            reports.update(mine)
-            source.done(i, block, mine)
-        finally:
-            source.release(i, block)
-    return reports

@@ -1,6 +1,6 @@
 """``run_recipe`` for a recipe with ``model.stream``: the model is never loaded whole.
 
-The same steps as the in-memory run (``compress.pipeline._apply_stages``), on a skeleton whose
+The same steps as the in-memory run (``compress.stages.apply_stages``), on a skeleton whose
 blocks a ``StreamSource`` reads, and an export written block by block (``compress.stream_export``).
 What needs the whole model is refused before any work (``compress.plan.check_stream``).
 
@@ -36,14 +36,14 @@ from compress.structure import remember_structure, structure_of
 def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = False, progress: bool = True,
                   log=print, calibration=None, checkpoint: Checkpoint | None = None, on_block=None):
     """Compress ``recipe``'s model block by block into ``out_dir`` (see the module docstring);
-    returns a ``compress.pipeline.RunResult`` whose model is the skeleton (no weights).
+    returns a ``compress.stages.RunResult`` whose model is the skeleton (no weights).
 
     ``calibration``: a ready ``CalibrationSet`` instead of the recipe's (the scale benchmark feeds
     random token ids to a checkpoint that has no tokenizer). ``checkpoint``: where the tensors come
     from instead of the model folder's safetensors (anything with ``keys``, ``get``, ``in``: the
     benchmark generates a 70B-shaped model from a seed). ``on_block(pass_index, i)``: called once
     block ``i`` of a pass is written (the benchmark's per-block clock; tests interrupt there)."""
-    from compress.pipeline import RunResult, _apply_stages, _Timer, configure_model
+    from compress.stages import PhaseTimer, RunResult, apply_stages, configure_model
 
     if not isinstance(recipe, Recipe):
         recipe = validate_recipe(recipe)
@@ -52,7 +52,7 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
     if not is_main():  # rank 0 speaks (compress.distributed)
         log, progress = (lambda *_: None), False
     dtype = parse_dtype(recipe.model.dtype)
-    timer = _Timer(device)
+    timer = PhaseTimer(device)
     report: dict[str, Any] = {"model": {"source": recipe.model.id, "stream": recipe.model.stream.model_dump()},
                               "stages": [], "versions": versions()}
     if current() is not None:
@@ -108,7 +108,7 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calibration,
                       batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
     ctx.state.quant, ctx.state.float_weight = source.quant, source.float_weight
-    report["stages"] = _apply_stages(model, recipe, ctx, log, timer)
+    report["stages"] = apply_stages(model, recipe, ctx, log, timer)
     report["stream"] = {"work_dir": str(work), "resumed": resumed, "passes": passes, "blocks": len(blocks)}
     if current() is not None:  # each rank's own times and peak memory (the rest of the report: rank 0's)
         report["distributed"]["ranks"] = gather_json({"timings": timer.timings, "peak_host_mb": timer.peak_host_mb,

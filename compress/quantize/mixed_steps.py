@@ -170,7 +170,7 @@ def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepCont
         return {"gptq_error": res.error, "tokens": acc.count}
 
     walk = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                         make_accumulator=make_acc, solve=shared(solve, ctx.state), device=ctx.device,
+                         make_accumulator=make_acc, solve=shared(solve, ctx.state, QuantResult.from_parts), device=ctx.device,
                          progress=ctx.progress, desc="gptq_mixed", share_inputs=True)
     final = walk.reports
     free_graphs()  # the column-loop CUDA graphs both passes reused

@@ -17,6 +17,7 @@ from compress.distributed import shared
 from compress.errors import CompressError
 from compress.quantize.config import AdaQuantConfig, BiasCorrectionConfig
 from compress.quantize.refine import MeanAccumulator, adaquant_refine, output_shift
+from compress.quantize.solvers import QuantResult
 from compress.quantize.steps import store_quant_result
 from compress.runner import HessianAccumulator, block_layout, run_layerwise
 from compress.targets import match_modules
@@ -57,7 +58,7 @@ def apply_adaquant(model: nn.Module, cfg: AdaQuantConfig, ctx: StepContext) -> d
                 "best_step": stats["best_step"]}
 
     result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                           make_accumulator=make_acc, solve=shared(solve, ctx.state), device=ctx.device,
+                           make_accumulator=make_acc, solve=shared(solve, ctx.state, QuantResult.from_parts), device=ctx.device,
                            progress=ctx.progress, desc="adaquant", share_inputs=True)
     reports = result.reports
     before = sum(r["error_before"] for r in reports.values())
@@ -143,7 +144,7 @@ def apply_bias_correction(model: nn.Module, cfg: BiasCorrectionConfig, ctx: Step
                 "mean_output_error_after": float((shift - applied).pow(2).mean().sqrt())}
 
     result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                           make_accumulator=make_acc, solve=shared(solve, ctx.state), device=ctx.device,
+                           make_accumulator=make_acc, solve=shared(solve, ctx.state, QuantResult.from_parts), device=ctx.device,
                            progress=ctx.progress, desc="bias correction", share_inputs=True)
     reports = result.reports
     n = len(reports)

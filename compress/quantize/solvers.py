@@ -70,6 +70,12 @@ class QuantResult:
         g = self.g_idx.long()
         return dequantize(self.qweight, self.scales[:, g], self.zeros[:, g])
 
+    @classmethod
+    def from_parts(cls, tensors: dict, spec: dict, error) -> "QuantResult":
+        """Made again from its tensors and its spec's fields (a result another rank solved,
+        ``compress.distributed.shared``)."""
+        return cls(**tensors, spec=QuantSpec(**spec), error=error)
+
 
 # --------------------------------------------------------------------------- helpers
 

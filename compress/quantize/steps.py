@@ -18,7 +18,7 @@ from compress.quantize.solvers import (QuantResult, free_graphs, gptq_solve, lay
 from compress.accumulators import AsymmetricAccumulator, HessianAccumulator
 from compress.quantize.gptaq import asymmetric_target
 from compress.runner import run_layerwise
-from compress.stream import per_block
+from compress.blockwise import per_block
 from compress.twin import FloatTwin
 from compress.targets import match_modules
 
@@ -55,7 +55,7 @@ def apply_rtn(model: torch.nn.Module, cfg: RTNConfig, ctx: StepContext) -> dict:
         store_quant_result(ctx, name, m, res)
         return report
 
-    # In model order; a streamed model (compress.stream) block by block.
+    # In model order; a streamed model (compress.stream) block by block (compress.blockwise).
     return {"modules": per_block(model, modules, solve, device=ctx.device, progress=ctx.progress, desc="rtn")}
 
 
@@ -94,7 +94,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
 
     try:
         result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
-                               make_accumulator=make_acc, solve_group=shared(solve_group, ctx.state), device=ctx.device,
+                               make_accumulator=make_acc, solve_group=shared(solve_group, ctx.state, QuantResult.from_parts), device=ctx.device,
                                progress=ctx.progress, desc="gptq", share_inputs=True, twin=twin)
     finally:
         free_graphs()
