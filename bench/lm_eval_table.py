@@ -74,7 +74,10 @@ def merge(paths: list[str]) -> dict:
     if len(set(names)) != len(names):
         raise SystemExit(f"--merge: a model is in more than one file: {names}")
     models = {n: m for p in parts for n, m in p["models"].items()}
-    return {"commands": [p["command"] for p in parts], "machines": [p["machine"] for p in parts],
+    # a part may itself be a merge (commands / machines lists): merging is associative
+    commands = [c for p in parts for c in p.get("commands", [p.get("command")])]
+    machines = [m for p in parts for m in p.get("machines", [p.get("machine")])]
+    return {"commands": commands, "machines": machines,
             **{k: parts[0][k] for k in ("tasks", "limits", "seed")},
             "models": {n: models[n] for n in [*MODELS, *models] if n in models}}
 
