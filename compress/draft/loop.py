@@ -262,39 +262,31 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
     drafted, accepted = [0] * gamma, [0] * gamma
     target_calls = drafter_calls = 0
     while seq.numel() - n_prompt < max_new_tokens:
-        if tree:
-            new, m = _tree_round(target, drafter, seq, clock)
-            target_calls, drafter_calls = target_calls + 1, drafter_calls + gamma
-            for j in range(gamma):
-                drafted[j] += 1
-                accepted[j] += j < m
-            new, stop = _cut_at_eos(new[:max_new_tokens - (seq.numel() - n_prompt)], eos)
-            seq = torch.cat([seq, new])
-            target.rewind(seq.numel() - 1)
-            drafter.rewind(seq.numel() - 1)
-            if stop:
-                break
-            continue
-        budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)  # never draft past the end
-        clock.start("draft")
-        draft_ids, q_rows = drafter.draft(seq[drafter.length:], budget, rule)
-        clock.stop()
-        k = int(draft_ids.numel())
-        drafter_calls += k
-        clock.start("verify")
-        feed = torch.cat([seq[target.length:], draft_ids])
-        if pad_verify:
-            logits = target(feed, k + 1, pad_to=gamma + feed.numel() - k)
+        if tree:  # k = the tree's depth drafted, n of them accepted
+            proposed, n = _tree_round(target, drafter, seq, clock)
+            k = gamma
         else:
-            logits = target(feed, k + 1)
-        clock.stop()
-        target_calls += 1
-        n, nxt = verify_round(logits, _full_q(q_rows, logits.shape[-1]), draft_ids, sample=sample,
-                              temperature=temperature, top_p=top_p, generator=rule.generator)
+            budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)  # never draft past the end
+            clock.start("draft")
+            draft_ids, q_rows = drafter.draft(seq[drafter.length:], budget, rule)
+            clock.stop()
+            k = int(draft_ids.numel())
+            clock.start("verify")
+            feed = torch.cat([seq[target.length:], draft_ids])
+            if pad_verify:
+                logits = target(feed, k + 1, pad_to=gamma + feed.numel() - k)
+            else:
+                logits = target(feed, k + 1)
+            clock.stop()
+            n, nxt = verify_round(logits, _full_q(q_rows, logits.shape[-1]), draft_ids, sample=sample,
+                                  temperature=temperature, top_p=top_p, generator=rule.generator)
+            proposed = torch.cat([draft_ids[:n], nxt.reshape(1)])
+        target_calls, drafter_calls = target_calls + 1, drafter_calls + k
         for j in range(k):
             drafted[j] += 1
             accepted[j] += j < n
-        new, stop = _cut_at_eos(torch.cat([draft_ids[:n], nxt.reshape(1)]), eos)
+        # a tree's path can run past the end; a linear round never drafts past it
+        new, stop = _cut_at_eos(proposed[:max_new_tokens - (seq.numel() - n_prompt)], eos)
         seq = torch.cat([seq, new])
         target.rewind(seq.numel() - 1)
         drafter.rewind(seq.numel() - 1)
