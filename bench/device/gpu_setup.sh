@@ -15,7 +15,7 @@ set -euo pipefail
 export COMPRESS_CACHE=${COMPRESS_CACHE:-/tmp/compress-cache} STAGE=${STAGE:-/tmp/stage}
 export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
 stage_py() { python3 bench/device/stage.py "$@"; }
-carried_chunks() { find .stage -mindepth 3 -maxdepth 3 -path '.stage/*/p[0-9]*/manifest.json' 2>/dev/null | sort | xargs -r -n1 dirname; }
+carried_chunks() { find .stage -mindepth 3 -maxdepth 3 -path '.stage/*/p[0-9]*/manifest.json' -not -path '.stage/wheel-*' 2>/dev/null | sort | xargs -r -n1 dirname; }
 install() {
   shopt -s nullglob; local wheels=(.whl/*.whl .whl-arrow/*.whl); shopt -u nullglob
   [ ${#wheels[@]} -gt 0 ] || { echo "install: no carried wheels"; return 0; }
