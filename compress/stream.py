@@ -167,7 +167,7 @@ class StreamSource:
         (self.work / "blocks").mkdir(parents=True, exist_ok=True)
         (self.work / "export").mkdir(parents=True, exist_ok=True)
         manifest = {"fingerprint": fingerprint, "blocks": self.n_blocks, "finished": [-1] * self.n_blocks,
-                    "reports": {}, "shards": {}, "state": {}}
+                    "reports": {}, "experts": {}, "shards": {}, "state": {}}
         write_json_atomic(path, manifest)
         return manifest
 
@@ -213,6 +213,10 @@ class StreamSource:
     def reports(self, i: int) -> dict:
         return _decode(self.manifest["reports"].get(str(self.pass_index), {}).get(str(i), {}))
 
+    def experts(self, i: int) -> dict:
+        """A mixture of experts: block ``i``'s tokens per expert in this pass, as ``done`` recorded them."""
+        return self.manifest.get("experts", {}).get(str(self.pass_index), {}).get(str(i), {})
+
     def acquire(self, i: int, device) -> nn.Module:
         block = self.model.get_submodule(self.layout)[i]
         source = self.checkpoint if self.manifest["finished"][i] < 0 else Checkpoint.of_file(self._block_file(i))
@@ -222,8 +226,10 @@ class StreamSource:
     def release(self, i: int, block: nn.Module) -> None:
         to_meta(block)
 
-    def done(self, i: int, block: nn.Module, reports: dict | None = None) -> None:
-        """Block ``i`` is final for this pass: write it (and its packed shard in the last pass)."""
+    def done(self, i: int, block: nn.Module, reports: dict | None = None, experts: dict | None = None) -> None:
+        """Block ``i`` is final for this pass: write it (and its packed shard in the last pass).
+        ``reports``: its per-module reports; ``experts``: its expert lists' report (tokens per expert,
+        every rank's), kept in the manifest so that a resumed run reports the blocks it skips."""
         prefix = f"{self.layout}.{i}."
         quant, floats = self.quant.take(prefix), self.float_weight.take(prefix)
         if self.last_pass and self.write_shard is not None and self.writer:
@@ -249,6 +255,8 @@ class StreamSource:
         state["quant"] = sorted(self.quant._disk)
         state["float_weight"] = sorted(self.float_weight._disk)
         self.manifest["reports"].setdefault(str(self.pass_index), {})[str(i)] = _encode(reports or {})
+        if experts:
+            self.manifest.setdefault("experts", {}).setdefault(str(self.pass_index), {})[str(i)] = experts
         self.manifest["finished"][i] = self.pass_index
         if self.writer:
             self._save_manifest()
