@@ -1,6 +1,7 @@
 """Streaming: a model too large for memory compressed one decoder block at a time, resumably.
 
-The model is a skeleton (``compress.checkpoint``: meta parameters); a ``StreamSource`` hangs on it
+The model is a skeleton (``compress.checkpoint``: meta parameters; a mixture of experts split into
+per-expert linears, ``compress.moe``, read through ``compress.checkpoint_names``); a ``StreamSource`` hangs on it
 (``compress.runner.BLOCK_SOURCE``) and the layer-wise runner asks it for each block
 (``acquire``: read into the skeleton's own block, in place, on the compute device), hands it back
 when final (``done``) and lets it go (``release``: back to meta). Host memory holds one block, the
@@ -16,7 +17,8 @@ two: its probe, then its solve). In the work folder (beside the output, ``.<out>
 - ``export/model-…-of-….safetensors``: the last pass writes each finished block packed (GPTQ v1,
   ``compress.stream_export``) as it goes.
 - ``manifest.json`` (written atomically after every block): the run's fingerprint, for each block
-  the last pass that finished it, the per-module reports, the export shards written.
+  the last pass that finished it, the per-module reports, a mixture of experts' tokens per expert
+  (the report of a block a resumed run skips), the export shards written.
 
 An interrupted run, started again with the same recipe and output, finds the manifest: passes that
 finished are skipped, and the unfinished one restarts at its first block not yet written (the

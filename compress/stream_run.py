@@ -2,6 +2,8 @@
 
 The same steps as the in-memory run (``compress.stages.apply_stages``), on a skeleton whose
 blocks a ``StreamSource`` reads, and an export written block by block (``compress.stream_export``).
+A mixture of experts is split on the skeleton as a loaded model is (``compress.moe.split_experts``);
+the checkpoint is read under the split model's names (``compress.checkpoint_names``).
 What needs the whole model is refused before any work (``compress.plan.check_stream``).
 
 Under torchrun (``compress.distributed``) every rank streams the blocks and shares the runner's work
