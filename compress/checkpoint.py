@@ -137,7 +137,8 @@ def materialise(module: nn.Module, checkpoint: Checkpoint, prefix: str, dtype: t
         elif missing_bias_zero and leaf == "bias":
             value = torch.zeros(p.shape, dtype=dtype, device=device)
         else:
-            raise CompressError(f"{checkpoint.folder}: the checkpoint has no tensor {key!r}")
+            raise CompressError(f"{checkpoint.folder}: the checkpoint has no tensor {key!r}"
+                                f"{getattr(checkpoint, 'missing_hint', '')}")
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     for name, b in list(module.named_buffers(recurse=True)):
         parent, _, leaf = name.rpartition(".")

@@ -96,11 +96,10 @@ class ModelCheckpoint:
             gate_up, down = renamed.pop(f"{lst}.gate_up_proj"), renamed.pop(f"{lst}.down_proj")
             del self._read[f"{lst}.gate_up_proj"], self._read[f"{lst}.down_proj"]
             for e, expert in enumerate(experts):
-                inter = expert.gate_proj.out_features
-                self._read[f"{lst}.{e}.gate_proj.weight"] = lambda k=gate_up, e=e, i=inter: self._rows(k, e, slice(0, i))
-                self._read[f"{lst}.{e}.up_proj.weight"] = lambda k=gate_up, e=e, i=inter: self._rows(
-                    k, e, slice(i, 2 * i))
-                self._read[f"{lst}.{e}.down_proj.weight"] = lambda k=down, e=e: self._rows(k, e, slice(None))
+                i = expert.gate_proj.out_features  # gate rows first, then up (not interleaved: _splittable)
+                for leaf, key, rows in (("gate_proj", gate_up, slice(0, i)), ("up_proj", gate_up, slice(i, 2 * i)),
+                                        ("down_proj", down, slice(None))):
+                    self._read[f"{lst}.{e}.{leaf}.weight"] = lambda k=key, e=e, r=rows: self._rows(k, e, r)
 
     def _rows(self, key: str, expert: int, rows: slice) -> torch.Tensor:
         """``key[expert, rows]``: from the file alone where the checkpoint can slice (safetensors)."""
@@ -108,6 +107,11 @@ class ModelCheckpoint:
         if part is not None:
             return part(key, (expert, rows))
         return self.checkpoint.get(key)[expert, rows].clone()  # its own storage: the 3-D tensor goes
+
+    # Said where a tensor the model needs is not found (compress.checkpoint.materialise says it too).
+    missing_hint = (", under its own name or the one transformers gives it on load (renamings, per-expert "
+                    "merges, fused expert tensors); a checkpoint whose layout transformers converts otherwise "
+                    "(e.g. fused q/k/v) cannot be streamed yet: drop model.stream")
 
     def keys(self):
         return self._read.keys()
@@ -119,8 +123,5 @@ class ModelCheckpoint:
         try:
             read = self._read[name]
         except KeyError:
-            raise CompressError(
-                f"{self.folder}: the checkpoint has no tensor {name!r}, under its own name or the ones transformers "
-                f"gives it on load (renamings, per-expert merges); a checkpoint whose layout transformers converts "
-                f"otherwise (e.g. fused q/k/v) cannot be streamed yet: drop model.stream") from None
+            raise CompressError(f"{self.folder}: the checkpoint has no tensor {name!r}{self.missing_hint}") from None
         return read()

@@ -40,8 +40,9 @@ from compress.errors import CompressError
 __all__ = ["LAYOUTS", "BlockLayout", "block_layout", "capture_block_inputs", "run_layerwise", "HessianAccumulator"]
 
 # A streamed model (compress.stream) carries its block source under this attribute: an object with
-# ``begin_pass()``, ``acquire(i, device) -> block``, ``done(i, block, reports)`` (final: write it),
-# ``release(i, block)`` (free it, written or not), and for resuming ``finished(i)`` / ``reports(i)``.
+# ``begin_pass()``, ``acquire(i, device) -> block``, ``done(i, block, reports, experts)`` (final: write
+# it, with its per-module reports and its expert lists' tokens per expert), ``release(i, block)`` (free
+# it, written or not), and for resuming ``finished(i)`` / ``reports(i)`` / ``experts(i)``.
 BLOCK_SOURCE = "_compress_block_source"
 _TRACE_TOKENS = 16  # the dummy sequence whose forward through block 0 gives the layout
 

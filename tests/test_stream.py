@@ -248,6 +248,24 @@ def test_fused_expert_tensors_are_read_one_expert_at_a_time(tmp_path):
         == [0, 1, 2, 3]
 
 
+def test_an_expert_the_checkpoint_lacks_is_named(tmp_path):
+    """A layout streaming cannot map onto the split experts (here: a fused tensor missing) stops at the
+    block, naming the per-expert tensor it looked for and what to do."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_archs import arch_model, arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", "qwen3_moe")
+    fused = tmp_path / "fused"
+    shutil.copytree(src, fused, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = {k: v.contiguous() for k, v in arch_model("qwen3_moe").state_dict().items()
+               if k != "model.layers.1.mlp.experts.down_proj"}
+    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CompressError, match=r"no tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight'.*"
+                                            r"drop model\.stream"):
+        run_recipe(_moe_recipe(fused, True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+
+
 def test_interrupted_mixture_of_experts_resumes_with_its_tokens_per_expert(tmp_path):
     """Interrupted after block 0 of 2, started again: block 0 is replayed (not solved) and its tokens
     per expert come from the manifest; the export and the report are the uninterrupted run's."""
