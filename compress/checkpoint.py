@@ -64,7 +64,7 @@ class Checkpoint:
     def keys(self):
         return self.files.keys()
 
-    def get(self, name: str) -> torch.Tensor:
+    def _handle(self, name: str):
         try:
             path = self.files[name]
         except KeyError:
@@ -73,7 +73,15 @@ class Checkpoint:
         if handle is None:
             # One handle per shard, kept: safe_open maps the file, so a handle costs no resident memory.
             handle = self._open[path] = safe_open(path, framework="pt")
-        return handle.get_tensor(name)
+        return handle
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def get_part(self, name: str, index: tuple) -> torch.Tensor:
+        """``tensor[index]`` (ints and slices) read without the rest of the tensor: one expert of a
+        fused 3-D expert tensor (``compress.checkpoint_names``)."""
+        return self._handle(name).get_slice(name)[index]
 
 
 def skeleton(folder: str | Path, dtype: torch.dtype, *, trust_remote_code: bool = False) -> nn.Module:
@@ -129,7 +137,8 @@ def materialise(module: nn.Module, checkpoint: Checkpoint, prefix: str, dtype: t
         elif missing_bias_zero and leaf == "bias":
             value = torch.zeros(p.shape, dtype=dtype, device=device)
         else:
-            raise CompressError(f"{checkpoint.folder}: the checkpoint has no tensor {key!r}")
+            raise CompressError(f"{checkpoint.folder}: the checkpoint has no tensor {key!r}"
+                                f"{getattr(checkpoint, 'missing_hint', '')}")
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     for name, b in list(module.named_buffers(recurse=True)):
         parent, _, leaf = name.rpartition(".")

@@ -38,7 +38,7 @@ def check_plan(recipe, structure: Structure | None = None, *, exports: bool = Tr
                           "`stages:` at least one stage with one step (to evaluate a model as it is, use "
                           "`compress eval`)")
     if recipe.model.stream is not None:
-        check_stream(recipe, structure)
+        check_stream(recipe)
     produced: dict[Fact, str] = {}  # fact -> the last step that produced it ("stages[0].steps[1] (gptq)")
     per_module: dict[Fact, set[str]] = {f: set() for f in Fact if f.per_module}
     for si, stage in enumerate(recipe.stages):
@@ -106,11 +106,8 @@ STREAMING_STEPS = ("rtn", "gptq", "gptq_mixed", "adaquant", "bias_correction")
 PASSES_BY_STEP = {"gptq_mixed": 2}  # walks over the blocks per step (its probe, then its solve); others: one
 
 
-def check_stream(recipe, structure: Structure | None = None) -> None:
+def check_stream(recipe) -> None:
     """``model.stream``: every step layer-wise, a GPTQ export, nothing that needs the whole model."""
-    if structure is not None and any(".experts." in name for name, _ in structure.linears):
-        raise RecipeError(f"model.stream: {recipe.model.id} is a mixture of experts; streaming does not split "
-                          "experts yet (drop model.stream: the model is then loaded whole)")
     for si, stage in enumerate(recipe.stages):
         for ki, step in enumerate(stage.steps):
             where = f"stages[{si}].steps[{ki}] ({step.algorithm})"

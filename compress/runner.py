@@ -40,8 +40,9 @@ from compress.errors import CompressError
 __all__ = ["LAYOUTS", "BlockLayout", "block_layout", "capture_block_inputs", "run_layerwise", "HessianAccumulator"]
 
 # A streamed model (compress.stream) carries its block source under this attribute: an object with
-# ``begin_pass()``, ``acquire(i, device) -> block``, ``done(i, block, reports)`` (final: write it),
-# ``release(i, block)`` (free it, written or not), and for resuming ``finished(i)`` / ``reports(i)``.
+# ``begin_pass()``, ``acquire(i, device) -> block``, ``done(i, block, reports, experts)`` (final: write
+# it, with its per-module reports and its expert lists' tokens per expert), ``release(i, block)`` (free
+# it, written or not), and for resuming ``finished(i)`` / ``reports(i)`` / ``experts(i)``.
 BLOCK_SOURCE = "_compress_block_source"
 _TRACE_TOKENS = 16  # the dummy sequence whose forward through block 0 gives the layout
 
@@ -276,6 +277,7 @@ def run_layerwise(
         prefix = f"{layout.blocks}.{i}."
         if source is not None and source.finished(i):  # written before an interruption: replayed, not solved
             reports.update(source.reports(i))
+            experts.update(source.experts(i))
             if not source.finished(len(blocks) - 1):  # a later block still needs this one's outputs
                 inputs = _replay(source.acquire(i, device), inputs, device=device, offload=offload)
                 source.release(i, blocks[i])
@@ -331,12 +333,14 @@ def run_layerwise(
                 inputs = _replay(block, inputs, device=device, offload=offload)
             if twin is not None:
                 twin.end(device, offload)
-            experts.update(moe.expert_report(block, prefix, routed, starved))
+            # Merged over the ranks block by block: a streamed run keeps each block's final counts (resume).
+            mine_experts = merge_expert_counts(moe.expert_report(block, prefix, routed, starved))
+            experts.update(mine_experts)
             if source is not None:  # final: the source writes it (and its reports) before it is freed
-                source.done(i, block, {n: r for n, r in reports.items() if n.startswith(prefix)})
+                source.done(i, block, {n: r for n, r in reports.items() if n.startswith(prefix)}, mine_experts)
         finally:
             _release_block(model, blocks, i, block, home)
-    return LayerwiseResult(reports, inputs, merge_expert_counts(experts))
+    return LayerwiseResult(reports, inputs, experts)
 
 
 def _subsets_of(layout: BlockLayout, block: nn.Module, sample: BlockInput, device, traced: dict) -> tuple:

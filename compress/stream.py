@@ -1,6 +1,7 @@
 """Streaming: a model too large for memory compressed one decoder block at a time, resumably.
 
-The model is a skeleton (``compress.checkpoint``: meta parameters); a ``StreamSource`` hangs on it
+The model is a skeleton (``compress.checkpoint``: meta parameters; a mixture of experts split into
+per-expert linears, ``compress.moe``, read through ``compress.checkpoint_names``); a ``StreamSource`` hangs on it
 (``compress.runner.BLOCK_SOURCE``) and the layer-wise runner asks it for each block
 (``acquire``: read into the skeleton's own block, in place, on the compute device), hands it back
 when final (``done``) and lets it go (``release``: back to meta). Host memory holds one block, the
@@ -16,7 +17,8 @@ two: its probe, then its solve). In the work folder (beside the output, ``.<out>
 - ``export/model-…-of-….safetensors``: the last pass writes each finished block packed (GPTQ v1,
   ``compress.stream_export``) as it goes.
 - ``manifest.json`` (written atomically after every block): the run's fingerprint, for each block
-  the last pass that finished it, the per-module reports, the export shards written.
+  the last pass that finished it, the per-module reports, a mixture of experts' tokens per expert
+  (the report of a block a resumed run skips), the export shards written.
 
 An interrupted run, started again with the same recipe and output, finds the manifest: passes that
 finished are skipped, and the unfinished one restarts at its first block not yet written (the
@@ -167,7 +169,7 @@ class StreamSource:
         (self.work / "blocks").mkdir(parents=True, exist_ok=True)
         (self.work / "export").mkdir(parents=True, exist_ok=True)
         manifest = {"fingerprint": fingerprint, "blocks": self.n_blocks, "finished": [-1] * self.n_blocks,
-                    "reports": {}, "shards": {}, "state": {}}
+                    "reports": {}, "experts": {}, "shards": {}, "state": {}}
         write_json_atomic(path, manifest)
         return manifest
 
@@ -213,6 +215,10 @@ class StreamSource:
     def reports(self, i: int) -> dict:
         return _decode(self.manifest["reports"].get(str(self.pass_index), {}).get(str(i), {}))
 
+    def experts(self, i: int) -> dict:
+        """A mixture of experts: block ``i``'s tokens per expert in this pass, as ``done`` recorded them."""
+        return self.manifest.get("experts", {}).get(str(self.pass_index), {}).get(str(i), {})
+
     def acquire(self, i: int, device) -> nn.Module:
         block = self.model.get_submodule(self.layout)[i]
         source = self.checkpoint if self.manifest["finished"][i] < 0 else Checkpoint.of_file(self._block_file(i))
@@ -222,8 +228,10 @@ class StreamSource:
     def release(self, i: int, block: nn.Module) -> None:
         to_meta(block)
 
-    def done(self, i: int, block: nn.Module, reports: dict | None = None) -> None:
-        """Block ``i`` is final for this pass: write it (and its packed shard in the last pass)."""
+    def done(self, i: int, block: nn.Module, reports: dict | None = None, experts: dict | None = None) -> None:
+        """Block ``i`` is final for this pass: write it (and its packed shard in the last pass).
+        ``reports``: its per-module reports; ``experts``: its expert lists' report (tokens per expert,
+        every rank's), kept in the manifest so that a resumed run reports the blocks it skips."""
         prefix = f"{self.layout}.{i}."
         quant, floats = self.quant.take(prefix), self.float_weight.take(prefix)
         if self.last_pass and self.write_shard is not None and self.writer:
@@ -249,6 +257,8 @@ class StreamSource:
         state["quant"] = sorted(self.quant._disk)
         state["float_weight"] = sorted(self.float_weight._disk)
         self.manifest["reports"].setdefault(str(self.pass_index), {})[str(i)] = _encode(reports or {})
+        if experts:
+            self.manifest.setdefault("experts", {}).setdefault(str(self.pass_index), {})[str(i)] = experts
         self.manifest["finished"][i] = self.pass_index
         if self.writer:
             self._save_manifest()

@@ -2,6 +2,8 @@
 
 The same steps as the in-memory run (``compress.stages.apply_stages``), on a skeleton whose
 blocks a ``StreamSource`` reads, and an export written block by block (``compress.stream_export``).
+A mixture of experts is split on the skeleton as a loaded model is (``compress.moe.split_experts``);
+the checkpoint is read under the split model's names (``compress.checkpoint_names``).
 What needs the whole model is refused before any work (``compress.plan.check_stream``).
 
 Under torchrun (``compress.distributed``) every rank streams the blocks and shares the runner's work
@@ -18,11 +20,12 @@ import torch
 
 from compress.algorithms import StepContext
 from compress.checkpoint import Checkpoint, skeleton
+from compress.checkpoint_names import ModelCheckpoint
 from compress.distributed import current, gather_json, is_main, rank_device, wait_for_main
 from compress.errors import CompressError
 from compress.export import check_out_dir
 from compress.models import load_tokenizer, parse_dtype, resolve_model_dir
-from compress.moe import _splittable
+from compress.moe import split_experts
 from compress.plan import PASSES_BY_STEP, check_plan
 from compress.recipe import CalibrationSpec, Recipe, validate_recipe
 from compress.runner import BLOCK_SOURCE
@@ -59,11 +62,10 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
         report["distributed"] = current().describe()
     with timer("load"):
         folder = resolve_model_dir(recipe.model.id, progress=progress)
-        checkpoint = checkpoint if checkpoint is not None else Checkpoint(folder)
+        stored = checkpoint if checkpoint is not None else Checkpoint(folder)
         model = skeleton(folder, dtype, trust_remote_code=recipe.model.trust_remote_code)
-        if any(_splittable(m) for m in model.modules()):
-            raise CompressError(f"{recipe.model.id}: a mixture of experts; streaming does not split experts yet "
-                                "(drop model.stream: the model is then loaded whole)")
+        split_experts(model)  # a mixture of experts: per-expert linears, as a model loaded whole has them
+        checkpoint = ModelCheckpoint(stored, model)  # read by the model's names, whatever the stored layout
         configure_model(model, recipe)
         structure = structure_of(model)
         check_plan(recipe, structure, exports=True)
@@ -93,7 +95,7 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
         raise CompressError(f"export gptq: dtype {recipe.export.dtype!r} is not supported; allowed: float16")
     work = work_dir_for(out)
     passes = sum(PASSES_BY_STEP.get(a, 1) for a in recipe.algorithms())
-    key = fingerprint(recipe.to_yaml(), (Path(folder) / "config.json").read_bytes(), sorted(checkpoint.keys()),
+    key = fingerprint(recipe.to_yaml(), (Path(folder) / "config.json").read_bytes(), sorted(stored.keys()),
                       calibration.digest, versions())
     source = StreamSource(model, checkpoint, work, dtype=dtype, fingerprint=key, total_passes=passes,
                           resume=recipe.model.stream.resume,
@@ -162,7 +164,7 @@ def _materialise_outside(model, blocks, checkpoint: Checkpoint, dtype, tied: set
 def _observed(source: StreamSource, on_block):
     done = source.done
 
-    def wrapped(i, block, reports=None):
-        done(i, block, reports)
+    def wrapped(i, block, reports=None, experts=None):
+        done(i, block, reports, experts)
         on_block(source.pass_index, i)
     return wrapped

@@ -22,8 +22,8 @@ from tests.test_distributed import GPTQ, _env, _free_port, _recipe, _run
 from tests.test_stream import _same_export
 
 
-def _streamed(tmp_path, text_file, steps, name) -> str:
-    path = _recipe(tmp_path, text_file, verify=False, steps=steps, name=name)  # verify: not on a streamed run
+def _streamed(tmp_path, text_file, steps, name, arch="llama") -> str:
+    path = _recipe(tmp_path, text_file, verify=False, steps=steps, name=name, arch=arch)  # verify: not streamed
     recipe = yaml.safe_load(path.read_text())
     recipe["model"]["stream"] = True
     path.write_text(yaml.safe_dump(recipe))
@@ -45,6 +45,22 @@ def test_two_ranks_stream_the_same_export_as_one(tmp_path, text_file):
     for sa, sb in zip(ra["stages"][0]["steps"], rb["stages"][0]["steps"]):
         assert sa["modules"] == sb["modules"], sa["algorithm"]
     assert not work_dir_for(two).exists() and not list(tmp_path.glob(".two.tmp-*"))
+
+
+def test_two_ranks_stream_a_mixture_of_experts_as_one(tmp_path, text_file):
+    """The experts' solves split over the ranks; the routed tokens of every rank added block by block
+    (what the manifest keeps for a resumed run): the one-process export and tokens per expert."""
+    recipe = _streamed(tmp_path, text_file, [GPTQ], "moe", arch="qwen3_moe")
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_recipe(load_recipe(recipe), out_dir=one, progress=False, log=lambda *_: None)
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "compress", "run", recipe, "--out", str(two), "--quiet"], tmp_path)
+    assert "Traceback" not in out.stderr
+    _same_export(one, two)
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (one, two))
+    sa, sb = ra["stages"][0]["steps"][0], rb["stages"][0]["steps"][0]
+    assert sa["modules"] == sb["modules"] and sa["experts"] == sb["experts"]
+    assert sum(sb["experts"]["model.layers.0.mlp.experts"]["routed_tokens"]) == 10 * 32 * 2  # both ranks' tokens
 
 
 def _rank(rank: int, port: int, recipe: str, out: str, fail: bool) -> None:

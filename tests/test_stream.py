@@ -191,14 +191,97 @@ def test_streamed_equals_in_memory_across_architectures(arch, tmp_path):
     _same_export(tmp_path / "mem", tmp_path / "st")
 
 
-def test_a_mixture_of_experts_is_refused_when_streamed(tmp_path):
+def _moe_recipe(src, stream=None, **calibration):
+    recipe = _recipe(src, RECIPES["gptq"], stream)
+    recipe["calibration"].update(calibration)
+    return recipe
+
+
+def _same_reports(mem, streamed):
+    """The same per-module reports and tokens per expert (routed counts, all-token experts)."""
+    for sm, ss in zip(mem.report["stages"][0]["steps"], streamed.report["stages"][0]["steps"]):
+        assert sm["modules"] == ss["modules"]
+        assert sm["experts"] == ss["experts"] and set(ss["experts"]) == {f"model.layers.{i}.mlp.experts"
+                                                                         for i in range(2)}
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_streamed_mixture_of_experts_equals_in_memory(arch, tmp_path):
+    """Experts split into per-expert linears on the skeleton and read expert by expert from a sharded
+    checkpoint in transformers 5's saved layout (mixtral: block_sparse_moe.experts.E.w1/w3/w2, renamed
+    on load; qwen: mlp.experts.E.gate/up/down_proj): the in-memory export, bit for bit, and its reports."""
+    from compress.structure import model_structure
     from tests.tiny_archs import arch_model_dir
 
-    src = arch_model_dir(tmp_path / "src", "mixtral")
-    with pytest.raises(CompressError, match="mixture of experts"):
-        run_recipe(_recipe(src, RECIPES["gptq"], True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
-    from compress.structure import model_structure
-
+    src = arch_model_dir(tmp_path / "src", arch, max_shard_size="100KB")
+    assert len(list((tmp_path / "src").glob("model-*.safetensors"))) > 3
     structure, _ = model_structure(src)  # what `compress validate` checks, from the config alone
-    with pytest.raises(RecipeError, match="mixture of experts"):
-        check_plan(validate_recipe(_recipe(src, RECIPES["gptq"], True)), structure)
+    check_plan(validate_recipe(_moe_recipe(src, True)), structure)
+    mem = run_recipe(_moe_recipe(src), out_dir=tmp_path / "mem", progress=False, log=lambda *_: None)
+    st = run_recipe(_moe_recipe(src, True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+    _same_export(tmp_path / "mem", tmp_path / "st")
+    _same_reports(mem, st)
+    assert "model.layers.1.mlp.experts.3.down_proj.qweight" in read_tensors(tmp_path / "st")
+
+
+def test_fused_expert_tensors_are_read_one_expert_at_a_time(tmp_path):
+    """A checkpoint that stores the experts fused (experts.gate_up_proj [E, 2I, H], down_proj
+    [E, H, I]: the module's own layout) streams to the export of the per-expert checkpoint of the same
+    weights loaded whole; every token through every expert (routing all) reported the same."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_archs import arch_model, arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", "qwen2_moe")
+    fused = tmp_path / "fused"
+    shutil.copytree(src, fused, ignore=shutil.ignore_patterns("*.safetensors"))  # config and tokenizer
+    tensors = {k: v.contiguous() for k, v in arch_model("qwen2_moe").state_dict().items()}  # the same seed
+    assert tensors["model.layers.0.mlp.experts.gate_up_proj"].shape == (4, 64, 64)
+    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    mem = run_recipe(_moe_recipe(src, expert_routing="all"), out_dir=tmp_path / "mem", progress=False,
+                     log=lambda *_: None)
+    st = run_recipe(_moe_recipe(fused, True, expert_routing="all"), out_dir=tmp_path / "st", progress=False,
+                    log=lambda *_: None)
+    _same_export(tmp_path / "mem", tmp_path / "st")
+    _same_reports(mem, st)
+    assert st.report["stages"][0]["steps"][0]["experts"]["model.layers.0.mlp.experts"]["all_token_statistics"] \
+        == [0, 1, 2, 3]
+
+
+def test_an_expert_the_checkpoint_lacks_is_named(tmp_path):
+    """A layout streaming cannot map onto the split experts (here: a fused tensor missing) stops at the
+    block, naming the per-expert tensor it looked for and what to do."""
+    from safetensors.torch import save_file
+
+    from tests.tiny_archs import arch_model, arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", "qwen3_moe")
+    fused = tmp_path / "fused"
+    shutil.copytree(src, fused, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = {k: v.contiguous() for k, v in arch_model("qwen3_moe").state_dict().items()
+               if k != "model.layers.1.mlp.experts.down_proj"}
+    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CompressError, match=r"no tensor 'model\.layers\.1\.mlp\.experts\.0\.gate_proj\.weight'.*"
+                                            r"drop model\.stream"):
+        run_recipe(_moe_recipe(fused, True), out_dir=tmp_path / "st", progress=False, log=lambda *_: None)
+
+
+def test_interrupted_mixture_of_experts_resumes_with_its_tokens_per_expert(tmp_path):
+    """Interrupted after block 0 of 2, started again: block 0 is replayed (not solved) and its tokens
+    per expert come from the manifest; the export and the report are the uninterrupted run's."""
+    from tests.tiny_archs import arch_model_dir
+
+    src = arch_model_dir(tmp_path / "src", "mixtral", max_shard_size="100KB")
+    recipe = validate_recipe(_moe_recipe(src, True, expert_min_tokens=40))  # some experts take every token
+    ref = run_streaming(recipe, out_dir=tmp_path / "ref", progress=False, log=lambda *_: None)
+    with pytest.raises(KeyboardInterrupt):
+        run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None,
+                      on_block=_interrupt((0, 0)))
+    manifest = json.loads((work_dir_for(tmp_path / "out") / "manifest.json").read_text())
+    assert manifest["finished"] == [0, -1] and list(manifest["experts"]["0"]) == ["0"]
+    result = run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None)
+    assert result.report["stream"]["resumed"]
+    _same_export(tmp_path / "ref", tmp_path / "out")
+    _same_reports(ref, result)
+    starved = [r["all_token_statistics"] for r in ref.report["stages"][0]["steps"][0]["experts"].values()]
+    assert any(starved)  # the threshold took effect, so the restored report carries it

@@ -57,11 +57,12 @@ def arch_model(arch: str, seed: int = 0):
     return model.eval()
 
 
-def arch_model_dir(path, arch: str, seed: int = 0) -> str:
-    """Save the tiny ``arch`` model and the byte tokenizer as a Hugging Face folder; return its path."""
+def arch_model_dir(path, arch: str, seed: int = 0, max_shard_size: str | None = None) -> str:
+    """Save the tiny ``arch`` model and the byte tokenizer as a Hugging Face folder (in shards of at
+    most ``max_shard_size`` where given); return its path."""
     model = arch_model(arch, seed)
     tok = byte_tokenizer()
     model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tok.save_pretrained(path)
     return str(path)
