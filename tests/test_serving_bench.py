@@ -32,3 +32,40 @@ def test_wheel_walk_reads_markers_image_and_pins():
     assert image["torch"] == "2.11.0" and image["torchvision"] == "0.26.0" and "numba" in image
     assert image["numba"] is None and "pydantic" not in image  # the image lacks pydantic (gpu_wheels.txt)
     assert vw.pins()["xgrammar"] == "0.2.7"
+
+
+def _fake_wheel(folder, name, version, requires):
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires) + "\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+    return path
+
+
+def test_wheel_walk_follows_an_extra_asked_for_after_the_package_was_carried(tmp_path, monkeypatch):
+    # mistral-common asks for pydantic-extra-types[pycountry] after fastapi carried it without the extra:
+    # the GPU machine then lacked pycountry and vLLM did not start (the first H200 window).
+    pytest.importorskip("packaging")
+    import vllm_wheels as vw
+
+    index = {"vllm": ("1.0", ["fastapi", "mistral-common"]), "fastapi": ("1.0", ["extra-types>=1"]),
+             "mistral-common": ("1.0", ["extra-types[country]>=1"]),
+             "extra-types": ("1.0", ['country-data>=2; extra == "country"']), "country-data": ("2.0", [])}
+
+    def download(spec, dest):
+        from packaging.requirements import Requirement
+
+        name = Requirement(spec).name
+        version, requires = index[name]
+        dest.mkdir(parents=True, exist_ok=True)
+        return _fake_wheel(dest, name, version, requires)
+
+    monkeypatch.setattr(vw, "download", download)
+    monkeypatch.setattr(vw, "image_packages", lambda: {})
+    monkeypatch.setattr(vw, "pins", lambda: {})
+    report = vw.resolve("1.0", tmp_path / "out")
+    assert set(report["carried"]) == {"vllm", "fastapi", "mistral-common", "extra-types", "country-data"}
+    assert report["carried"]["country-data"]["required_by"] == "extra-types==1.0"

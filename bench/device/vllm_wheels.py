@@ -118,10 +118,15 @@ def resolve(vllm_version: str, out: Path) -> dict:
     carried: dict[str, dict] = {}
     left_to_image: dict[str, dict] = {}
 
+    walked_extras: dict[str, set[str]] = {}  # per carried package, the extras whose requirements were queued
+
     def walk(wheel: Path, extras: set[str], who: str) -> None:
         name, version, requires = wheel_metadata(wheel)
-        carried[canonicalize_name(name)] = {"wheel": wheel.name, "version": version, "bytes": wheel.stat().st_size,
-                                            "required_by": who}
+        key = canonicalize_name(name)
+        if key not in carried:
+            carried[key] = {"wheel": wheel.name, "version": version, "bytes": wheel.stat().st_size,
+                            "required_by": who}
+        walked_extras.setdefault(key, set()).update(extras)
         for text in requires:
             req = Requirement(text)
             if wanted(req, extras):
@@ -134,6 +139,9 @@ def resolve(vllm_version: str, out: Path) -> dict:
         if key in carried:
             if not req.specifier.contains(Version(carried[key]["version"]), prereleases=True):
                 print(f"warning: {who} needs {req}, carried {key}=={carried[key]['version']}", file=sys.stderr)
+            new = set(req.extras) - walked_extras[key]
+            if new:  # asked for again with an extra (pydantic-extra-types[pycountry] by mistral-common)
+                walk(cache / carried[key]["wheel"], new, who)
             continue
         if key in image:
             known = image[key]
