@@ -70,10 +70,12 @@ def run_one(args) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     out: dict = {"name": args.name, "model": args.model}
     handler = _KernelLog()
-    logging.getLogger("vllm").addHandler(handler)
     try:
         from vllm import LLM, SamplingParams
 
+        # After the import: vLLM's logging.config.dictConfig (run when it is imported) replaces the handlers
+        # of its "vllm" logger, which dropped one attached before (the first window's empty kernel logs).
+        logging.getLogger("vllm").addHandler(handler)
         t0 = time.perf_counter()
         llm = LLM(model=args.model, dtype="bfloat16", seed=0, max_model_len=2048,
                   gpu_memory_utilization=args.gpu_memory, trust_remote_code=False)
