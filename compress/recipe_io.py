@@ -67,6 +67,8 @@ def apply_overrides(data: dict, overrides: list[str], *, origin: str = "--set") 
         except yaml.YAMLError:
             value = raw_value
         parts = _split_path(key.strip(), origin, item)
+        if len(parts) > 1 and parts[0] == "model" and isinstance(data.get("model"), str):
+            data["model"] = {"id": data["model"]}  # `model: ID` is shorthand for `model: {id: ID}`: model.stream=true works
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             nxt_is_index = isinstance(parts[i + 1], int)

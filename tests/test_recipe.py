@@ -105,6 +105,14 @@ def test_overrides():
         apply_overrides(data, ["stages"])
 
 
+def test_a_model_key_set_on_the_shorthand_expands_it():
+    # `model: ID` in the file, `--set model.stream=true` or `model.id=...` on the command line
+    data = {"model": "smollm2-135m", "stages": [{"name": "q", "steps": [{"algorithm": "gptq"}]}]}
+    apply_overrides(data, ["model.id=qwen2.5-coder-0.5b", "model.dtype=bfloat16"])
+    r = validate_recipe(data)
+    assert r.model.id == "qwen2.5-coder-0.5b" and r.model.dtype == "bfloat16"
+
+
 def test_set_errors_name_the_path_too(tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(GOOD))
