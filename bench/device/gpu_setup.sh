@@ -14,15 +14,16 @@
 # which chunks a cold machine lost.
 set -euo pipefail
 export COMPRESS_CACHE=${COMPRESS_CACHE:-/tmp/compress-cache} STAGE=${STAGE:-/tmp/stage}
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+export SITE=${SITE:-/tmp/site}  # where carried wheels go (a test points it elsewhere)
+export PYTHONPATH=$SITE:$PWD HF_HUB_OFFLINE=1
 stage_py() { python3 bench/device/stage.py "$@"; }
 carried_chunks() { find .stage -mindepth 3 -maxdepth 3 -path '.stage/*/p[0-9]*/manifest.json' -not -path '.stage/wheel-*' 2>/dev/null | sort | xargs -r -n1 dirname; }
 install() {
   shopt -s nullglob; local wheels=(.whl/*.whl .whl-arrow/*.whl .whl-peer/*.whl) sdists=(.whl-peer/*.tar.gz); shopt -u nullglob
   [ $((${#wheels[@]} + ${#sdists[@]})) -gt 0 ] || { echo "install: no carried wheels"; return 0; }
   local carried have built s; carried=$(basename -a "${wheels[@]}" "${sdists[@]}")
-  have=$(cat /tmp/site/.carried 2>/dev/null || true)
-  [ "$have" != "$carried" ] || { echo "install: ${#wheels[@]} wheels already in /tmp/site"; return 0; }
+  have=$(cat "$SITE/.carried" 2>/dev/null || true)
+  [ "$have" != "$carried" ] || { echo "install: ${#wheels[@]} wheels already in $SITE"; return 0; }
   # An sdist carried in .whl-peer/ has a C extension this side could not build for Python 3.12 (PyPcre):
   # built here, with this image's compiler, headers and setuptools, and no registry.
   built=$(mktemp -d)
@@ -31,9 +32,9 @@ install() {
       || { echo "install: building $(basename "$s") here failed (it needs gcc, Python.h and libpcre2-8)" >&2; return 1; }
   done
   shopt -s nullglob; wheels+=("$built"/*.whl); shopt -u nullglob
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
   rm -rf "$built"
-  echo "$carried" > /tmp/site/.carried
+  echo "$carried" > "$SITE/.carried"
   [ ! -d .whl ] || python3 -c "import datasets, gguf, pydantic; print('install: datasets', datasets.__version__, 'gguf ok, pydantic', pydantic.VERSION)"
   [ ! -d .whl-peer ] || python3 -c "import gptqmodel; print('install: gptqmodel', gptqmodel.__version__)"
 }
