@@ -117,7 +117,7 @@ def wanted(req: Requirement, extras: set[str]) -> bool:
 
 def closure(root: Path, cache: Path, image: dict[str, str | None], pinned: dict[str, str] | None = None,
             keep_image: dict[str, str] | None = None,
-            fetch: Callable[[str, Path], Path] = download) -> tuple[dict[str, dict], dict[str, dict]]:
+            fetch: Callable[[str, Path], Path] | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
     """Walk ``root``'s requirements (a downloaded or built wheel); returns (carried, left_to_image).
 
     ``carried`` holds ``root`` itself and every wheel downloaded into ``cache`` for a requirement the image
@@ -125,6 +125,7 @@ def closure(root: Path, cache: Path, image: dict[str, str | None], pinned: dict[
     package; ``keep_image`` (name -> why) leaves a package to the image whatever the requirement says;
     ``fetch(spec, cache)`` gets one wheel (``download``; bench/device/peer_wheels.py builds sdist-only ones)."""
     pinned, keep_image = pinned or {}, keep_image or {}
+    fetch = fetch or download  # looked up at call time (a test replaces the module's download)
     queue: list[tuple[Requirement, str]] = []
     carried: dict[str, dict] = {}
     left_to_image: dict[str, dict] = {}
