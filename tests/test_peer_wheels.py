@@ -24,7 +24,7 @@ def fake_wheel(folder: Path, name: str, version: str, requires=(), tag="py3-none
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}-{version}-{tag}.whl"
     info = f"{name}-{version}.dist-info"
-    meta = "\n".join([f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
+    meta = "\n".join(["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}",
                       *[f"Requires-Dist: {r}" for r in requires]]) + "\n\n"
     wheel = f"Wheel-Version: 1.0\nRoot-Is-Purelib: {str(purelib).lower()}\nTag: {tag}\n"
     with zipfile.ZipFile(path, "w") as zf:

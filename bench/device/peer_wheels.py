@@ -110,8 +110,7 @@ class Fetcher:
             pass
         built = self.build(spec, cache / "built")
         if not is_pure(built):
-            name = vw.wheel_metadata(built)[0]
-            version = vw.wheel_metadata(built)[1]
+            name, version, _ = vw.wheel_metadata(built)
             self.sdists[canonicalize_name(name)] = self.sdist(f"{name}=={version}", cache / "sdist")
         return built
 
