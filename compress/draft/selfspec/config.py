@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from compress.algorithms import register_algorithm
 from compress.config import CorpusName, UntargetedStepConfig
@@ -34,6 +34,19 @@ class SelfSpecConfig(UntargetedStepConfig):
                                        description="prompt files (blank-line separated) whose documents are kept out "
                                                    "of training: a benchmark's prompts must be unseen text")
     seq_len: int = Field(512, ge=16, le=8192)
+    train_source: Literal["corpus", "generations"] = Field(
+        "corpus", description="what the heads are distilled on: corpus windows (seq_len tokens each), or "
+                              "generations: the target's own greedy continuations (generate_tokens) of the first "
+                              "prompt_tokens of each training window (self-distillation, as Medusa-2 and EAGLE), "
+                              "the text the drafter meets at decode time")
+    prompt_tokens: int | None = Field(None, ge=1, description="prompt length of the generations (training with "
+                                      "train_source: generations, and the held-out generations); null: seq_len // 4")
+    generate_tokens: int | None = Field(None, ge=1, le=8192, description="greedy tokens generated per prompt; null: "
+                                        "seq_len - prompt_tokens (a sequence as long as a corpus window)")
+    generate_batch_size: int = Field(32, ge=1, description="prompts continued together (KV cache, one batch at a "
+                                                           "time)")
+    eval_generations: bool = Field(True, description="also report the depth curve on the target's greedy "
+                                                     "continuations of the held-out windows' prompts")
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0, le=1)
@@ -48,6 +61,22 @@ class SelfSpecConfig(UntargetedStepConfig):
         if bad:
             raise ValueError(f"exit layers must be >= 1 (blocks the drafter runs), got {bad}")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _generation_lengths(self) -> "SelfSpecConfig":
+        if self.prompt_tokens is not None and self.prompt_tokens >= self.seq_len:
+            raise ValueError(f"prompt_tokens ({self.prompt_tokens}) must be below seq_len ({self.seq_len}): a "
+                             f"prompt is the first prompt_tokens of a seq_len-token window")
+        p, g = self.generation_shape
+        if p + g > 8192:
+            raise ValueError(f"generate_tokens: prompt_tokens + generate_tokens = {p} + {g} exceeds 8192 tokens")
+        return self
+
+    @property
+    def generation_shape(self) -> tuple[int, int]:
+        """(prompt tokens, generated tokens) of a generated sequence, defaults resolved."""
+        p = self.seq_len // 4 if self.prompt_tokens is None else self.prompt_tokens
+        return p, self.seq_len - p if self.generate_tokens is None else self.generate_tokens
 
     @field_validator("gammas")
     @classmethod

@@ -5,10 +5,15 @@
       vocab_size: 32768               # trimmed LM head (null: the full vocabulary)
       full_vocab_layers: [5]          # extra full-vocabulary heads, for comparison
       train_corpora: [stdlib, bbc]    # distillation text (train split)
+      train_source: generations       # or corpus (default): the target's own greedy continuations
+      prompt_tokens: 128              #   of each window's first 128 tokens, 384 new tokens each
+      generate_tokens: 384
       steps: 600
 
 The step leaves the target unchanged. It trains the heads (compress/draft/selfspec/train.py),
-measures the depth curve on held-out windows (validation split), picks the depth and draft
+measures the depth curve on held-out windows (validation split) and, reported beside it, on the
+target's greedy continuations of those windows' prompts (the text a drafter meets when decoding;
+``eval_generations``), picks the depth and draft
 length with the best predicted speedup, fits a calibrator of the chosen head's confidence against
 acceptance on one half of the held-out events (reporting ECE / AUROC on the other half, before
 and after) and picks the stopping threshold there. ``export: {format: self-spec}`` writes the
@@ -27,6 +32,7 @@ from compress.algorithms import StepContext
 from compress.draft.agreement import read_prompts
 from compress.draft.confidence import fit_drafter_calibrator
 from compress.draft.selfspec.config import SelfSpecConfig
+from compress.draft.selfspec.generations import continuation_mask, greedy_continuations
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
 from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
@@ -88,10 +94,28 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     for k in cfg.exit_layers + cfg.full_vocab_layers:
         if k >= layers:
             raise CompressError(f"{ctx.where}: exit layer {k} must be below the target's {layers} blocks")
+    p_len, g_len = cfg.generation_shape
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    uses_generations = cfg.train_source == "generations" or cfg.eval_generations
+    if uses_generations and max_pos is not None and p_len + g_len > max_pos:
+        raise CompressError(f"{ctx.where}: prompt_tokens + generate_tokens = {p_len} + {g_len} exceeds the target's "
+                            f"{max_pos} positions (max_position_embeddings); shorten generate_tokens")
     model.to(ctx.device)
     exclude = _prompt_lines(cfg.exclude_prompts)
     train, dropped = _windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows, exclude)
     held, _ = _windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows, exclude)
+    eos = eos_ids(model)
+    loss_mask = None
+    if cfg.train_source == "generations":
+        # Self-distillation: the target continues each training window's prompt greedily. The loss
+        # covers the continuation positions only (from the prompt's last token, which predicts the
+        # first generated one, to the one predicting the first EOS): those are the contexts a drafter
+        # drafts from at decode time, which is the point of this text; the prompt positions are
+        # corpus text, what train_source: corpus already trains on, and keeping them would make the
+        # comparison of the two sources a mixture. They still run through the target as context.
+        train = greedy_continuations(model, train[:, :p_len], g_len, batch_size=cfg.generate_batch_size,
+                                     progress=ctx.progress)
+        loss_mask = continuation_mask(train, p_len, eos)
     lm_rows = model.lm_head.weight.shape[0]
     full = torch.arange(lm_rows)
     trimmed = (full if cfg.vocab_size is None or cfg.vocab_size >= lm_rows else
@@ -99,9 +123,15 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     specs = {f"k{k}": (k, trimmed) for k in cfg.exit_layers}
     specs.update({f"k{k}-full": (k, full) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                   seed=cfg.seed, progress=ctx.progress)
+                                   seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask)
     events = head_events(model, heads, held)
     curve = summarise_heads(events, heads, layers, cfg.gammas)
+    curve_gen = None
+    if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
+        held_gen = greedy_continuations(model, held[:, :p_len], g_len, batch_size=cfg.generate_batch_size,
+                                        progress=ctx.progress)
+        events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, p_len, eos))
+        curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
     gamma = curve[best]["best_gamma"]
@@ -125,17 +155,26 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         stop["acceptance_calibration"] = {"events": int(conf_rep.numel()), "before": before}
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
+    generation_info = ({"source": "generations", "prompt_tokens": p_len, "generate_tokens": g_len}
+                       if cfg.train_source == "generations" else {})
+    if cfg.eval_generations:
+        generation_info["held_out_generations"] = {"prompt_tokens": p_len, "generate_tokens": g_len,
+                                                   "sequences": int(held.shape[0])}
     manifest = {"format": FORMAT, "target": {"source": getattr(model.config, "_name_or_path", None),
                                              **target_fingerprint(model)},
                 "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "file": f"head-{n}.safetensors"}
                           for n, h in heads.items()},
                 "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
                 "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
-                             "held_out_windows": int(held.shape[0]), "documents_excluded": dropped},
+                             "held_out_windows": int(held.shape[0]), "documents_excluded": dropped,
+                             **generation_info},
                 "depth_curve": curve, "stop": stop}
+    if curve_gen is not None:
+        manifest["depth_curve_generations"] = curve_gen
     ctx.state.self_spec = SelfSpecResult(heads, manifest, calibrator, curve)
     return {"heads": list(heads), "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
-            "training": manifest["training"], "depth_curve": curve, "stop": stop}
+            "training": manifest["training"], "depth_curve": curve,
+            **({} if curve_gen is None else {"depth_curve_generations": curve_gen}), "stop": stop}
 
 
 def write_self_spec(model, tokenizer, folder: Path, state, spec) -> None:

@@ -5,8 +5,10 @@ the training text the frozen target runs once per batch with every hidden state 
 candidate exit depth k has its own head reading h_k, trained to minimise the cross-entropy of its
 trimmed-vocabulary distribution against the target's next-token distribution restricted to the
 same ids, Σ_v p_target(v) · −log q_head(v) (mass outside the trimmed vocabulary cannot be drafted
-and carries no gradient). All heads share the one target forward per batch, so a sweep over
-depths costs little more than one head. The target's weights never change, so greedy speculative
+and carries no gradient). The text is corpus windows, or (self-distillation, generations.py) the
+target's own greedy continuations of their prompts, the loss then on the continuation positions.
+All heads share the one target forward per batch, so a sweep over depths costs little more than
+one head. The target's weights never change, so greedy speculative
 output stays the target's own.
 
 Held-out evaluation (windows of another split), per head: greedy agreement (head argmax, mapped
@@ -49,12 +51,19 @@ def _teacher(target, ids: torch.Tensor, exit_layers):
 
 def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch.Tensor]], *, steps: int,
                   batch_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0, warmup: int = 20,
-                  seed: int = 0, progress: bool = True) -> tuple[dict[str, ExitHead], dict]:
-    """Heads ``{name: (exit_layer, vocab_map)}`` trained jointly on windows ``train`` [N, T]."""
+                  seed: int = 0, progress: bool = True,
+                  loss_mask: torch.Tensor | None = None) -> tuple[dict[str, ExitHead], dict]:
+    """Heads ``{name: (exit_layer, vocab_map)}`` trained jointly on windows ``train`` [N, T].
+
+    ``loss_mask`` [N, T] bool: the positions the loss averages over (None: all, the mean over the
+    batch's every position as always)."""
     if steps < 1:
         raise CompressError(f"steps must be >= 1, got {steps}")
     if train.dim() != 2 or train.shape[0] == 0:
         raise CompressError("the training text gave no windows")
+    if loss_mask is not None and (loss_mask.shape != train.shape or not loss_mask.any(1).all()):
+        raise CompressError(f"the loss mask must be [N, T] = {tuple(train.shape)} with a position in every row, "
+                            f"got {tuple(loss_mask.shape)}")
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     heads = {name: ExitHead(target, k, vmap).to(device) for name, (k, vmap) in specs.items()}
@@ -72,11 +81,13 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch
         hidden, logits = _teacher(target, train[idx].to(device), depths)
         p_full = torch.softmax(logits.float(), -1)
         del logits
+        mask = None if loss_mask is None else loss_mask[idx].to(device=device, dtype=torch.float32)
         opt.zero_grad(set_to_none=True)
         for name, head in heads.items():  # backward head by head: one head's activations at a time
             p = p_full[..., head.vocab_map]  # the target's mass on this head's ids
             logq = F.log_softmax(head.forward_sequence(hidden[head.exit_layer], cos, sin), -1)
-            loss = -(p * logq).sum(-1).mean()
+            loss = (-(p * logq).sum(-1).mean() if mask is None else
+                    -((p * logq).sum(-1) * mask).sum() / mask.sum())
             loss.backward()
             losses[name].append(float(loss.detach()))
             del p, logq, loss
@@ -90,14 +101,17 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch
              train.shape[1], seconds)
     history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
+               **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
                "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in losses.items()}}
     return heads, history
 
 
 @torch.no_grad()
-def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, batch_size: int = 4) -> dict:
+def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, batch_size: int = 4,
+                keep: torch.Tensor | None = None) -> dict:
     """Per head, teacher-forced over ``windows`` [N, T]: per-window agreement sequences, confidences
-    and overlaps (positions 0..T−2 predicting tokens 1..T−1)."""
+    and overlaps (positions 0..T−2 predicting tokens 1..T−1; with ``keep`` [N, T] bool, only its
+    positions among those — e.g. a generated sequence's continuation)."""
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     cos, sin = _rope_tables(target, windows.shape[1], device, dtype)
@@ -114,9 +128,10 @@ def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, ba
             agree = vmap[idx] == t_arg
             overlap = torch.minimum(p[..., vmap], q_trim).sum(-1)  # q is zero off the trimmed ids
             for b in range(ids.shape[0]):
-                out[k]["agree"].append(agree[b].cpu().tolist())
-                out[k]["confidence"].append(conf[b].float().cpu().tolist())
-                out[k]["overlap"].append(overlap[b].float().cpu())
+                sel = slice(None) if keep is None else keep[s + b, :-1].to(device)
+                out[k]["agree"].append(agree[b][sel].cpu().tolist())
+                out[k]["confidence"].append(conf[b][sel].float().cpu().tolist())
+                out[k]["overlap"].append(overlap[b][sel].float().cpu())
     return out
 
 

@@ -1,0 +1,64 @@
+"""Self-distillation text: the target's own greedy continuations of corpus prompts (Medusa-2, EAGLE).
+
+At decode time the exit head drafts continuations of the target's own greedy text, not of human
+text; training on that text matches the decode-time distribution. Each prompt is the first
+``prompt_tokens`` of a corpus window (all prompts have one length, so batches need no padding);
+the target continues it greedily for exactly ``new_tokens`` tokens with its KV cache, one batch of
+prompts at a time. The length is fixed and generation does not stop at EOS: rows stay rectangular,
+and ``continuation_mask`` leaves out what a decoder that stops at EOS never sees.
+
+Greedy decoding draws no random numbers: the sequences depend only on the prompts, the target's
+weights and the batch split (fixed here), so a seed does not enter. (Batched and one-at-a-time
+runs can differ where two logits tie to within float rounding; the tests use a confident target.)
+"""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from compress.errors import CompressError
+
+
+@torch.no_grad()
+def greedy_continuations(target, prompts: torch.Tensor, new_tokens: int, *, batch_size: int = 32,
+                         progress: bool = True) -> torch.Tensor:
+    """``prompts`` [N, P] -> [N, P + new_tokens] on the CPU: each prompt and its greedy continuation."""
+    if prompts.dim() != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
+        raise CompressError(f"greedy continuations need a non-empty [N, P] batch of prompts, got {tuple(prompts.shape)}")
+    if new_tokens < 1 or batch_size < 1:
+        raise CompressError(f"new_tokens and batch_size must be >= 1, got {new_tokens} and {batch_size}")
+    device = next(target.parameters()).device
+    out = []
+    bar = tqdm(total=prompts.shape[0] * new_tokens, desc="generations", unit="tok", disable=not progress)
+    for s in range(0, prompts.shape[0], batch_size):
+        ids = prompts[s:s + batch_size].to(device)
+        cache = DynamicCache()
+        logits = target(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        new = [logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(new_tokens - 1):
+            logits = target(input_ids=new[-1], past_key_values=cache, use_cache=True).logits
+            new.append(logits[:, -1].argmax(-1, keepdim=True))
+            bar.update(ids.shape[0])
+        bar.update(ids.shape[0])
+        out.append(torch.cat([ids, *new], 1).cpu())
+        del cache
+    bar.close()
+    return torch.cat(out)
+
+
+def continuation_mask(seqs: torch.Tensor, prompt_tokens: int, eos: set[int] = frozenset()) -> torch.Tensor:
+    """[N, T] bool: the positions whose next-token prediction a decoder drafts — from the last prompt
+    position (it predicts the first generated token) up to the one that predicts the first
+    generated EOS; positions after an EOS are text a decoder that stops there never produces."""
+    n, t = seqs.shape
+    if not 1 <= prompt_tokens < t:
+        raise CompressError(f"prompt_tokens must be in 1..{t - 1} for sequences of {t} tokens, got {prompt_tokens}")
+    pos = torch.arange(t)
+    mask = (pos >= prompt_tokens - 1).expand(n, t).clone()
+    if eos:
+        gen = seqs[:, prompt_tokens:]
+        is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=seqs.dtype))
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + prompt_tokens, torch.full((n,), t))
+        mask &= pos[None] < first[:, None]  # position first−1 predicts the EOS: kept
+    return mask

@@ -1,0 +1,165 @@
+"""Self-distillation data for the exit heads (train_source: generations) on tiny models."""
+import copy
+import functools
+
+import pytest
+import torch
+import yaml
+
+from compress.draft import target_generate
+from compress.draft.selfspec import step as selfspec_step
+from compress.draft.selfspec.config import SelfSpecConfig
+from compress.draft.selfspec.generations import continuation_mask, greedy_continuations
+from compress.draft.selfspec.train import distill_heads, head_events
+from compress.errors import CompressError, RecipeError
+from tests.tiny import TEXT, byte_tokenizer, tiny_model, tiny_model_dir
+
+EOS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _target():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)  # confident: batched and one-row argmaxes cannot tie differently
+    return model
+
+
+def _prompts(n=5, length=12):
+    ids = byte_tokenizer()(TEXT)["input_ids"]
+    return torch.tensor([ids[i * 37:i * 37 + length] for i in range(n)])
+
+
+def test_greedy_continuations_are_the_targets_own_greedy_generate():
+    model = copy.deepcopy(_target())
+    model.generation_config.eos_token_id = None  # compare fixed-length runs: generate() must not stop either
+    model.generation_config.pad_token_id = 0
+    prompts = _prompts()
+    got = greedy_continuations(model, prompts, 20, batch_size=2, progress=False)  # batches of 2, 2 and 1
+    assert got.shape == (5, 32) and torch.equal(got[:, :12], prompts)
+    for row, prompt in zip(got, prompts):
+        want = model.generate(prompt[None], max_new_tokens=20, do_sample=False)[0]
+        assert row.tolist() == want.tolist()
+        assert row[12:].tolist() == target_generate(model, prompt, 20).tokens.tolist()
+    assert torch.equal(got, greedy_continuations(model, prompts, 20, batch_size=5, progress=False))
+    assert len(set(map(tuple, got[:, 12:].tolist()))) > 1  # the prompts lead to different text
+
+
+def test_continuation_mask_starts_at_the_last_prompt_token_and_stops_at_eos():
+    seqs = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, EOS, 5, 6], [1, 2, 3, 4, 5, EOS], [1, EOS, 3, 4, 5, 6]])
+    mask = continuation_mask(seqs, 3, {EOS})
+    assert mask.tolist() == [[0, 0, 1, 1, 1, 1],  # position 2 predicts the first generated token
+                             [0, 0, 1, 0, 0, 0],  # ... and predicts an immediate EOS: nothing after
+                             [0, 0, 1, 1, 1, 0],  # the position predicting EOS is kept, EOS's own is not
+                             [0, 0, 1, 1, 1, 1]]  # an EOS inside the prompt is the prompt's business
+    assert continuation_mask(seqs, 3).sum() == 16
+    with pytest.raises(CompressError, match="prompt_tokens must be in 1..5"):
+        continuation_mask(seqs, 6)
+
+
+def test_the_loss_mask_restricts_the_loss_and_an_all_ones_mask_is_the_plain_mean():
+    model = _target()
+    seqs = greedy_continuations(model, _prompts(4, 8), 8, progress=False)
+    specs = {"k1": (1, torch.arange(264))}
+    kw = dict(steps=3, batch_size=2, lr=1e-3, seed=3, progress=False)
+    plain, _ = distill_heads(model, seqs, specs, **kw)
+    ones, _ = distill_heads(model, seqs, specs, loss_mask=torch.ones_like(seqs, dtype=torch.bool), **kw)
+    masked, hist = distill_heads(model, seqs, specs, loss_mask=continuation_mask(seqs, 8), **kw)
+    assert torch.allclose(plain["k1"].wqkv, ones["k1"].wqkv, atol=1e-6)
+    assert not torch.allclose(plain["k1"].wqkv, masked["k1"].wqkv, atol=1e-4)
+    assert hist["loss_positions"] == pytest.approx(9 / 16)
+    with pytest.raises(CompressError, match="loss mask"):
+        distill_heads(model, seqs, specs, loss_mask=torch.zeros_like(seqs, dtype=torch.bool), **kw)
+    ev = head_events(model, plain, seqs, keep=continuation_mask(seqs, 8))
+    assert [len(a) for a in ev["k1"]["agree"]] == [8] * 4  # positions 7..14 of 16 (the last has no next token)
+
+
+def test_config_errors_name_the_field():
+    assert SelfSpecConfig().train_source == "corpus"
+    assert SelfSpecConfig(seq_len=128).generation_shape == (32, 96)
+    assert SelfSpecConfig(seq_len=128, prompt_tokens=16, generate_tokens=300).generation_shape == (16, 300)
+    with pytest.raises(RecipeError, match="train_source: Input should be 'corpus' or 'generations'"):
+        SelfSpecConfig(train_source="generated")
+    with pytest.raises(RecipeError, match=r"prompt_tokens \(128\) must be below seq_len \(128\)"):
+        SelfSpecConfig(seq_len=128, prompt_tokens=128)
+    with pytest.raises(RecipeError, match="generate_tokens: Input should be greater than or equal to 1"):
+        SelfSpecConfig(generate_tokens=0)
+    with pytest.raises(RecipeError, match="prompt_tokens: Input should be greater than or equal to 1"):
+        SelfSpecConfig(prompt_tokens=0)
+    with pytest.raises(RecipeError, match="generate_tokens: prompt_tokens \\+ generate_tokens = 128 \\+ 8192"):
+        SelfSpecConfig(generate_tokens=8192)
+
+
+def _recipe(mdir, text_file, **step):
+    return {"version": 1, "model": {"id": mdir, "device": "cpu"}, "stages": [{"name": "draft", "steps": [
+        {"algorithm": "self_spec", "exit_layers": [1, 2], "vocab_size": 64, "train_corpora": [text_file],
+         "train_windows": 6, "eval_windows": 4, "seq_len": 32, "steps": 4, "batch_size": 2, "lr": 1e-3,
+         "calibrator": None, **step}]}]}
+
+
+def _run(recipe):
+    from compress.pipeline import run_recipe
+    from compress.recipe import validate_recipe
+    return run_recipe(validate_recipe(recipe), progress=False, log=lambda *_: None)
+
+
+def _weights(result):
+    return {f"{n}.{k}": v.detach().clone() for n, h in result.state.self_spec.heads.items() for k, v in h.state().items()}
+
+
+def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, text_file, monkeypatch):
+    from compress.models import load_model
+    from compress.recipe import load_recipe
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(mdir, text_file, prompt_tokens=10, generate_tokens=14)))
+    recipe = load_recipe(path, ["stages[0].steps[0].train_source=generations"])
+    assert recipe.stages[0].steps[0].train_source == "generations"
+    seen = {}
+    real = selfspec_step.distill_heads
+
+    def spy(model, train, specs, **kw):
+        seen.update(train=train, mask=kw["loss_mask"])
+        return real(model, train, specs, **kw)
+
+    monkeypatch.setattr(selfspec_step, "distill_heads", spy)
+    result = _run(recipe)
+    step = result.report["stages"][0]["steps"][0]
+    assert step["training"]["source"] == "generations" and step["training"]["seq_len"] == 24
+    assert set(step["depth_curve"]) == set(step["depth_curve_generations"]) == {"k1", "k2"}
+    assert step["training"]["held_out_generations"]["sequences"] == 4
+    # the training text: each corpus window's first 10 tokens, continued greedily by the target
+    target = load_model(mdir).model
+    windows, _ = selfspec_step._windows(byte_tokenizer(), [text_file], "train", 32, 6)
+    assert torch.equal(seen["train"][:, :10], windows[:, :10])
+    assert torch.equal(seen["train"], greedy_continuations(target, windows[:, :10], 14, progress=False))
+    assert torch.equal(seen["mask"], continuation_mask(seen["train"], 10, {EOS}))
+    assert not torch.equal(seen["train"], windows[:, :24])  # not the corpus text: the target's own
+    again = _run(recipe)  # deterministic: the same generations, so the same heads
+    assert all(torch.equal(v, _weights(again)[k]) for k, v in _weights(result).items())
+
+
+def test_corpus_source_is_the_unchanged_default(tmp_path, text_file, monkeypatch):
+    """train_source: corpus (and the default) trains exactly what the step trained before the option:
+    distill_heads on the corpus windows with no mask; the held-out generations only add a report."""
+    mdir = tiny_model_dir(tmp_path / "tiny", "qwen2")
+    default = _run(_recipe(mdir, text_file))
+    explicit = _run(_recipe(mdir, text_file, train_source="corpus", prompt_tokens=4, eval_generations=False))
+    a, b = _weights(default), _weights(explicit)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    from compress.models import load_model
+    target = load_model(mdir).model
+    windows, _ = selfspec_step._windows(byte_tokenizer(), [text_file], "train", 32, 6)
+    vmap = default.state.self_spec.heads["k1"].vocab_map
+    direct, _ = distill_heads(target, windows, {"k1": (1, vmap), "k2": (2, vmap)}, steps=4, batch_size=2,
+                              lr=1e-3, seed=0, progress=False)
+    assert all(torch.equal(v, a[f"{n}.{k}"]) for n, h in direct.items() for k, v in h.state().items())
+    rep = default.report["stages"][0]["steps"][0]
+    assert "source" not in rep["training"] and "depth_curve_generations" in rep
+    assert "depth_curve_generations" not in explicit.report["stages"][0]["steps"][0]
+
+
+def test_generations_longer_than_the_targets_positions_are_refused(tmp_path, text_file):
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")  # 512 positions
+    with pytest.raises(CompressError, match=r"prompt_tokens \+ generate_tokens = 8 \+ 600 exceeds the target's 512"):
+        _run(_recipe(mdir, text_file, train_source="generations", generate_tokens=600))
