@@ -102,32 +102,34 @@ def test_fetcher_builds_sdist_only_packages_and_carries_the_sdist_of_a_compiled_
         pw.carry_list({"gone": {"wheel": "gone-0.1-py3-none-any.whl"}}, cache, {})
 
 
-@pytest.mark.skipif(subprocess.run(["python3", "-m", "pip", "--version"], capture_output=True).returncode != 0,
-                    reason="gpu_setup.sh installs with python3 -m pip")
-def test_gpu_setup_install_puts_carried_peer_wheels_on_the_path_and_imports_the_peer(tmp_path):
+needs_pip = pytest.mark.skipif(subprocess.run(["python3", "-m", "pip", "--version"], capture_output=True).returncode != 0,
+                               reason="gpu_setup.sh installs with python3 -m pip")
+
+
+def _gpu_install(tmp_path, peer_init: str):
+    """A GPU-side checkout with a fake gptqmodel wheel in .whl-peer/; a function that runs its install."""
     gpu = tmp_path / "gpu"
     (gpu / "bench").mkdir(parents=True)
     shutil.copytree(ROOT / "bench/device", gpu / "bench/device")
-    fake_wheel(gpu / ".whl-peer", "gptqmodel", "7.6.0", files={"gptqmodel/__init__.py": "__version__ = '7.6.0-fake'\n"})
+    fake_wheel(gpu / ".whl-peer", "gptqmodel", "7.6.0", files={"gptqmodel/__init__.py": peer_init})
     env = {**os.environ, "SITE": str(tmp_path / "site"), "STAGE": str(tmp_path / "stage"),
            "COMPRESS_CACHE": str(tmp_path / "cache")}
+    return lambda: subprocess.run(["bash", "bench/device/gpu_setup.sh", "install"], cwd=gpu, env=env,
+                                  capture_output=True, text=True)
+
+
+@needs_pip
+def test_gpu_setup_install_puts_carried_peer_wheels_on_the_path_and_imports_the_peer(tmp_path):
+    install = _gpu_install(tmp_path, "__version__ = '7.6.0-fake'\n")
     for expect in ("install: gptqmodel 7.6.0-fake imports", "wheels already in"):
-        run = subprocess.run(["bash", "bench/device/gpu_setup.sh", "install"], cwd=gpu, env=env,
-                             capture_output=True, text=True)
+        run = install()
         assert run.returncode == 0, run.stderr
         assert expect in run.stdout
     assert (tmp_path / "site/gptqmodel/__init__.py").is_file()
 
 
-@pytest.mark.skipif(subprocess.run(["python3", "-m", "pip", "--version"], capture_output=True).returncode != 0,
-                    reason="gpu_setup.sh installs with python3 -m pip")
+@needs_pip
 def test_gpu_setup_install_goes_on_when_the_peer_does_not_import_yet(tmp_path):
-    gpu = tmp_path / "gpu"
-    (gpu / "bench").mkdir(parents=True)
-    shutil.copytree(ROOT / "bench/device", gpu / "bench/device")
-    fake_wheel(gpu / ".whl-peer", "gptqmodel", "7.6.0", files={"gptqmodel/__init__.py": "import datasets_missing\n"})
-    env = {**os.environ, "SITE": str(tmp_path / "site")}
-    run = subprocess.run(["bash", "bench/device/gpu_setup.sh", "install"], cwd=gpu, env=env, capture_output=True,
-                         text=True)
+    run = _gpu_install(tmp_path, "import datasets_missing\n")()
     assert run.returncode == 0, run.stderr
     assert "gptqmodel does not import yet" in run.stdout and "datasets_missing" in run.stdout

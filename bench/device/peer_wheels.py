@@ -64,33 +64,29 @@ def is_pure(wheel: Path) -> bool:
     return purelib and any_tag and not compiled
 
 
-def build_wheel(spec: str, dest: Path) -> Path:
-    """``pip wheel --no-deps`` of ``spec`` from its sdist into ``dest``; the built wheel's path."""
+def _pip_one(args: list[str], dest: Path, pattern: str, what: str) -> Path:
+    """Run ``pip ARGS TMP`` (ARGS end with the folder flag's name), expect one ``pattern`` file there, move
+    it into ``dest``; its path."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check", "--no-deps",
-               "--no-binary", Requirement(spec).name, "-w", tmp, spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode or len(wheels) != 1:
-            raise PeerError(f"pip wheel {spec!r} failed:\n{proc.stderr.strip()[-800:]}")
-        dest.mkdir(parents=True, exist_ok=True)
-        out = dest / wheels[0].name
-        shutil.move(str(wheels[0]), out)
-        return out
-
-
-def download_sdist(spec: str, dest: Path) -> Path:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
-               "--no-binary", ":all:", "--no-build-isolation", "-d", tmp, spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        found = list(Path(tmp).glob("*.tar.gz"))
+        proc = subprocess.run([sys.executable, "-m", "pip", *args[:-1], args[-1], tmp], capture_output=True, text=True)
+        found = list(Path(tmp).glob(pattern))
         if proc.returncode or len(found) != 1:
-            raise PeerError(f"pip download (sdist) {spec!r} failed:\n{proc.stderr.strip()[-800:]}")
+            raise PeerError(f"{what} failed:\n{proc.stderr.strip()[-800:]}")
         dest.mkdir(parents=True, exist_ok=True)
         out = dest / found[0].name
         shutil.move(str(found[0]), out)
         return out
+
+
+def build_wheel(spec: str, dest: Path) -> Path:
+    """``pip wheel --no-deps`` of ``spec`` from its sdist into ``dest``; the built wheel's path."""
+    return _pip_one(["wheel", "-q", "--disable-pip-version-check", "--no-deps", "--no-binary", Requirement(spec).name,
+                     spec, "-w"], dest, "*.whl", f"pip wheel {spec!r}")
+
+
+def download_sdist(spec: str, dest: Path) -> Path:
+    return _pip_one(["download", "-q", "--disable-pip-version-check", "--no-deps", "--no-binary", ":all:",
+                     "--no-build-isolation", spec, "-d"], dest, "*.tar.gz", f"pip download (sdist) {spec!r}")
 
 
 class Fetcher:
