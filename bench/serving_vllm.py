@@ -133,6 +133,21 @@ def reference(model_dir: str, ids: list[list[int]], new_tokens: int, vllm_out) -
             "prompts": len(div)}
 
 
+def compare_with_bf16(models: dict) -> None:
+    """Each model against the bf16 model in the same vLLM: speed ratios, and where its greedy tokens part
+    from bf16's (the same engine and kernels family: what quantization changed, without the bf16-vs-bf16
+    differences between vLLM and our loader)."""
+    base = models.get("bf16", {})
+    for name, entry in models.items():
+        if base.get("speed") and entry.get("speed"):
+            entry["speed"]["vs_bf16"] = {k: round(entry["speed"][k] / base["speed"][k], 3)
+                                         for k in ("batch1_tok_s", "batch32_tok_s")}
+        mine, ref = entry.get("greedy", {}).get("vllm_tokens"), base.get("greedy", {}).get("vllm_tokens")
+        if name != "bf16" and mine and ref:
+            div = [first_divergence(list(a), list(b)) for a, b in zip(mine, ref)]
+            entry["greedy"]["vs_bf16_vllm"] = {"first_divergence": div, "identical": sum(d is None for d in div)}
+
+
 def run_all(args) -> dict:
     models = [("bf16", args.bf16)] + [tuple(e.split("=", 1)) for e in args.export]
     result = {"command": " ".join(sys.argv), "models": {}}
@@ -158,11 +173,7 @@ def run_all(args) -> dict:
         result["models"][name] = entry
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         print(name, "loads" if entry.get("loads") else "REFUSED", entry.get("speed", ""), flush=True)
-    base = result["models"]["bf16"].get("speed")
-    for entry in result["models"].values():
-        if base and entry.get("speed"):
-            entry["speed"]["vs_bf16"] = {k: round(entry["speed"][k] / base[k], 3)
-                                         for k in ("batch1_tok_s", "batch32_tok_s")}
+    compare_with_bf16(result["models"])
     import torch
 
     result["machine"] = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

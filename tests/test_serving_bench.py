@@ -69,3 +69,17 @@ def test_wheel_walk_follows_an_extra_asked_for_after_the_package_was_carried(tmp
     report = vw.resolve("1.0", tmp_path / "out")
     assert set(report["carried"]) == {"vllm", "fastapi", "mistral-common", "extra-types", "country-data"}
     assert report["carried"]["country-data"]["required_by"] == "extra-types==1.0"
+
+
+def test_compare_with_bf16_gives_ratios_and_divergence_from_the_bf16_tokens():
+    from serving_vllm import compare_with_bf16
+
+    models = {"bf16": {"speed": {"batch1_tok_s": 100.0, "batch32_tok_s": 1000.0},
+                       "greedy": {"vllm_tokens": [[1, 2, 3], [4, 5]]}},
+              "w4": {"speed": {"batch1_tok_s": 50.0, "batch32_tok_s": 1500.0},
+                     "greedy": {"vllm_tokens": [[1, 2, 9], [4, 5]]}},
+              "refused": {"loads": False}}
+    compare_with_bf16(models)
+    assert models["w4"]["speed"]["vs_bf16"] == {"batch1_tok_s": 0.5, "batch32_tok_s": 1.5}
+    assert models["w4"]["greedy"]["vs_bf16_vllm"] == {"first_divergence": [2, None], "identical": 1}
+    assert "vs_bf16_vllm" not in models["bf16"]["greedy"] and "speed" not in models["refused"]
