@@ -115,3 +115,29 @@ def test_markdown_shows_a_dash_for_a_task_not_measured_yet():
     row = {"acc": 0.5, "acc_stderr": 0.1, "examples": 4, "of": 9, "split": "validation"}
     results = {"models": {"float": {"tasks": {"piqa": row}}, "nirvana-20": {"tasks": {}}}}
     assert "| piqa (acc, 4 of 9 validation) | 0.500 ± 0.100 | — |" in table.markdown(results)
+
+
+needs_pip = pytest.mark.skipif(subprocess.run(["python3", "-m", "pip", "--version"], capture_output=True).returncode != 0,
+                               reason="gpu_setup.sh installs with python3 -m pip")
+
+
+@needs_pip
+@pytest.mark.parametrize("importable", [True, False])
+def test_gpu_setup_install_puts_carried_lm_eval_on_the_path_and_goes_on_if_it_does_not_import(tmp_path, importable):
+    gpu = tmp_path / "gpu"
+    (gpu / "bench").mkdir(parents=True)
+    shutil.copytree(ROOT / "bench/device", gpu / "bench/device")
+    hf = "" if importable else "import datasets_missing\n"
+    fake_wheel(gpu / ".whl-lmeval", "lm_eval", "0.4.13", files={"lm_eval/__init__.py": "__version__ = '0.4.13'\n",
+                                                                "lm_eval/models/__init__.py": "",
+                                                                "lm_eval/models/huggingface.py": hf})
+    env = {**os.environ, "SITE": str(tmp_path / "site"), "STAGE": str(tmp_path / "stage"),
+           "COMPRESS_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run(["bash", "bench/device/gpu_setup.sh", "install"], cwd=gpu, env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert (tmp_path / "site/lm_eval/models/huggingface.py").is_file()
+    if importable:
+        assert "install: lm_eval 0.4.13 imports" in run.stdout
+    else:
+        assert "lm_eval does not import yet" in run.stdout and "datasets_missing" in run.stdout

@@ -37,9 +37,11 @@ install() {
   echo "$carried" > "$SITE/.carried"
   [ ! -d .whl ] || python3 -c "import datasets, gguf, pydantic; print('install: datasets', datasets.__version__, 'gguf ok, pydantic', pydantic.VERSION)"
   # Not fatal: gptqmodel also needs .whl/'s datasets, which another call of the plan may carry; staging goes on.
-  if [ -d .whl-lmeval ]; then  # not fatal either: lm-eval needs .whl/'s datasets, maybe carried by another call
-    python3 -c "import lm_eval, lm_eval.models.huggingface; print('install: lm_eval', lm_eval.__version__, 'imports')" 2>&1 \
-      | grep -v Warning | tail -1
+  if [ -d .whl-lmeval ]; then  # not fatal: lm-eval needs .whl/'s datasets, which another call of the plan may carry
+    local lerr; lerr=$(mktemp)
+    if python3 -c "import lm_eval, lm_eval.models.huggingface; print('install: lm_eval', lm_eval.__version__, 'imports')" \
+        2>"$lerr"; then :; else echo "install: lm_eval does not import yet (is .whl/ installed too?): $(tail -1 "$lerr")"; fi
+    rm -f "$lerr"
   fi
   [ -d .whl-peer ] || return 0
   local v err; err=$(mktemp)  # gptqmodel prints a banner: its version comes back on fd 3
