@@ -25,7 +25,7 @@ case ${1:-} in
     running $name && { echo "bg: $name is already running" >&2; exit 2; }
     rm -f $R/bg-$name.rc
     # setsid: its own session and process group, so the call's end does not kill it; `stop` kills the group.
-    setsid bash -c "$* ; echo \$? > $R/bg-$name.rc" > $R/bg-$name.log 2>&1 < /dev/null &
+    setsid bash -c "( $* ); echo \$? > $R/bg-$name.rc" > $R/bg-$name.log 2>&1 < /dev/null &
     echo $! > $R/bg-$name.pid; echo "bg: $name started (pid $!)";;
   wait)
     name=$2; end=$((SECONDS + ${3:-540}))
