@@ -7,6 +7,15 @@ most frequent tokens of the training text (VocabTrim / FR-Spec), EOS always amon
 outside the trimmed vocabulary can never be drafted: when the target wants one, the draft is
 rejected there and the target's own token is committed, as with any rejection.
 
+Context. A ``shallow`` head reads h_k alone. A ``deep`` head (EAGLE's lesson, on Kangaroo's shared
+prefix) also reads the target's *final* state of the previous position — the output of its final
+norm, which the verify pass has already computed for every committed position — through a
+zero-initialised linear map added to h_k: at the start of a round the head knows what the whole
+target made of the context, not only what k blocks did. For the second and later drafts of a round
+that state does not exist yet, so the head feeds itself its own normed output of the previous draft
+(the same space: it goes into the same LM head). ``forward_unrolled`` trains and scores exactly that
+recurrence on whole windows at once (EAGLE-3's "training-time test").
+
 Files (an export folder, ``self_spec.json`` naming everything): ``head-<name>.safetensors`` per
 head (layer, norm and the vocabulary map; the trimmed LM-head rows are re-gathered from the
 target at load time), the target's fingerprint (a head only runs on the target it was trained
@@ -30,6 +39,7 @@ from compress.draft.engine import _ACTS, _rms, _rope, check_engine_model
 from compress.errors import CompressError
 
 MANIFEST = "self_spec.json"
+CONTEXTS = ("shallow", "deep")
 FORMAT = "self-spec"
 
 
@@ -95,8 +105,11 @@ class ExitHead(nn.Module):
     """One decoder layer + RMSNorm + a trimmed LM head, reading the target's hidden state after
     block ``exit_layer`` (parameters float32 for training; cast for inference)."""
 
-    def __init__(self, target, exit_layer: int, vocab_map: torch.Tensor):
+    def __init__(self, target, exit_layer: int, vocab_map: torch.Tensor, context: str = "shallow"):
         super().__init__()
+        if context not in CONTEXTS:
+            raise CompressError(f"head context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+        self.context = context
         check_engine_model(target)
         cfg = target.config
         layers = target.model.layers
@@ -118,6 +131,9 @@ class ExitHead(nn.Module):
         self.wo, self.wd = f32(a.o_proj.weight), f32(m.down_proj.weight)
         self.wgu = f32(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
         self.norm = f32(target.model.norm.weight)
+        # deep context: the previous position's final (normed) state, mapped into the residual stream;
+        # zero at the start, so a deep head begins as the shallow head it extends
+        self.wf = nn.Parameter(torch.zeros_like(self.wo, dtype=torch.float32)) if context == "deep" else None
         self.n_q, self.n_kv = a.q_proj.out_features // self.head_dim, a.k_proj.out_features // self.head_dim
         self.register_buffer("vocab_map", vocab_map.long().clone())
         # the trimmed LM head: rows of the target's head, frozen (not a parameter, not saved)
@@ -132,25 +148,97 @@ class ExitHead(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def forward_sequence(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced: h [B, T, hidden] (the target's state after ``exit_layer`` blocks) at
-        positions 0..T−1 (``cos``/``sin`` [T, head_dim]) -> trimmed logits [B, T, N] (float32)."""
-        b, t, _ = h.shape
+    def fuse(self, h: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
+        """The head's input: h_k, plus (deep context) the mapped final state ``prev`` of the position before."""
+        if self.wf is None:
+            return h
+        if prev is None:
+            raise CompressError("a deep-context head needs the previous positions' final states")
+        return h + F.linear(prev.to(h.dtype), self.wf.to(h.dtype))
+
+    def _qkv(self, x: torch.Tensor, cos, sin):
+        b, t, _ = x.shape
         d = self.head_dim
-        x = _rms(h, self.ln1.to(h.dtype), self.eps)
-        qkv = F.linear(x, self.wqkv.to(h.dtype), None if self.bqkv is None else self.bqkv.to(h.dtype))
+        y = _rms(x, self.ln1.to(x.dtype), self.eps)
+        qkv = F.linear(y, self.wqkv.to(x.dtype), None if self.bqkv is None else self.bqkv.to(x.dtype))
         q, k, v = qkv.split([self.n_q * d, self.n_kv * d, self.n_kv * d], dim=-1)
         q = _rope(q.view(b, t, self.n_q, d).transpose(1, 2), cos, sin)
         k = _rope(k.view(b, t, self.n_kv, d).transpose(1, 2), cos, sin)
         v = v.view(b, t, self.n_kv, d).transpose(1, 2)
         g = self.n_q // self.n_kv
-        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5)
-        h = h + F.linear(attn.transpose(1, 2).reshape(b, t, self.n_q * d), self.wo.to(h.dtype))
-        x = _rms(h, self.ln2.to(h.dtype), self.eps)
-        gate, up = F.linear(x, self.wgu.to(h.dtype)).chunk(2, dim=-1)
-        h = h + F.linear(_ACTS[self.act](gate) * up, self.wd.to(h.dtype))
-        return F.linear(_rms(h, self.norm.to(h.dtype), self.eps), self.lm_rows.to(h.dtype)).float()
+        return q, k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+
+    def _finish(self, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Attention output [B, n_q, T, d] -> the rest of the layer -> the final-normed state [B, T, hidden]."""
+        b, t, _ = x.shape
+        h = x + F.linear(attn.transpose(1, 2).reshape(b, t, self.n_q * self.head_dim), self.wo.to(x.dtype))
+        y = _rms(h, self.ln2.to(x.dtype), self.eps)
+        gate, up = F.linear(y, self.wgu.to(x.dtype)).chunk(2, dim=-1)
+        h = h + F.linear(_ACTS[self.act](gate) * up, self.wd.to(x.dtype))
+        return _rms(h, self.norm.to(x.dtype), self.eps)
+
+    def logits(self, state: torch.Tensor) -> torch.Tensor:
+        """Trimmed logits (float32) of final-normed states."""
+        return F.linear(state, self.lm_rows.to(state.dtype)).float()
+
+    def forward_sequence(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         final: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced: h [B, T, hidden] (the target's state after ``exit_layer`` blocks) at
+        positions 0..T−1 (``cos``/``sin`` [T, head_dim]) -> trimmed logits [B, T, N] (float32).
+        A deep head also takes ``final`` [B, T, hidden], the target's final-normed states: each
+        position reads the one before it (zeros at position 0) — a round's first draft."""
+        return self.forward_unrolled(h, cos, sin, final, steps=1)[0]
+
+    def forward_unrolled(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         final: torch.Tensor | None, steps: int) -> list[torch.Tensor]:
+        """Trimmed logits [B, T, N] of drafts 1..``steps`` of a round, teacher-forced on every window position.
+
+        Step s at position p is the s-th draft of a round begun at r = p − s + 1: its input is h_k(p) plus the
+        head's own final state of p − 1 from step s − 1 (step 1: the target's, ``final``), and it attends to
+        the committed positions ≤ r through their step-1 keys (the loop recomputes a committed position's
+        head state from the target's final states) and to r+1..p through the keys of the steps that drafted
+        them. Positions p < s − 1 (a round begun before the window) hold no meaning. A shallow head's drafts
+        do not depend on the step: its steps are all step 1."""
+        if steps < 1:
+            raise CompressError(f"steps must be >= 1, got {steps}")
+        b, t, _ = h.shape
+        shift = lambda z: F.pad(z[:, :-1], (0, 0, 1, 0))  # noqa: E731  position p reads p − 1; zeros at 0
+        x = self.fuse(h, None if final is None else shift(final)) if self.wf is not None else h
+        q, k1, v1 = self._qkv(x, cos, sin)
+        attn = F.scaled_dot_product_attention(q, k1, v1, is_causal=True, scale=self.head_dim ** -0.5)
+        state = self._finish(x, attn)
+        out = [self.logits(state)]
+        if self.wf is None:
+            return out * steps
+        keys, values = [k1], [v1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+        for s in range(2, steps + 1):
+            x = self.fuse(h, shift(state))
+            q, ks, vs = self._qkv(x, cos, sin)
+            keys.append(ks)
+            values.append(vs)
+            scale = self.head_dim ** -0.5
+            # committed part: keys of step 1 at j <= p - s + 1
+            main = (q.float() @ keys[0].float().transpose(-1, -2)) * scale
+            main = main.masked_fill(~causal.tril(-(s - 1)), float("-inf"))
+            # this round's earlier drafts and itself: j = p - s + i for i = 2..s, keys of step i
+            band = []
+            for i in range(2, s + 1):
+                lag = s - i  # position p reads position p - lag
+                kk = F.pad(keys[i - 1].float(), (0, 0, lag, 0))[:, :, :t]
+                band.append((q.float() * kk).sum(-1) * scale)
+            band = torch.stack(band, -1)  # [B, n_q, T, s - 1]
+            valid = torch.arange(t, device=h.device)[:, None] >= torch.arange(s - 2, -1, -1, device=h.device)[None]
+            band = band.masked_fill(~valid, float("-inf"))
+            probs = torch.softmax(torch.cat([main, band], -1), -1)
+            attn = probs[..., :t] @ values[0].float()
+            for i in range(2, s + 1):
+                lag = s - i
+                vv = F.pad(values[i - 1].float(), (0, 0, lag, 0))[:, :, :t]
+                attn = attn + probs[..., t + i - 2].unsqueeze(-1) * vv
+            state = self._finish(x, attn.to(x.dtype))
+            out.append(self.logits(state))
+        return out
 
     # ---------------------------------------------------------------- files
 
@@ -161,16 +249,18 @@ class ExitHead(nn.Module):
 
     def save_as(self, folder: Path, name: str, dtype: torch.dtype = torch.bfloat16) -> str:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in self.state().items()}
-        save_file(tensors, str(Path(folder) / name), metadata={"exit_layer": str(self.exit_layer)})
+        save_file(tensors, str(Path(folder) / name), metadata={"exit_layer": str(self.exit_layer),
+                                                               "context": self.context})
         return name
 
     @classmethod
-    def load(cls, target, path: Path, exit_layer: int, fingerprint: dict | None) -> "ExitHead":
+    def load(cls, target, path: Path, exit_layer: int, fingerprint: dict | None,
+             context: str = "shallow") -> "ExitHead":
         if fingerprint is not None and fingerprint != target_fingerprint(target):
             raise CompressError(f"{path} holds a head trained for another target ({fingerprint}); the target "
                                 f"given is {target_fingerprint(target)}: train a head for this target")
         tensors = load_file(str(path))
-        head = cls(target, exit_layer, tensors.pop("vocab_map"))
+        head = cls(target, exit_layer, tensors.pop("vocab_map"), context="deep" if "wf" in tensors else context)
         own = dict(head.named_parameters())
         if set(tensors) != set(own):
             raise CompressError(f"{path}: head tensors {sorted(tensors)} do not match {sorted(own)}")
