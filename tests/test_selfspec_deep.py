@@ -72,3 +72,89 @@ def test_deep_heads_round_trip_through_files_and_need_their_states(tmp_path):
         head.forward_sequence(h, cos, sin)
     with pytest.raises(CompressError, match="head context must be one of shallow, deep"):
         ExitHead(model, 1, head.vocab_map, context="middle")
+
+
+def test_replaying_identical_steps_is_the_plain_replay():
+    import random
+
+    from compress.draft.agreement import replay_greedy_rounds
+    from compress.draft.selfspec.train import replay_rounds
+
+    rng = random.Random(0)
+    for _ in range(50):
+        agree = [rng.random() < 0.6 for _ in range(rng.randint(1, 40))]
+        for gamma in (1, 2, 4):
+            plain = replay_greedy_rounds(agree, gamma)
+            steps = replay_rounds([agree, agree, agree], gamma)
+            assert (steps["tokens"], steps["rounds"]) == (plain["tokens"], plain["rounds"])
+    # draft 2 of a round begun at 0 is read at position 1 of step 2's sequence, not step 1's
+    assert replay_rounds([[True, True, True], [False, False, False]], 2)["rounds"] == 2
+    assert replay_rounds([[True, False, True], [True, True, True]], 2)["rounds"] == 1
+
+
+def test_distilling_a_deep_head_trains_its_map_over_unrolled_drafts():
+    from compress.draft.selfspec.train import distill_heads, head_events, summarise_heads
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(1))
+    vocab = torch.arange(model.lm_head.weight.shape[0])
+    heads, hist = distill_heads(model, ids, {"deep": (1, vocab, "deep"), "flat": (1, vocab)}, steps=12,
+                                batch_size=4, lr=3e-3, progress=False, unroll=3)
+    assert hist["unroll"] == 3 and heads["flat"].context == "shallow" and heads["flat"].wf is None
+    assert heads["deep"].wf.abs().max() > 0  # the map moved off its zero start
+    events = head_events(model, heads, ids[:4], steps=3)
+    deep, flat = events["deep"], events["flat"]
+    assert "agree_steps" not in flat and len(deep["agree_steps"]) == 4
+    assert all(len(w) == 3 and all(len(a) == 23 for a in w) for w in deep["agree_steps"])
+    assert [w[0] for w in deep["agree_steps"]] == deep["agree"]  # step 1 is the round's first draft
+    curve = summarise_heads(events, heads, model.config.num_hidden_layers, gammas=(1, 2, 3))
+    assert curve["deep"]["context"] == "deep" and len(curve["deep"]["greedy_agreement_by_draft"]) == 3
+    assert curve["deep"]["greedy_agreement_by_draft"][0] == pytest.approx(curve["deep"]["greedy_agreement"])
+    assert "greedy_agreement_by_draft" not in curve["flat"]
+
+
+def test_unroll_below_one_is_refused():
+    from compress.draft.selfspec.train import distill_heads
+
+    model = tiny_model("llama")
+    with pytest.raises(CompressError, match="unroll must be >= 1"):
+        distill_heads(model, torch.zeros(2, 8, dtype=torch.long), {"a": (1, torch.arange(264), "deep")}, steps=1,
+                      unroll=0)
+
+
+def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_path, text_file):
+    import json
+
+    from compress.draft.selfspec.head import HeadAsModel
+    from compress.draft.selfspec.step import load_self_spec
+    from compress.models import load_model
+    from compress.pipeline import run_recipe
+    from compress.recipe import validate_recipe
+    from tests.tiny import tiny_model_dir
+
+    mdir = tiny_model_dir(tmp_path / "tiny", "qwen2")
+    recipe = validate_recipe({"version": 1, "model": {"id": mdir, "device": "cpu"}, "stages": [{"name": "draft", "steps": [
+        {"algorithm": "self_spec", "exit_layers": [1], "vocab_size": 64, "context": "deep", "unroll": 2,
+         "gammas": [1, 2, 3], "train_corpora": [text_file], "train_windows": 8, "eval_windows": 4, "seq_len": 32,
+         "steps": 4, "batch_size": 2, "lr": 1e-3, "eval_generations": False}]}], "export": {"format": "self-spec"}})
+    result = run_recipe(recipe, out_dir=tmp_path / "drafter", progress=False, log=lambda *_: None)
+    step = result.report["stages"][0]["steps"][0]
+    assert step["training"]["unroll"] == 2
+    assert len(step["depth_curve"]["k1"]["greedy_agreement_by_draft"]) == 3  # max(gammas) drafts scored
+    manifest = json.loads((tmp_path / "drafter" / "self_spec.json").read_text())
+    assert manifest["heads"]["k1"]["context"] == "deep"
+    target = load_model(mdir).model
+    head, _, _ = load_self_spec(tmp_path / "drafter", target)
+    assert head.context == "deep"
+    logits = HeadAsModel(target, head)(torch.arange(10)[None], logits_to_keep=2).logits
+    assert logits.shape == (1, 2, 264) and torch.isfinite(logits).any()
+
+
+def test_config_names_a_bad_context_and_unroll():
+    from compress.recipe import validate_recipe
+    from compress.errors import RecipeError
+
+    base = {"algorithm": "self_spec", "exit_layers": [1]}
+    for bad, field in (({"context": "middle"}, "context"), ({"unroll": 0}, "unroll")):
+        with pytest.raises(RecipeError, match=field):
+            validate_recipe({"version": 1, "model": {"id": "x"}, "stages": [{"name": "d", "steps": [{**base, **bad}]}]})

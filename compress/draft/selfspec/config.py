@@ -47,6 +47,12 @@ class SelfSpecConfig(UntargetedStepConfig):
                                                            "time)")
     eval_generations: bool = Field(True, description="also report the depth curve on the target's greedy "
                                                      "continuations of the held-out windows' prompts")
+    context: Literal["shallow", "deep"] = Field(
+        "shallow", description="what the exit heads read: shallow, the state after the exit block only (Kangaroo); "
+                               "deep, also the target's final state of the previous position, which verification "
+                               "has computed (EAGLE's features on the shared prefix; head.py)")
+    unroll: int = Field(3, ge=1, le=8, description="deep context: drafts of a round trained together (the later ones "
+                                                   "read the head's own states, as at decode time)")
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0, le=1)

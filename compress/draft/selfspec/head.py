@@ -292,10 +292,15 @@ class HeadAsModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, use_cache: bool = False, logits_to_keep: int = 0, **_):
-        h = self.target(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
+        final = []  # the final norm's output: a deep head reads the previous position's (a round's first draft)
+        hook = self.target.model.norm.register_forward_hook(lambda _m, _i, o: final.append(o))
+        try:
+            h = self.target(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
+        finally:
+            hook.remove()
         x = h[self.head.exit_layer]
         cos, sin = self.target.model.rotary_emb(x, torch.arange(x.shape[1], device=x.device)[None])
-        trimmed = self.head.forward_sequence(x, cos[0], sin[0])
+        trimmed = self.head.forward_sequence(x, cos[0], sin[0], final[-1])
         full = trimmed.new_full((*trimmed.shape[:-1], self.target.lm_head.weight.shape[0]), float("-inf"))
         full[..., self.head.vocab_map.to(full.device)] = trimmed
         return SimpleNamespace(logits=full[:, -logits_to_keep:] if logits_to_keep else full)

@@ -8,6 +8,8 @@
       train_source: generations       # or corpus (default): the target's own greedy continuations
       prompt_tokens: 128              #   of each window's first 128 tokens, 384 new tokens each
       generate_tokens: 384
+      context: deep                   # or shallow (default): also read the target's final state
+      unroll: 3                       #   of the previous position; train 3 drafts of a round together
       steps: 600
 
 The step leaves the target unchanged. It trains the heads (compress/draft/selfspec/train.py),
@@ -120,17 +122,19 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     full = torch.arange(lm_rows)
     trimmed = (full if cfg.vocab_size is None or cfg.vocab_size >= lm_rows else
                trimmed_vocabulary(train.tolist(), cfg.vocab_size, vocab_size=lm_rows, always=eos_ids(model)))
-    specs = {f"k{k}": (k, trimmed) for k in cfg.exit_layers}
-    specs.update({f"k{k}-full": (k, full) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
+    specs = {f"k{k}": (k, trimmed, cfg.context) for k in cfg.exit_layers}
+    specs.update({f"k{k}-full": (k, full, cfg.context) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                   seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask)
-    events = head_events(model, heads, held)
+                                   seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll)
+    # a deep head's later drafts read its own states: score every draft of the longest round considered
+    steps = max(cfg.gammas) if cfg.context == "deep" else 1
+    events = head_events(model, heads, held, steps=steps)
     curve = summarise_heads(events, heads, layers, cfg.gammas)
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
         held_gen = greedy_continuations(model, held[:, :p_len], g_len, batch_size=cfg.generate_batch_size,
                                         progress=ctx.progress)
-        events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, p_len, eos))
+        events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, p_len, eos), steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
@@ -153,6 +157,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         thr_confs = [calibrator(torch.tensor(c)).tolist() for c in fit_c]
     else:
         stop["acceptance_calibration"] = {"events": int(conf_rep.numel()), "before": before}
+    # the threshold is chosen on first drafts' confidences (for a deep head, later drafts are surer of
+    # less: an optimistic choice there, like the replay's own, said in choose_threshold)
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
     generation_info = ({"source": "generations", "prompt_tokens": p_len, "generate_tokens": g_len}
@@ -162,8 +168,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                                                    "sequences": int(held.shape[0])}
     manifest = {"format": FORMAT, "target": {"source": getattr(model.config, "_name_or_path", None),
                                              **target_fingerprint(model)},
-                "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "file": f"head-{n}.safetensors"}
-                          for n, h in heads.items()},
+                "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "context": h.context,
+                              "file": f"head-{n}.safetensors"} for n, h in heads.items()},
                 "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
                 "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
                              "held_out_windows": int(held.shape[0]), "documents_excluded": dropped,
@@ -200,7 +206,7 @@ def load_self_spec(folder, target, head: str | None = None):
     info = manifest["heads"][name]
     fp = {k: manifest["target"][k] for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
                                             "weights_sha256")}
-    exit_head = ExitHead.load(target, folder / info["file"], info["exit_layer"], fp)
+    exit_head = ExitHead.load(target, folder / info["file"], info["exit_layer"], fp, info.get("context", "shallow"))
     cal_dir = folder / CALIBRATOR_DIR
     calibrator = load_lm_calibrator(cal_dir) if cal_dir.is_dir() else None
     return exit_head.to(next(target.parameters()).device), manifest, calibrator

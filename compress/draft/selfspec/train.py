@@ -44,19 +44,46 @@ def _rope_tables(target, length: int, device, dtype):
 
 
 @torch.no_grad()
-def _teacher(target, ids: torch.Tensor, exit_layers):
-    out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
-    return {k: out.hidden_states[k] for k in exit_layers}, out.logits
+def _teacher(target, ids: torch.Tensor, exit_layers, final: bool = False):
+    """The target's states after each exit depth, its logits and (``final``) the output of its final
+    norm at every position — what its LM head reads, what a deep-context head is fed. Taken from the
+    norm module itself: whether ``hidden_states[-1]`` is normed differs between transformers versions."""
+    seen = []
+    hook = target.model.norm.register_forward_hook(lambda _m, _i, o: seen.append(o)) if final else None
+    try:
+        out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
+    finally:
+        if hook is not None:
+            hook.remove()
+    return {k: out.hidden_states[k] for k in exit_layers}, out.logits, (seen[-1] if final else None)
 
 
-def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch.Tensor]], *, steps: int,
+def _drafts_loss(head, hidden, cos, sin, final, p, mask, unroll: int) -> torch.Tensor:
+    """Cross-entropy against the target's distribution ``p``, averaged over a round's first ``unroll``
+    drafts (deep context; a shallow head's drafts are all its first): step s counts at positions
+    p >= s − 1, where its round begins inside the window."""
+    steps = head.forward_unrolled(hidden, cos, sin, final, unroll if head.context == "deep" else 1)
+    total = 0.0
+    for s, logits in enumerate(steps, start=1):
+        ce = -(p * F.log_softmax(logits, -1)).sum(-1)  # [B, T]
+        w = torch.ones_like(ce) if mask is None else mask.clone()
+        w[:, :s - 1] = 0
+        total = total + (ce * w).sum() / w.sum().clamp(min=1)
+    return total / len(steps)
+
+
+def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps: int,
                   batch_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0, warmup: int = 20,
-                  seed: int = 0, progress: bool = True,
+                  seed: int = 0, progress: bool = True, unroll: int = 1,
                   loss_mask: torch.Tensor | None = None) -> tuple[dict[str, ExitHead], dict]:
-    """Heads ``{name: (exit_layer, vocab_map)}`` trained jointly on windows ``train`` [N, T].
+    """Heads ``{name: (exit_layer, vocab_map[, context])}`` trained jointly on windows ``train`` [N, T].
 
     ``loss_mask`` [N, T] bool: the positions the loss averages over (None: all, the mean over the
-    batch's every position as always)."""
+    batch's every position as always). ``unroll``: a deep-context head's loss is the mean over a
+    round's first ``unroll`` drafts (``ExitHead.forward_unrolled``), so it learns to draft from its own
+    states as well as from the target's."""
+    if unroll < 1:
+        raise CompressError(f"unroll must be >= 1, got {unroll}")
     if steps < 1:
         raise CompressError(f"steps must be >= 1, got {steps}")
     if train.dim() != 2 or train.shape[0] == 0:
@@ -66,8 +93,9 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch
                             f"got {tuple(loss_mask.shape)}")
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
-    heads = {name: ExitHead(target, k, vmap).to(device) for name, (k, vmap) in specs.items()}
+    heads = {name: ExitHead(target, spec[0], spec[1], *spec[2:]).to(device) for name, spec in specs.items()}
     depths = sorted({h.exit_layer for h in heads.values()})
+    deep = any(h.context == "deep" for h in heads.values())
     params = [p for h in heads.values() for p in h.trainable()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -78,19 +106,17 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch
     start = time.perf_counter()
     for step in tqdm(range(steps), desc="exit heads", unit="step", disable=not progress):
         idx = torch.randint(0, train.shape[0], (batch_size,), generator=gen)
-        hidden, logits = _teacher(target, train[idx].to(device), depths)
+        hidden, logits, final = _teacher(target, train[idx].to(device), depths, final=deep)
         p_full = torch.softmax(logits.float(), -1)
         del logits
         mask = None if loss_mask is None else loss_mask[idx].to(device=device, dtype=torch.float32)
         opt.zero_grad(set_to_none=True)
         for name, head in heads.items():  # backward head by head: one head's activations at a time
             p = p_full[..., head.vocab_map]  # the target's mass on this head's ids
-            logq = F.log_softmax(head.forward_sequence(hidden[head.exit_layer], cos, sin), -1)
-            loss = (-(p * logq).sum(-1).mean() if mask is None else
-                    -((p * logq).sum(-1) * mask).sum() / mask.sum())
+            loss = _drafts_loss(head, hidden[head.exit_layer], cos, sin, final, p, mask, unroll)
             loss.backward()
             losses[name].append(float(loss.detach()))
-            del p, logq, loss
+            del p, loss
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
@@ -100,6 +126,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch
     log.info("exit heads %s: %d steps x %d x %d tokens in %.1f s", ", ".join(heads), steps, batch_size,
              train.shape[1], seconds)
     history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
+               **({"unroll": unroll} if deep else {}),
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
                **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
                "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in losses.items()}}
@@ -108,31 +135,59 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple[int, torch
 
 @torch.no_grad()
 def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, batch_size: int = 4,
-                keep: torch.Tensor | None = None) -> dict:
+                keep: torch.Tensor | None = None, steps: int = 1) -> dict:
     """Per head, teacher-forced over ``windows`` [N, T]: per-window agreement sequences, confidences
     and overlaps (positions 0..T−2 predicting tokens 1..T−1; with ``keep`` [N, T] bool, only its
-    positions among those — e.g. a generated sequence's continuation)."""
+    positions among those — e.g. a generated sequence's continuation). These are a round's first
+    drafts. A deep-context head's later drafts read its own states and agree less often: with
+    ``steps`` > 1 its ``agree_steps`` holds, per window, the agreement of drafts 1..steps at every
+    position (``forward_unrolled``; a replay walks them round by round, ``replay_rounds``)."""
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     cos, sin = _rope_tables(target, windows.shape[1], device, dtype)
-    out = {k: {"agree": [], "confidence": [], "overlap": []} for k in heads}
+    deep = any(h.context == "deep" for h in heads.values())
+    out = {k: {"agree": [], "confidence": [], "overlap": [],
+               **({"agree_steps": []} if h.context == "deep" and steps > 1 else {})} for k, h in heads.items()}
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s:s + batch_size].to(device)
-        hidden, logits = _teacher(target, ids, sorted({h.exit_layer for h in heads.values()}))
+        hidden, logits, final = _teacher(target, ids, sorted({h.exit_layer for h in heads.values()}), final=deep)
         p = torch.softmax(logits.float()[:, :-1], -1)
         t_arg = p.argmax(-1)
         for k, head in heads.items():
-            q_trim = torch.softmax(head.forward_sequence(hidden[head.exit_layer], cos, sin)[:, :-1], -1)
+            many = "agree_steps" in out[k]
+            all_steps = head.forward_unrolled(hidden[head.exit_layer], cos, sin, final, steps if many else 1)
+            q_trim = torch.softmax(all_steps[0][:, :-1], -1)
             conf, idx = q_trim.max(-1)
             vmap = head.vocab_map.to(device)
             agree = vmap[idx] == t_arg
             overlap = torch.minimum(p[..., vmap], q_trim).sum(-1)  # q is zero off the trimmed ids
+            later = [vmap[z[:, :-1].argmax(-1)] == t_arg for z in all_steps[1:]] if many else []
             for b in range(ids.shape[0]):
                 sel = slice(None) if keep is None else keep[s + b, :-1].to(device)
                 out[k]["agree"].append(agree[b][sel].cpu().tolist())
                 out[k]["confidence"].append(conf[b][sel].float().cpu().tolist())
                 out[k]["overlap"].append(overlap[b][sel].float().cpu())
+                if many:
+                    out[k]["agree_steps"].append([agree[b][sel].cpu().tolist()] +
+                                                 [a[b][sel].cpu().tolist() for a in later])
     return out
+
+
+def replay_rounds(agree_steps: list[list[bool]], gamma: int) -> dict:
+    """The greedy loop on one window where draft j of a round begun at i is accepted iff
+    ``agree_steps[j][i + j]`` (drafts past the evaluated steps use the last one's agreement): tokens
+    and rounds, as ``replay_greedy_rounds`` counts them for step-independent drafts."""
+    n, i, rounds = len(agree_steps[0]), 0, 0
+    last = len(agree_steps) - 1
+    while i < n:
+        budget, k = min(gamma, n - i - 1), 0
+        for j in range(budget):
+            if not agree_steps[min(j, last)][i + j]:
+                break
+            k += 1
+        rounds += 1
+        i += k + 1
+    return {"tokens": n, "rounds": rounds}
 
 
 def _tau(agrees, gamma, confs=None, threshold=None) -> tuple[float, float]:
@@ -148,6 +203,12 @@ def cost_per_draft(exit_layer: int, num_layers: int) -> float:
     return (exit_layer + 1) / num_layers
 
 
+def round_overhead(context: str, num_layers: int) -> float:
+    """v − 1: a deep-context head re-runs its one layer over a round's accepted drafts (from the
+    target's final states) before drafting again: about one layer's pass per round at batch 1."""
+    return 1 / num_layers if context == "deep" else 0.0
+
+
 def summarise_heads(events: dict, heads: dict[str, ExitHead], num_layers: int, gammas=(2, 3, 4, 5, 6)) -> dict:
     """The depth curve: per head, agreement, α, AUROC / ECE of confidence, τ(γ) and the predicted speedup."""
     from sklearn.metrics import roc_auc_score  # scikit-learn loads slowly; only this summary needs it
@@ -157,10 +218,21 @@ def summarise_heads(events: dict, heads: dict[str, ExitHead], num_layers: int, g
         agree = torch.tensor([a for row in ev["agree"] for a in row])
         conf = torch.tensor([c for row in ev["confidence"] for c in row], dtype=torch.float64)
         c = cost_per_draft(heads[k].exit_layer, num_layers)
-        taus = {g: _tau(ev["agree"], g)[0] for g in gammas}
-        pred = {g: taus[g] / (1 + g * c) for g in gammas}
+        v = 1 + round_overhead(heads[k].context, num_layers)
+        if "agree_steps" in ev:  # a deep head: each draft of a round at its own step's agreement
+            taus = {}
+            for g in gammas:
+                runs = [replay_rounds(a, g) for a in ev["agree_steps"]]
+                taus[g] = sum(r["tokens"] for r in runs) / sum(r["rounds"] for r in runs)
+        else:
+            taus = {g: _tau(ev["agree"], g)[0] for g in gammas}
+        pred = {g: taus[g] / (v + g * c) for g in gammas}
         both = 0 < int(agree.sum()) < agree.numel()
+        by_step = ({"greedy_agreement_by_draft": [
+            float(torch.tensor([x for row in ev["agree_steps"] for x in row[j][j:]]).double().mean())
+            for j in range(len(ev["agree_steps"][0]))]} if "agree_steps" in ev else {})
         curve[k] = {"exit_layer": heads[k].exit_layer, "vocab_size": heads[k].vocab_size,
+                    "context": heads[k].context, **by_step,
                     "greedy_agreement": float(agree.double().mean()),
                     "alpha": float(torch.cat(ev["overlap"]).double().mean()),
                     "confidence_auroc": float(roc_auc_score(agree.numpy(), conf.numpy())) if both else None,
