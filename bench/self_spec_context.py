@@ -1,0 +1,86 @@
+"""Shallow vs deep-context exit heads at the same depth, trained together on the same batches.
+
+    python bench/self_spec_context.py --model smollm2-135m --exit-layer 2 --steps 300 \
+        --out bench/results/draft/context-smollm2-cpu.json [--device cuda --dtype bfloat16]
+
+Both heads read h_k after block k; the deep one also reads the target's final state of the previous
+position (compress/draft/selfspec/head.py). One target forward per batch serves both (distill_heads),
+so the two differ only in what they read. Held-out: validation windows of the same corpora; every
+draft of a round scored (per-draft agreement, τ(γ) by a round-by-round replay, the predicted speedup
+τ / (v + γ·c) of train.py's cost model). A CPU run here says which head agrees more; the speed
+question needs the GPU (compress draft-bench).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from compress.draft.selfspec.head import eos_ids, trimmed_vocabulary  # noqa: E402
+from compress.draft.selfspec.step import _windows  # noqa: E402
+from compress.draft.selfspec.train import distill_heads, head_events, summarise_heads  # noqa: E402
+from compress.models import load_model  # noqa: E402
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--exit-layer", type=int, default=2)
+    ap.add_argument("--corpora", default="stdlib,bbc")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--train-windows", type=int, default=256, help="per corpus")
+    ap.add_argument("--eval-windows", type=int, default=16, help="per corpus")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--unroll", type=int, default=3)
+    ap.add_argument("--gammas", default="1,2,3,4")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
+    model, tok = loaded.model, loaded.tokenizer
+    model.requires_grad_(False)
+    corpora = args.corpora.split(",")
+    train, _ = _windows(tok, corpora, "train", args.seq_len, args.train_windows)
+    held, _ = _windows(tok, corpora, "validation", args.seq_len, args.eval_windows)
+    lm_rows = model.lm_head.weight.shape[0]
+    vocab = trimmed_vocabulary(train.tolist(), args.vocab_size, vocab_size=lm_rows, always=eos_ids(model))
+    k = args.exit_layer
+    specs = {f"shallow-k{k}": (k, vocab, "shallow"), f"deep-k{k}": (k, vocab, "deep")}
+    t0 = time.perf_counter()
+    heads, history = distill_heads(model, train, specs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                   seed=args.seed, unroll=args.unroll)
+    gammas = [int(g) for g in args.gammas.split(",")]
+    events = head_events(model, heads, held, steps=max(gammas))
+    curve = summarise_heads(events, heads, model.config.num_hidden_layers, gammas)
+    out = {"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "args": vars(args),
+           "training": history, "held_out_windows": int(held.shape[0]), "train_windows": int(train.shape[0]),
+           "seconds": round(time.perf_counter() - t0, 1),
+           "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                       "device": (torch.cuda.get_device_name() if args.device == "cuda" else "cpu")},
+           "heads": {n: {key: c[key] for key in ("context", "greedy_agreement", "greedy_agreement_by_draft", "alpha",
+                                                 "tau", "predicted_speedup", "best_gamma") if key in c}
+                     for n, c in curve.items()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    for n, c in out["heads"].items():
+        print(n, "agreement", round(c["greedy_agreement"], 3), "by draft",
+              [round(a, 3) for a in c.get("greedy_agreement_by_draft", [])],
+              "tau", {g: round(t, 2) for g, t in c["tau"].items()}, flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
