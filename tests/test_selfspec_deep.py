@@ -135,6 +135,7 @@ def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_
     mdir = tiny_model_dir(tmp_path / "tiny", "qwen2")
     recipe = validate_recipe({"version": 1, "model": {"id": mdir, "device": "cpu"}, "stages": [{"name": "draft", "steps": [
         {"algorithm": "self_spec", "exit_layers": [1], "vocab_size": 64, "context": "deep", "unroll": 2,
+         "shallow_layers": [1],
          "gammas": [1, 2, 3], "train_corpora": [text_file], "train_windows": 8, "eval_windows": 4, "seq_len": 32,
          "steps": 4, "batch_size": 2, "lr": 1e-3, "eval_generations": False}]}], "export": {"format": "self-spec"}})
     result = run_recipe(recipe, out_dir=tmp_path / "drafter", progress=False, log=lambda *_: None)
@@ -142,7 +143,8 @@ def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_
     assert step["training"]["unroll"] == 2
     assert len(step["depth_curve"]["k1"]["greedy_agreement_by_draft"]) == 3  # max(gammas) drafts scored
     manifest = json.loads((tmp_path / "drafter" / "self_spec.json").read_text())
-    assert manifest["heads"]["k1"]["context"] == "deep"
+    assert manifest["heads"]["k1"]["context"] == "deep" and manifest["heads"]["k1-shallow"]["context"] == "shallow"
+    assert manifest["default"] == "k1"  # the comparison heads are reported, never chosen
     target = load_model(mdir).model
     head, _, _ = load_self_spec(tmp_path / "drafter", target)
     assert head.context == "deep"
@@ -155,6 +157,7 @@ def test_config_names_a_bad_context_and_unroll():
     from compress.errors import RecipeError
 
     base = {"algorithm": "self_spec", "exit_layers": [1]}
-    for bad, field in (({"context": "middle"}, "context"), ({"unroll": 0}, "unroll")):
+    for bad, field in (({"context": "middle"}, "context"), ({"unroll": 0}, "unroll"),
+                       ({"shallow_layers": [1]}, "shallow_layers adds shallow heads beside deep ones")):
         with pytest.raises(RecipeError, match=field):
             validate_recipe({"version": 1, "model": {"id": "x"}, "stages": [{"name": "d", "steps": [{**base, **bad}]}]})

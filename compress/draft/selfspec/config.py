@@ -53,6 +53,8 @@ class SelfSpecConfig(UntargetedStepConfig):
                                "has computed (EAGLE's features on the shared prefix; head.py)")
     unroll: int = Field(3, ge=1, le=8, description="deep context: drafts of a round trained together (the later ones "
                                                    "read the head's own states, as at decode time)")
+    shallow_layers: list[int] = Field(default_factory=list, description="deep context: extra shallow heads (named "
+                                      "k<N>-shallow) trained on the same batches, for comparison")
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0, le=1)
@@ -60,13 +62,20 @@ class SelfSpecConfig(UntargetedStepConfig):
     calibrator: Literal["platt", "isotonic", "temperature", "hcal"] | None = "platt"
     seed: int = 0
 
-    @field_validator("exit_layers", "full_vocab_layers")
+    @field_validator("exit_layers", "full_vocab_layers", "shallow_layers")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         bad = [k for k in v if k < 1]
         if bad:
             raise ValueError(f"exit layers must be >= 1 (blocks the drafter runs), got {bad}")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _shallow_beside_deep(self) -> "SelfSpecConfig":
+        if self.shallow_layers and self.context != "deep":
+            raise ValueError("shallow_layers adds shallow heads beside deep ones: set context: deep, or list the "
+                             "depths in exit_layers")
+        return self
 
     @model_validator(mode="after")
     def _generation_lengths(self) -> "SelfSpecConfig":

@@ -10,6 +10,7 @@
       generate_tokens: 384
       context: deep                   # or shallow (default): also read the target's final state
       unroll: 3                       #   of the previous position; train 3 drafts of a round together
+      shallow_layers: [3]             #   (+ shallow heads on the same batches, for comparison)
       steps: 600
 
 The step leaves the target unchanged. It trains the heads (compress/draft/selfspec/train.py),
@@ -93,7 +94,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     """Shared-prefix self-drafter: distil exit heads at several depths, pick one, calibrate its stop."""
 
     layers = model.config.num_hidden_layers
-    for k in cfg.exit_layers + cfg.full_vocab_layers:
+    for k in cfg.exit_layers + cfg.full_vocab_layers + cfg.shallow_layers:
         if k >= layers:
             raise CompressError(f"{ctx.where}: exit layer {k} must be below the target's {layers} blocks")
     p_len, g_len = cfg.generation_shape
@@ -124,6 +125,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                trimmed_vocabulary(train.tolist(), cfg.vocab_size, vocab_size=lm_rows, always=eos_ids(model)))
     specs = {f"k{k}": (k, trimmed, cfg.context) for k in cfg.exit_layers}
     specs.update({f"k{k}-full": (k, full, cfg.context) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
+    specs.update({f"k{k}-shallow": (k, trimmed, "shallow") for k in cfg.shallow_layers})
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                    seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll)
     # a deep head's later drafts read its own states: score every draft of the longest round considered
