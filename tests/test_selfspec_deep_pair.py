@@ -1,5 +1,6 @@
 """Deep-context exit heads on the self-drafter pair (linear rounds): exactness, the drafts against the
 teacher-forced unrolled recurrence, shallow-pass reuse, loading, and the tree refusal."""
+import copy
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from compress.draft.selfspec.head import FORMAT, ExitHead, HeadAsModel, eos_ids,
     trimmed_vocabulary, write_manifest
 from compress.draft.selfspec.pair import SelfSpecPair
 from compress.errors import CompressError
-from tests.test_selfspec import EOS, NEW, _prompts, _target
+from tests.test_selfspec import EOS, NEW, _prompts, _target, cuda
 from tests.tiny import tiny_model_dir
 
 
@@ -209,3 +210,21 @@ def test_cli_draft_bench_with_a_deep_head_export(tmp_path, capsys):
     assert res["self_spec"]["head"] == "k2d" and res["identical"] and res["identical_prompts"] == 2
     assert main([*args, "--tree", "default"]) == 2
     assert "deep-context heads" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gpu_compiled_graphs_deep_head_is_identical_to_the_matched_reference(arch):
+    model = copy.deepcopy(_target(arch)).to("cuda", torch.bfloat16)
+    vocab = trimmed_vocabulary([list(range(40, 120))], 64, vocab_size=264, always=[EOS])
+    head = _deep_head(model, 2, vocab).cuda()
+    pair = SelfSpecPair(BlockEngine(model, 128, compile=True), head, graphs=True)
+    for prompt in _prompts():
+        prompt = prompt.cuda()
+        ref = run_target(pair.target, prompt, NEW, pad_to=5).tokens.tolist()
+        for threshold in (None, 0.5):
+            got = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=4,
+                                  confidence_threshold=threshold, pad_verify=True)
+            assert got.tokens.tolist() == ref
+    assert pair.drafter.rounds_fused > 0 and pair.graphs.enabled and pair.graphs.error is None
