@@ -199,7 +199,8 @@ def test_cli_draft_bench_with_a_deep_head_export(tmp_path, capsys):
     head = _deep_head(target, 2, trimmed_vocabulary([list(range(32, 127))], 64, vocab_size=264, always=eos_ids(target)))
     head.save_as(out, "head-k2d.safetensors")
     write_manifest(out, {"format": FORMAT, "target": {"source": str(mdir), **target_fingerprint(target)},
-                         "heads": {"k2d": {"exit_layer": 2, "vocab_size": 64, "file": "head-k2d.safetensors"}},
+                         "heads": {"k2d": {"exit_layer": 2, "vocab_size": 64, "context": "deep",
+                                           "file": "head-k2d.safetensors"}},
                          "default": "k2d", "gamma": 3, "confidence_threshold": None})
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n    return\n\nThe quick brown fox\n")
