@@ -284,7 +284,9 @@ def read_manifest(folder) -> dict | None:
 class HeadAsModel(nn.Module):
     """A self-drafter as a plain model for teacher-forced scoring (``draft-eval``'s numbers): the
     target's own pass up to the exit, the head, and the trimmed logits scattered into the full
-    vocabulary (−inf elsewhere). Slow (it runs the whole target); for measurement only."""
+    vocabulary (−inf elsewhere). Slow (it runs the whole target); for measurement only. A deep head
+    reads the target's final-normed states (the final norm's output): its scores are a round's first
+    draft at every position."""
 
     def __init__(self, target, head: ExitHead):
         super().__init__()

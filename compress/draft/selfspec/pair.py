@@ -20,7 +20,18 @@ against which greedy output is identical by construction (compress/draft/loop.py
 Greedy drafting with a fixed γ records the whole round — γ × (shallow step, exit head, argmax,
 next input) — as ONE CUDA graph: no host sync and no kernel launch from Python per drafted token.
 Sampling and confidence stopping draft one graph step at a time (stopping reads the confidence
-on the host after each draft)."""
+on the host after each draft).
+
+Deep-context heads (``ExitHead(context="deep")``) also read the final state of the position before:
+``final`` [max_len, hidden] holds, per position, the target's final-normed state (written by every
+verify pass) or, for a position drafted in the running round, the head's own final-normed state
+(written by that draft step; verification overwrites it). Position 0 reads zeros. A drafted
+position's head KV comes from the head's own state; once the position is committed it must come
+from the target's (``ExitHead.forward_unrolled``), so after a round the head's committed length is
+the round's first position + 1: the next round feeds the accepted drafts again, their shallow state
+is reused (``shallow_upto`` skips it) and one multi-row head pass recomputes their head KV from the
+target's final states before drafting. The drafter's prefill runs only the shallow blocks (no final
+state exists before the target's prefill); the head catches up over the prompt at the first draft."""
 from __future__ import annotations
 
 import torch
@@ -43,6 +54,10 @@ class SelfSpecPair:
     """The shared state; ``.drafter`` and ``.target`` are its two views for the loop."""
 
     def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False, tree=None):
+        self.deep = getattr(head, "wf", None) is not None
+        if self.deep and tree is not None:
+            raise CompressError("tree drafting does not take deep-context heads yet; use linear rounds "
+                                "(no --tree) with this head")
         if head.fingerprint["num_hidden_layers"] != engine.num_layers:
             raise CompressError(f"the head was trained for a {head.fingerprint['num_hidden_layers']}-block target, "
                                 f"this one has {engine.num_layers}")
@@ -53,6 +68,9 @@ class SelfSpecPair:
         self.head_k = torch.zeros(head.n_kv, e.max_len, e.head_dim, device=e.device, dtype=e.dtype)
         self.head_v = torch.zeros_like(self.head_k)
         self.hidden = torch.zeros(e.max_len, e.config.hidden_size, device=e.device, dtype=e.dtype)
+        # deep context: the map of the previous position's final state, and the final states themselves
+        self.wf = head.wf.detach().to(device=e.device, dtype=e.dtype) if self.deep else None
+        self.final = torch.zeros_like(self.hidden) if self.deep else None
         self.graphs = StepGraphs(e.device, graphs)
         self.shallow_len = self.head_len = self.deep_len = 0
         self.shallow_rows = {"drafter": 0, "verifier": 0}  # since the last reset (one sequence)
@@ -81,21 +99,44 @@ class SelfSpecPair:
         x = self._head_layer(h, pos, pos, self.engine.mask(pos))
         return torch.nn.functional.linear(_rms(x[-1:], self.norm, self.engine.eps), self.lm_rows).float()[0]
 
+    def _prev_final(self, pos: torch.Tensor) -> torch.Tensor:
+        """The final states of positions pos − 1 (zeros at position 0), graph-safe."""
+        prev = self.final.index_select(0, (pos - 1).clamp(min=0))
+        return prev * (pos > 0).unsqueeze(-1).to(prev.dtype)
+
+    def _head_deep(self, h: torch.Tensor, pos: torch.Tensor, write: bool) -> torch.Tensor:
+        """A deep head on rows h at ``pos``: each row fuses the final state of the position before
+        (``final``). ``write`` (a draft step, one row): the row's own final-normed state goes to
+        ``final[pos]`` for the next draft of the round; a catch-up over committed positions must not
+        write (it would clobber the target's states). Trimmed logits of the last row, float32."""
+        x = h + torch.nn.functional.linear(self._prev_final(pos), self.wf)
+        x = self._head_layer(x, pos, pos, self.engine.mask(pos))
+        state = _rms(x[-1:], self.norm, self.engine.eps)
+        if write:
+            self.final.index_copy_(0, pos[-1:], state)
+        return torch.nn.functional.linear(state, self.lm_rows).float()[0]
+
     def head_rows(self, h, pos, slots, mask) -> torch.Tensor:
         """Exit head on rows h (KV written at ``slots``, reading ``mask``): trimmed logits of every row."""
         x = self._head_layer(h, pos, slots, mask)
         return torch.nn.functional.linear(_rms(x, self.norm, self.engine.eps), self.lm_rows).float()
 
     def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
-        h = self.engine.run_layers(self.hidden[pos], pos, self.k, self.engine.num_layers)
-        return self.engine.final(h).float()[first:real]  # all rows: a row's logits never depend on `keep`
+        e = self.engine
+        h = e.run_layers(self.hidden[pos], pos, self.k, e.num_layers)
+        if self.final is None:
+            return e.final(h).float()[first:real]  # all rows: a row's logits never depend on `keep`
+        state = e.norm(h)  # engine.final(h) = lm_head(norm(h)), split to keep the final states
+        self.final.index_copy_(0, pos, state)
+        return e.lm_head(state).float()[first:real]
 
     def _round(self, tok: torch.Tensor, pos0: torch.Tensor, gamma: int) -> tuple[torch.Tensor, torch.Tensor]:
         """γ greedy drafts from ``tok`` at position pos0: tokens [γ] and their confidences [γ]."""
         drafts, confs = [], []
         for j in range(gamma):
             pos = pos0 + j
-            logits = self._head(self._shallow(tok, pos), pos)
+            h = self._shallow(tok, pos)
+            logits = self._head_deep(h, pos, True) if self.deep else self._head(h, pos)
             probs = torch.softmax(logits, -1)
             conf, idx = probs.max(-1, keepdim=True)
             tok = self.vocab_map.index_select(0, idx)  # a 1-d index: a 0-d one would read it on the host
@@ -159,18 +200,34 @@ class _Drafter:
 
     def _step(self, feed: torch.Tensor) -> torch.Tensor:
         """Shallow blocks where missing and the exit head for ``feed`` (after ``length`` tokens);
-        trimmed logits of the last position."""
+        trimmed logits of the last position. A deep head: positions the target has verified are a
+        catch-up (reading and keeping the target's final states); one unverified position is a draft
+        step (its own final state kept for the next draft)."""
         p = self.pair
         start = self.length
         p.shallow_upto(feed, start, "drafter")
         n = feed.numel()
         pos = p._positions(start, n)
-        logits = p._run(("head", n), lambda pos_: p._head(p.hidden[pos_], pos_), pos).clone()
+        if p.deep:
+            write = start + n > p.deep_len
+            if write and n != 1:
+                raise CompressError("internal: a deep head drafts one unverified position at a time")
+            fn = lambda pos_: p._head_deep(p.hidden[pos_], pos_, write)  # noqa: E731
+            if start == 0:  # the catch-up over the prompt: a prefill, eager (no prompt length compiles)
+                with p.engine.eager():
+                    logits = fn(pos).clone()
+            else:
+                logits = p._run(("head", n, write), fn, pos).clone()
+        else:
+            logits = p._run(("head", n), lambda pos_: p._head(p.hidden[pos_], pos_), pos).clone()
         p.head_len = start + n
         return logits
 
     def prefill(self, ids: torch.Tensor) -> None:
-        self._step(ids)
+        if self.pair.deep:  # no final state exists yet: the head catches up at the first draft
+            self.pair.shallow_upto(ids, 0, "drafter")
+        else:
+            self._step(ids)
 
     def draft(self, feed: torch.Tensor, budget: int, rule: DraftRule):
         p = self.pair
@@ -178,15 +235,20 @@ class _Drafter:
             return torch.zeros(0, dtype=torch.long, device=self.device), ([] if rule.sample else None)
         if feed.numel() > 1:
             # after a fully accepted round the last draft has shallow state (the verifier ran it) but
-            # no exit-head state: catch up on all but the newest token, then draft from that one
+            # no exit-head state (a deep head: no committed head state for any accepted draft, nor for
+            # the prompt at the first round): catch up on all but the newest token, then draft from it
             self._step(feed[:-1])
             feed = feed[-1:]
-        if rule.sample or rule.threshold is not None or p.deep_len == 0:
-            return draft_by_steps(self._step, feed, budget, rule, self.device, self.vocab_map)
         start = self.length
+        if rule.sample or rule.threshold is not None or p.deep_len == 0:
+            out = draft_by_steps(self._step, feed, budget, rule, self.device, self.vocab_map)
+            if p.deep:  # the drafts' head KV came from the head's own states: redone once committed
+                p.head_len = start + 1
+            return out
         pos0 = p._positions(start, 1)
         tokens, _ = p.graphs.run(("round", budget), lambda t, q: p._round(t, q, budget), feed, pos0)
-        p.shallow_len = p.head_len = start + budget
+        p.shallow_len = start + budget
+        p.head_len = start + 1 if p.deep else start + budget
         p.shallow_rows["drafter"] += budget
         p.shallow_total["drafter"] += budget
         self.rounds_fused += 1

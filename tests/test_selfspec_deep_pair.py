@@ -1,0 +1,231 @@
+"""Deep-context exit heads on the self-drafter pair (linear rounds): exactness, the drafts against the
+teacher-forced unrolled recurrence, shallow-pass reuse, loading, and the tree refusal."""
+import copy
+import json
+
+import pytest
+import torch
+
+from compress.cli import main
+from compress.draft import run_speculative, run_target, target_generate
+from compress.draft.engine import BlockEngine
+from compress.draft.selfspec.head import FORMAT, ExitHead, HeadAsModel, eos_ids, target_fingerprint, \
+    trimmed_vocabulary, write_manifest
+from compress.draft.selfspec.pair import SelfSpecPair
+from compress.errors import CompressError
+from tests.test_selfspec import EOS, NEW, _prompts, _target, cuda
+from tests.tiny import tiny_model_dir
+
+
+def _deep_head(model, k, vocab=None, scale=1e-3, seed=0):
+    """A deep head with a non-zero random map: h_k is small in the tiny models (std ~0.03-0.06) and the
+    final states are ~1, so 1e-3 makes the map's term ~0.013 per channel — it moves the drafts (k = 2's
+    acceptance drops from ~1 to ~0.4) without making every draft wrong."""
+    torch.manual_seed(seed)
+    vmap = torch.arange(model.lm_head.weight.shape[0]) if vocab is None else vocab
+    head = ExitHead(model, k, vmap, context="deep")
+    with torch.no_grad():
+        head.wf.normal_(0, scale)
+    return head
+
+
+def _deep_pair(model, k, vocab=None, scale=1e-3):
+    head = _deep_head(model, k, vocab, scale)
+    return SelfSpecPair(BlockEngine(model, 128, fuse=False), head), head
+
+
+class _Recorder:
+    """A drafter that records each round: (position of the round's first head step, drafted tokens)."""
+
+    def __init__(self, inner):
+        self.inner, self.rounds = inner, []
+        self.device, self.context = inner.device, inner.context
+
+    @property
+    def length(self):
+        return self.inner.length
+
+    def prefill(self, ids):
+        self.inner.prefill(ids)
+
+    def draft(self, feed, budget, rule):
+        start = self.inner.length + feed.numel() - 1  # the newest committed token's position
+        tokens, q = self.inner.draft(feed, budget, rule)
+        self.rounds.append((start, tokens.tolist()))
+        return tokens, q
+
+    def rewind(self, n):
+        self.inner.rewind(n)
+
+    def reset(self):
+        self.inner.reset()
+        self.rounds = []
+
+
+def _unrolled_drafts(model, head, seq: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """Teacher-forced drafts (vocabulary ids) [steps][T] on the committed sequence, with the target's
+    own final-normed states (the final norm's output, hooked)."""
+    finals = []
+    hook = model.model.norm.register_forward_hook(lambda _m, _i, out: finals.append(out))
+    try:
+        with torch.no_grad():
+            hs = model(input_ids=seq[None], output_hidden_states=True).hidden_states
+    finally:
+        hook.remove()
+    h = hs[head.exit_layer]
+    cos, sin = model.model.rotary_emb(h, torch.arange(seq.numel())[None])
+    with torch.no_grad():
+        out = head.forward_unrolled(h, cos[0], sin[0], finals[-1], steps)
+    return [head.vocab_map[o[0].argmax(-1)] for o in out]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_deep_head_greedy_is_token_identical_for_every_depth_gamma_vocab_and_stop(arch):
+    model = _target(arch)
+    for prompt in _prompts():
+        want = target_generate(model, prompt, NEW).tokens.tolist()
+        vocab = trimmed_vocabulary([want], 40, vocab_size=264, always=[EOS])
+        for k in (1, 2):
+            for vmap in (None, vocab):
+                pair, _ = _deep_pair(model, k, vmap)
+                for gamma in (1, 2, 3, 4):
+                    assert run_target(pair.target, prompt, NEW, pad_to=gamma + 1).tokens.tolist() == want
+                    for threshold in (None, 0.5):
+                        got = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=gamma,
+                                              confidence_threshold=threshold, pad_verify=True)
+                        assert got.tokens.tolist() == want, (k, vmap is None, gamma, threshold)
+                        assert sum(got.accepted) + got.target_calls == NEW
+                assert pair.drafter.rounds_fused > 0
+
+
+def test_deep_head_sampling_runs_and_a_one_token_prompt_works():
+    model = _target("llama")
+    pair, _ = _deep_pair(model, 2)
+    prompt = _prompts()[1]
+    for seed in range(3):
+        res = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=3, mode="sample",
+                              top_p=0.9, seed=seed)
+        assert 1 <= res.tokens.numel() <= NEW and res.target_calls >= 1
+    # no prefill at all: the first draft step is at position 0 and reads the zero state
+    one = prompt[:1]
+    want = target_generate(model, one, NEW).tokens.tolist()
+    for threshold in (None, 0.5):
+        got = run_speculative(pair.target, pair.drafter, one, max_new_tokens=NEW, gamma=3,
+                              confidence_threshold=threshold, pad_verify=True)
+        assert got.tokens.tolist() == want
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_deep_drafts_equal_the_unrolled_teacher_forced_recurrence(k):
+    """The decisive check: a round begun at position r (the newest committed token) drafts, at step s,
+    the unrolled forward's step-s argmax at position r + s − 1 on the sequence (committed prefix up to r
+    + the round's own drafts), with the target's final states. Step 1 reads the target's final state of
+    r − 1, steps ≥ 2 the head's own states, and every committed position's head KV must come from the
+    target's states — including drafts accepted in earlier rounds (recomputed after verification).
+    Every round and every step is checked, accepted or not: the drafts are the round's own inputs."""
+    model = _target("llama")
+    gamma = 4
+    checked = {s: 0 for s in range(1, gamma + 1)}
+    accepted = 0
+    for scale in (1e-3, 3e-4):
+        pair, head = _deep_pair(model, k, scale=scale)
+        drafter = _Recorder(pair.drafter)
+        for prompt in _prompts():
+            for threshold in (None, 0.0):  # the fused round graph and the by-steps path
+                res = run_speculative(pair.target, drafter, prompt, max_new_tokens=NEW, gamma=gamma,
+                                      confidence_threshold=threshold, pad_verify=True)
+                accepted += sum(res.accepted)
+                seq = torch.cat([prompt, res.tokens])
+                assert drafter.rounds
+                for start, drafts in drafter.rounds:
+                    if not drafts:
+                        continue
+                    inputs = torch.cat([seq[:start + 1], torch.tensor(drafts[:-1], dtype=seq.dtype)])
+                    want = _unrolled_drafts(model, head, inputs, len(drafts))
+                    for s, tok in enumerate(drafts, 1):
+                        assert tok == int(want[s - 1][start + s - 1]), (scale, threshold, start, s)
+                        checked[s] += 1
+    assert all(n > 0 for n in checked.values()), checked
+    if k == 2:  # a near-copy of the target: accepted drafts' head state is recomputed in later rounds
+        assert accepted > 0
+
+
+def test_deep_verification_reuses_the_shallow_blocks_of_every_drafted_token():
+    model = _target("llama")
+    pair, _ = _deep_pair(model, 2)
+    prompt = _prompts()[0]
+    for threshold in (None, 0.5):
+        res = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=3,
+                              confidence_threshold=threshold, pad_verify=True)
+        assert sum(res.accepted) > 0  # some rounds re-feed accepted drafts to the head
+        rows = pair.shallow_rows
+        assert rows["verifier"] == res.target_calls
+        # the head's catch-up over accepted drafts and over the prompt reruns no shallow block
+        assert rows["drafter"] == prompt.numel() - 1 + res.drafter_calls
+
+
+def test_deep_head_fused_and_stepwise_rounds_agree():
+    model = _target("llama")
+    pair, _ = _deep_pair(model, 2)
+    prompt = _prompts()[1]
+    fused = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=3, pad_verify=True)
+    assert pair.drafter.rounds_fused > 0
+    stepwise = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=3, pad_verify=True,
+                               confidence_threshold=0.0)
+    assert fused.tokens.tolist() == stepwise.tokens.tolist() and fused.accepted == stepwise.accepted
+
+
+def test_tree_drafting_refuses_a_deep_head():
+    model = _target("llama")
+    head = _deep_head(model, 1)
+    with pytest.raises(CompressError, match="tree drafting does not take deep-context heads yet"):
+        SelfSpecPair(BlockEngine(model, 128, fuse=False), head, tree="default")
+
+
+def test_head_as_model_scores_a_deep_head_with_the_targets_final_states():
+    model = _target("llama")
+    head = _deep_head(model, 2)
+    seq = _prompts()[0]
+    full = HeadAsModel(model, head)(seq[None]).logits[0]
+    assert torch.equal(head.vocab_map[full[:, head.vocab_map].argmax(-1)], _unrolled_drafts(model, head, seq, 1)[0])
+
+
+def test_cli_draft_bench_with_a_deep_head_export(tmp_path, capsys):
+    from compress.models import load_model
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    target = load_model(mdir).model
+    out = tmp_path / "drafter"
+    out.mkdir()
+    head = _deep_head(target, 2, trimmed_vocabulary([list(range(32, 127))], 64, vocab_size=264, always=eos_ids(target)))
+    head.save_as(out, "head-k2d.safetensors")
+    write_manifest(out, {"format": FORMAT, "target": {"source": str(mdir), **target_fingerprint(target)},
+                         "heads": {"k2d": {"exit_layer": 2, "vocab_size": 64, "context": "deep",
+                                           "file": "head-k2d.safetensors"}},
+                         "default": "k2d", "gamma": 3, "confidence_threshold": None})
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n    return\n\nThe quick brown fox\n")
+    args = ["draft-bench", "--target", mdir, "--drafter", str(out), "--prompts", str(prompts), "--gamma", "3",
+            "--max-new-tokens", "12", "--device", "cpu"]
+    assert main(args) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["self_spec"]["head"] == "k2d" and res["identical"] and res["identical_prompts"] == 2
+    assert main([*args, "--tree", "default"]) == 2
+    assert "deep-context heads" in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gpu_compiled_graphs_deep_head_is_identical_to_the_matched_reference(arch):
+    model = copy.deepcopy(_target(arch)).to("cuda", torch.bfloat16)
+    vocab = trimmed_vocabulary([list(range(40, 120))], 64, vocab_size=264, always=[EOS])
+    head = _deep_head(model, 2, vocab).cuda()
+    pair = SelfSpecPair(BlockEngine(model, 128, compile=True), head, graphs=True)
+    for prompt in _prompts():
+        prompt = prompt.cuda()
+        ref = run_target(pair.target, prompt, NEW, pad_to=5).tokens.tolist()
+        for threshold in (None, 0.5):
+            got = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=4,
+                                  confidence_threshold=threshold, pad_verify=True)
+            assert got.tokens.tolist() == ref
+    assert pair.drafter.rounds_fused > 0 and pair.graphs.enabled and pair.graphs.error is None
