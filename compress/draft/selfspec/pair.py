@@ -55,9 +55,6 @@ class SelfSpecPair:
 
     def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False, tree=None):
         self.deep = getattr(head, "wf", None) is not None
-        if self.deep and tree is not None:
-            raise CompressError("tree drafting does not take deep-context heads yet; use linear rounds "
-                                "(no --tree) with this head")
         if head.fingerprint["num_hidden_layers"] != engine.num_layers:
             raise CompressError(f"the head was trained for a {head.fingerprint['num_hidden_layers']}-block target, "
                                 f"this one has {engine.num_layers}")
@@ -116,10 +113,17 @@ class SelfSpecPair:
             self.final.index_copy_(0, pos[-1:], state)
         return torch.nn.functional.linear(state, self.lm_rows).float()[0]
 
-    def head_rows(self, h, pos, slots, mask) -> torch.Tensor:
-        """Exit head on rows h (KV written at ``slots``, reading ``mask``): trimmed logits of every row."""
+    def head_rows(self, h, pos, slots, mask, prev: torch.Tensor | None = None) -> torch.Tensor:
+        """Exit head on rows h (KV written at ``slots``, reading ``mask``): trimmed logits of every row.
+        ``prev`` [M] (a deep head, tree drafting): the rows of ``final`` each row reads as its previous
+        position's final state; each row's own final-normed state is written to ``final[slots]``."""
+        if prev is not None:
+            h = h + torch.nn.functional.linear(self.final.index_select(0, prev), self.wf)
         x = self._head_layer(h, pos, slots, mask)
-        return torch.nn.functional.linear(_rms(x, self.norm, self.engine.eps), self.lm_rows).float()
+        state = _rms(x, self.norm, self.engine.eps)
+        if prev is not None:
+            self.final.index_copy_(0, slots, state)
+        return torch.nn.functional.linear(state, self.lm_rows).float()
 
     def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
         e = self.engine
@@ -178,10 +182,15 @@ class SelfSpecPair:
     def tree_committed(self, m: int) -> None:
         """After a tree round (verified, accepted and committed on the device by one program): root +
         the m accepted nodes are the sequence's; the deepest nodes never ran the exit head, so a path
-        that reaches the tree's depth leaves the head one token behind."""
+        that reaches the tree's depth leaves the head one token behind. A deep head: the accepted nodes'
+        head KV came from the head's own final states, so the head keeps only the root (as after a
+        linear round) and the next round's catch-up recomputes them from the target's."""
         root = self.deep_len - 1
         self.shallow_len = self.deep_len = root + 1 + m
-        self.head_len = root + 1 + m - (1 if m == self.tree.max_depth else 0)
+        if self.deep:
+            self.head_len = root + 1
+        else:
+            self.head_len = root + 1 + m - (1 if m == self.tree.max_depth else 0)
 
 
 class _Drafter:
@@ -259,6 +268,9 @@ class _Drafter:
         p, buf = self.pair, self.pair.tree_buf
         if buf is None:
             raise CompressError("this self-drafter was built without a draft tree")
+        if p.deep and feed.numel() > 1:  # catch up on the verified tokens, then the root as a draft step
+            self._step(feed[:-1])
+            feed = feed[-1:]
         root_logits = self._step(feed)
         root = p._positions(self.length - 1, 1)
         tokens = p._run(("tree_draft", buf.size), lambda l_, r_: tree_draft(p, buf, l_, r_), root_logits, root)

@@ -137,6 +137,8 @@ class TreeBuffers:
         self.reads = anc.to(device)  # [N, max_len]: the scratch slots node i reads
         self.rows = [torch.tensor(tree.at_depth(d), device=device, dtype=torch.long) for d in range(tree.max_depth + 1)]
         self.parent = torch.tensor(tree.parent, device=device)
+        # node i's parent's scratch slot, -1 for the root's children (a deep head reads its final state)
+        self.parent_slot = torch.tensor([max_len - n + j if j >= 0 else -1 for j in tree.parent], device=device)
         self.node_ids = torch.arange(n, device=device)
         self.depths = torch.arange(1, tree.max_depth + 1, device=device)
         self.k = [tree.topk(d) for d in range(tree.max_depth + 1)]
@@ -173,7 +175,11 @@ def tree_draft(pair, buf: TreeBuffers, root_logits: torch.Tensor, root: torch.Te
         mask = node_mask(pair, buf, rows, root)
         h = e.run_layers(e.embed(toks), pos, 0, pair.k, slots=slots, mask=mask)
         pair.hidden.index_copy_(0, slots, h)
-        logits = pair.head_rows(h, pos, slots, mask)
+        prev = None
+        if pair.deep:  # each node reads its parent's final state: the root's row, or the parent's scratch row
+            ps = buf.parent_slot.index_select(0, rows)
+            prev = torch.where(ps >= 0, ps, root.expand(rows.numel()))
+        logits = pair.head_rows(h, pos, slots, mask, prev)
         top = logits.topk(buf.k[d], dim=-1).indices
     return torch.cat(tokens)
 
@@ -226,13 +232,19 @@ def target_tokens(pair, buf: TreeBuffers, node_tokens: torch.Tensor, root: torch
     pos = torch.cat([root, root + buf.offset])
     mask = torch.cat([e.slots.unsqueeze(0) <= root, node_mask(pair, buf, everyone, root)])
     h = e.run_layers(pair.hidden.index_select(0, slots), pos, pair.k, e.num_layers, slots=slots, mask=mask)
-    return e.final(h).float().argmax(-1)
+    if pair.final is None:
+        return e.final(h).float().argmax(-1)
+    state = e.norm(h)  # engine.final(h) = lm_head(norm(h)), split to keep the target's final states
+    pair.final.index_copy_(0, slots, state)
+    return e.lm_head(state).float().argmax(-1)
 
 
 def tree_commit(pair, src: torch.Tensor, dst: torch.Tensor) -> None:
-    """Copy the accepted nodes' state (every layer's KV, the head's KV, h_k) from scratch slots to
-    the positions after the root."""
+    """Copy the accepted nodes' state (every layer's KV, the head's KV, h_k and, with a deep head, the
+    target's final states) from scratch slots to the positions after the root."""
     e = pair.engine
     for cache in (*e.k, *e.v, pair.head_k, pair.head_v):
         cache.index_copy_(1, dst, cache.index_select(1, src))
-    pair.hidden.index_copy_(0, dst, pair.hidden.index_select(0, src))
+    for rows in (pair.hidden, pair.final):
+        if rows is not None:
+            rows.index_copy_(0, dst, rows.index_select(0, src))
