@@ -1,5 +1,6 @@
 """Deep-context exit heads on the self-drafter pair (linear rounds): exactness, the drafts against the
-teacher-forced unrolled recurrence, shallow-pass reuse, loading, and the tree refusal."""
+teacher-forced unrolled recurrence, shallow-pass reuse, loading, and that a draft tree takes one
+(tests/test_selfspec_deep_tree.py checks deep trees in depth)."""
 import copy
 import json
 
@@ -12,7 +13,6 @@ from compress.draft.engine import BlockEngine
 from compress.draft.selfspec.head import FORMAT, ExitHead, HeadAsModel, eos_ids, target_fingerprint, \
     trimmed_vocabulary, write_manifest
 from compress.draft.selfspec.pair import SelfSpecPair
-from compress.errors import CompressError
 from tests.test_selfspec import EOS, NEW, _prompts, _target, cuda
 from tests.tiny import tiny_model_dir
 
@@ -175,11 +175,16 @@ def test_deep_head_fused_and_stepwise_rounds_agree():
     assert fused.tokens.tolist() == stepwise.tokens.tolist() and fused.accepted == stepwise.accepted
 
 
-def test_tree_drafting_refuses_a_deep_head():
+def test_tree_drafting_takes_a_deep_head():
+    """Formerly refused; tests/test_selfspec_deep_tree.py checks deep trees in depth."""
     model = _target("llama")
     head = _deep_head(model, 1)
-    with pytest.raises(CompressError, match="tree drafting does not take deep-context heads yet"):
-        SelfSpecPair(BlockEngine(model, 128, fuse=False), head, tree="default")
+    pair = SelfSpecPair(BlockEngine(model, 128, fuse=False), head, tree="default")
+    assert pair.deep and pair.tree is not None
+    prompt = _prompts()[0]
+    want = target_generate(model, prompt, NEW).tokens.tolist()
+    got = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=4, tree=True)
+    assert got.tokens.tolist() == want
 
 
 def test_head_as_model_scores_a_deep_head_with_the_targets_final_states():
@@ -209,8 +214,10 @@ def test_cli_draft_bench_with_a_deep_head_export(tmp_path, capsys):
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["self_spec"]["head"] == "k2d" and res["identical"] and res["identical_prompts"] == 2
-    assert main([*args, "--tree", "default"]) == 2
-    assert "deep-context heads" in capsys.readouterr().err
+    assert main([*args, "--tree", "default"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["self_spec"]["head"] == "k2d" and res["identical"] and res["identical_prompts"] == 2
+    assert res["self_spec"]["tree"] and res["gamma"] == 4
 
 
 @pytest.mark.gpu

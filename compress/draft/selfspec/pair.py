@@ -31,7 +31,10 @@ from the target's (``ExitHead.forward_unrolled``), so after a round the head's c
 the round's first position + 1: the next round feeds the accepted drafts again, their shallow state
 is reused (``shallow_upto`` skips it) and one multi-row head pass recomputes their head KV from the
 target's final states before drafting. The drafter's prefill runs only the shallow blocks (no final
-state exists before the target's prefill); the head catches up over the prompt at the first draft."""
+state exists before the target's prefill); the head catches up over the prompt at the first draft.
+Draft trees (selfspec/tree.py) take deep heads the same way: the root is a draft step reading the
+target's final state, each node reads its parent's head state (``final``'s scratch rows), verification
+writes the target's final states and the commit copies the accepted path's rows to the sequence's."""
 from __future__ import annotations
 
 import torch

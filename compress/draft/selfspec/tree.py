@@ -16,6 +16,16 @@ the shallow output h_k) live in scratch slots at the end of every cache; a row r
 slots (≤ the root's) and its ancestors' scratch slots (``node_mask``). The verify program also
 finds the greedy path by tensor ops and copies its state from scratch to the slots after the root
 (``tree_verify``), so a round's host work is reading D + 2 numbers.
+
+Deep-context heads (the pair's ``final``, selfspec/pair.py). A node's previous position is its
+parent: the root's children read the root's own head state (the root, a draft step, read the
+target's final state of the position before it), deeper nodes their parent node's head state,
+which drafting keeps in ``final``'s scratch row of that node (``TreeBuffers.parent_slot``). The verify
+pass writes the target's final state of the root and of every node (scratch rows), and the commit
+copies the accepted path's rows with its KV and h_k, so the next root reads the target's state of
+the last accepted position; the pair then recomputes the accepted nodes' head KV from the target's
+states at the next draft, as after a linear round (``SelfSpecPair.tree_committed``). A chain tree
+(one node per depth) is exactly the linear deep round.
 """
 from __future__ import annotations
 
