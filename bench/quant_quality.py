@@ -17,7 +17,7 @@ Methods:
   gptq-kl-adaquant   KL-guided calibration set (3 candidates), GPTQ, then AdaQuant refinement
   gptq-domain        GPTQ calibrated on code (stdlib/train windows) instead of prose
   gptq+mse, gptq+gptaq, rotate+gptq, rotate+gptq+mse+gptaq, ...
-                     GPTQ with options joined by '+': mse (grid: mse), gptaq (asymmetric: true),
+                     GPTQ with options joined by '+': mse (grid: mse), gptaq (asymmetric: true), act (act_order),
                      rotate (a rotate step before GPTQ: randomised Hadamard residual + per-head v/o)
                      (issue 16; the option rows of bench/results/quant/README.md)
 """
@@ -146,16 +146,19 @@ def worker(args) -> dict:
 
 
 def _option_steps(method: str, bits: int, group: int) -> list[dict]:
-    """'rotate+gptq+mse+gptaq' -> [rotate, gptq with grid mse and asymmetric]."""
+    """'rotate+gptq+mse+gptaq' -> [rotate, gptq with grid mse and asymmetric]; '+act': GPTQ's act-order."""
     parts = method.split("+")
-    unknown = set(parts) - {"rotate", "gptq", "rtn", "mse", "gptaq"}
-    if unknown or ("gptq" in parts) == ("rtn" in parts):
-        raise SystemExit(f"unknown option method {method!r}: join rotate, gptq|rtn, mse, gptaq with '+'")
+    unknown = set(parts) - {"rotate", "gptq", "rtn", "mse", "gptaq", "act"}
+    if unknown or ("gptq" in parts) == ("rtn" in parts) or ("act" in parts and "gptq" not in parts):
+        raise SystemExit(f"unknown option method {method!r}: join rotate, gptq|rtn, mse, gptaq, act (gptq only) "
+                         f"with '+'")
     quant = {"algorithm": "gptq" if "gptq" in parts else "rtn", "bits": bits, "group_size": group}
     if "mse" in parts:
         quant["grid"] = "mse"
     if "gptaq" in parts:
         quant["asymmetric"] = True
+    if "act" in parts:
+        quant["act_order"] = True
     return ([{"algorithm": "rotate"}] if "rotate" in parts else []) + [quant]
 
 

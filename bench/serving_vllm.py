@@ -182,7 +182,8 @@ def run_all(args) -> dict:
         result["models"][name] = entry
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
         refusal = entry.get("refusal") or {}
-        print(name, "loads" if entry.get("loads") else f"REFUSED ({_one_line(refusal)})", entry.get("speed", ""), flush=True)
+        state = "loads" if entry.get("loads") else f"REFUSED ({_one_line(refusal)})"
+        print(name, state, entry.get("speed", ""), flush=True)
     compare_with_bf16(result["models"])
     import torch
 

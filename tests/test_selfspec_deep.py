@@ -160,4 +160,5 @@ def test_config_names_a_bad_context_and_unroll():
     for bad, field in (({"context": "middle"}, "context"), ({"unroll": 0}, "unroll"),
                        ({"shallow_layers": [1]}, "shallow_layers adds shallow heads beside deep ones")):
         with pytest.raises(RecipeError, match=field):
-            validate_recipe({"version": 1, "model": {"id": "x"}, "stages": [{"name": "d", "steps": [{**base, **bad}]}]})
+            validate_recipe({"version": 1, "model": {"id": "smollm2-135m"},
+                             "stages": [{"name": "d", "steps": [{**base, **bad}]}]})
