@@ -1,18 +1,17 @@
 """Tree drafting with deep-context exit heads (compress/draft/selfspec/tree.py on a deep SelfSpecPair):
 exactness, the chain tree = the linear deep round (tokens and drafts), every node against the head run by
 hand along its path, and the shallow-pass counts."""
-import copy
 
 import pytest
 import torch
 
-from compress.draft import run_speculative, run_target, target_generate
+from compress.draft import run_speculative, target_generate
 from compress.draft.engine import BlockEngine
 from compress.draft.selfspec.head import trimmed_vocabulary
 from compress.draft.selfspec.pair import SelfSpecPair
 from compress.draft.selfspec.tree import DEFAULT_TREE, DraftTree
-from tests.test_selfspec import EOS, NEW, _prompts, _target, cuda
-from tests.test_selfspec_deep_pair import _deep_head, _Recorder
+from tests.test_selfspec import EOS, NEW, _prompts, _target
+from tests.test_selfspec_deep_pair import _deep_head, _Recorder, _unrolled_logits
 
 CHAIN = ((0,), (0, 0), (0, 0, 0))
 SMALL = ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
@@ -36,21 +35,6 @@ def _record_tree_rounds(pair):
 
     pair.drafter.draft_tree = draft_tree
     return rounds
-
-
-def _unrolled_logits(model, head, seq: torch.Tensor, steps: int) -> list[torch.Tensor]:
-    """Teacher-forced trimmed logits [steps][T, N] on ``seq`` with the target's own final-normed states."""
-    finals = []
-    hook = model.model.norm.register_forward_hook(lambda _m, _i, out: finals.append(out))
-    try:
-        with torch.no_grad():
-            hs = model(input_ids=seq[None], output_hidden_states=True).hidden_states
-    finally:
-        hook.remove()
-    h = hs[head.exit_layer]
-    cos, sin = model.model.rotary_emb(h, torch.arange(seq.numel())[None])
-    with torch.no_grad():
-        return [o[0] for o in head.forward_unrolled(h, cos[0], sin[0], finals[-1], steps)]
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -178,22 +162,3 @@ def test_the_default_tree_takes_a_deep_head():
     model = _target("llama")
     pair, _ = _deep_tree_pair(model, 1, "default")
     assert pair.deep and pair.tree.choices == DraftTree(DEFAULT_TREE).choices
-
-
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_gpu_compiled_graphs_deep_tree_drafting_matches_the_target(arch):
-    """bf16, compiled layers, CUDA graphs (the tree draft and verify programs record with the deep head's
-    final-state reads and writes). As the shallow tree's GPU test: the tree's rows run other shapes than
-    the padded reference's, so only the first tokens must agree."""
-    model = copy.deepcopy(_target(arch)).to("cuda", torch.bfloat16)
-    vocab = trimmed_vocabulary([list(range(40, 120))], 64, vocab_size=264, always=[EOS])
-    head = _deep_head(model, 2, vocab).cuda()
-    pair = SelfSpecPair(BlockEngine(model, 160, compile=True), head, graphs=True, tree="default")
-    for prompt in _prompts():
-        prompt = prompt.cuda()
-        ref = run_target(pair.target, prompt, NEW, pad_to=len(DEFAULT_TREE) + 1).tokens.tolist()
-        got = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=4, tree=True)
-        assert got.tokens.tolist()[:8] == ref[:8]
-    assert pair.graphs.enabled and pair.graphs.error is None

@@ -11,7 +11,7 @@ from compress.draft.selfspec.head import ExitHead, trimmed_vocabulary
 from compress.draft.selfspec.pair import SelfSpecPair
 from compress.draft.selfspec.tree import DEFAULT_TREE, DraftTree, accept_path
 from compress.errors import CompressError
-from tests.test_selfspec import EOS, NEW, _prompts, _target
+from tests.test_selfspec import EOS, NEW, _head, _prompts, _target
 from tests.tiny import TINY_ARCHS
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -106,10 +106,12 @@ def test_tree_drafting_refuses_what_it_cannot_do():
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_gpu_compiled_graphs_tree_drafting_matches_the_target(arch):
+@pytest.mark.parametrize("context", ["shallow", "deep"])
+def test_gpu_compiled_graphs_tree_drafting_matches_the_target(arch, context):
+    """bf16, compiled layers, CUDA graphs (a deep head's final-state reads and writes record too)."""
     model = copy.deepcopy(_target(arch)).to("cuda", torch.bfloat16)
     vocab = trimmed_vocabulary([list(range(40, 120))], 64, vocab_size=264, always=[EOS])
-    head = ExitHead(model, 1, vocab).cuda()
+    head = _head(model, 1 if context == "shallow" else 2, vocab, context).cuda()
     pair = SelfSpecPair(BlockEngine(model, 160, compile=True), head, graphs=True, tree="default")
     for prompt in _prompts():
         prompt = prompt.cuda()
