@@ -49,9 +49,8 @@ def _head(model, k, vocab=None, context="shallow", scale=1e-3, seed=0):
     return head
 
 
-def _pair(model, k, vocab=None, **kw):
-    vmap = torch.arange(model.lm_head.weight.shape[0]) if vocab is None else vocab
-    head = ExitHead(model, k, vmap)
+def _pair(model, k, vocab=None, context="shallow", **kw):
+    head = _head(model, k, vocab, context)
     return SelfSpecPair(BlockEngine(model, 128, fuse=False, **kw), head), head
 
 
@@ -101,13 +100,16 @@ def test_the_last_block_as_exit_head_drafts_the_target_exactly():
     assert res.acceptance_rate == 1.0 and res.target_calls == NEW // 4
 
 
-def test_verification_reuses_the_shallow_blocks_of_every_drafted_token():
-    model = _target("qwen2")
-    pair, _ = _pair(model, 1)
+@pytest.mark.parametrize("arch, k, context", [("qwen2", 1, "shallow"), ("llama", 2, "deep")])
+def test_verification_reuses_the_shallow_blocks_of_every_drafted_token(arch, k, context):
+    model = _target(arch)
+    pair, _ = _pair(model, k, context=context)
     prompt = _prompts()[0]
     for threshold in (None, 0.5):
         res = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=3,
                               confidence_threshold=threshold, pad_verify=True)
+        if context == "deep":  # some rounds re-feed accepted drafts to the head: its catch-up reruns no shallow block
+            assert sum(res.accepted) > 0
         rows = pair.shallow_rows
         # the verifier runs the first k blocks once a round: on the one token no drafting step has
         # seen (the last draft, or the pending token when nothing was drafted) — never on the others
@@ -118,9 +120,10 @@ def test_verification_reuses_the_shallow_blocks_of_every_drafted_token():
         assert pair.shallow_rows["verifier"] == prompt.numel() - 1 + alone.target_calls
 
 
-def test_fused_greedy_rounds_and_stepwise_rounds_agree():
+@pytest.mark.parametrize("k, context", [(1, "shallow"), (2, "deep")])
+def test_fused_greedy_rounds_and_stepwise_rounds_agree(k, context):
     model = _target("llama")
-    pair, _ = _pair(model, 1)
+    pair, _ = _pair(model, k, context=context)
     prompt = _prompts()[1]
     fused = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=3, pad_verify=True)
     assert pair.drafter.rounds_fused > 0

@@ -7,7 +7,7 @@ import torch
 
 from compress.draft import run_speculative, target_generate
 from compress.draft.engine import BlockEngine
-from compress.draft.selfspec.head import trimmed_vocabulary
+from compress.draft.selfspec.head import forward_with_final, trimmed_vocabulary
 from compress.draft.selfspec.pair import SelfSpecPair
 from compress.draft.selfspec.tree import DEFAULT_TREE, DraftTree
 from tests.test_selfspec import EOS, NEW, _prompts, _target
@@ -146,16 +146,11 @@ def test_a_deep_tree_writes_the_targets_final_states_at_the_committed_positions(
     res = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=4, tree=True)
     assert sum(res.accepted) > 0
     seq = torch.cat([prompt, res.tokens])
-    finals = []
-    hook = model.model.norm.register_forward_hook(lambda _m, _i, out: finals.append(out))
-    try:
-        with torch.no_grad():
-            model(input_ids=seq[None])
-    finally:
-        hook.remove()
+    with torch.no_grad():
+        _, final = forward_with_final(model, input_ids=seq[None])
     n = pair.deep_len
     assert n >= seq.numel() - 1 - 4
-    torch.testing.assert_close(pair.final[:n], finals[-1][0, :n], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pair.final[:n], final[0, :n], atol=1e-4, rtol=1e-4)
 
 
 def test_the_default_tree_takes_a_deep_head():

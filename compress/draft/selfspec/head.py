@@ -101,6 +101,19 @@ def target_fingerprint(model) -> dict:
             "vocab_size": cfg.vocab_size, "weights_sha256": h.hexdigest()}
 
 
+def forward_with_final(target, **inputs):
+    """The target's forward output and the output of its final norm at every position (what its LM
+    head reads; what a deep-context head is fed), taken from the norm module itself: whether
+    ``hidden_states[-1]`` is normed differs between transformers versions."""
+    seen = []
+    hook = target.model.norm.register_forward_hook(lambda _m, _i, o: seen.append(o))
+    try:
+        out = target(**inputs)
+    finally:
+        hook.remove()
+    return out, seen[-1]
+
+
 class ExitHead(nn.Module):
     """One decoder layer + RMSNorm + a trimmed LM head, reading the target's hidden state after
     block ``exit_layer`` (parameters float32 for training; cast for inference)."""
@@ -203,7 +216,7 @@ class ExitHead(nn.Module):
             raise CompressError(f"steps must be >= 1, got {steps}")
         b, t, _ = h.shape
         shift = lambda z: F.pad(z[:, :-1], (0, 0, 1, 0))  # noqa: E731  position p reads p − 1; zeros at 0
-        x = self.fuse(h, None if final is None else shift(final)) if self.wf is not None else h
+        x = self.fuse(h, None if final is None else shift(final))
         q, k1, v1 = self._qkv(x, cos, sin)
         attn = F.scaled_dot_product_attention(q, k1, v1, is_causal=True, scale=self.head_dim ** -0.5)
         state = self._finish(x, attn)
@@ -294,15 +307,11 @@ class HeadAsModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, input_ids, use_cache: bool = False, logits_to_keep: int = 0, **_):
-        final = []  # the final norm's output: a deep head reads the previous position's (a round's first draft)
-        hook = self.target.model.norm.register_forward_hook(lambda _m, _i, o: final.append(o))
-        try:
-            h = self.target(input_ids=input_ids, output_hidden_states=True, use_cache=False).hidden_states
-        finally:
-            hook.remove()
-        x = h[self.head.exit_layer]
+        # a deep head reads the previous position's final state (a round's first draft)
+        out, final = forward_with_final(self.target, input_ids=input_ids, output_hidden_states=True, use_cache=False)
+        x = out.hidden_states[self.head.exit_layer]
         cos, sin = self.target.model.rotary_emb(x, torch.arange(x.shape[1], device=x.device)[None])
-        trimmed = self.head.forward_sequence(x, cos[0], sin[0], final[-1])
+        trimmed = self.head.forward_sequence(x, cos[0], sin[0], final)
         full = trimmed.new_full((*trimmed.shape[:-1], self.target.lm_head.weight.shape[0]), float("-inf"))
         full[..., self.head.vocab_map.to(full.device)] = trimmed
         return SimpleNamespace(logits=full[:, -logits_to_keep:] if logits_to_keep else full)

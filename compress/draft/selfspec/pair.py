@@ -94,25 +94,22 @@ class SelfSpecPair:
                                       t.wd, self.head_k, self.head_v, slots, t.n_q, t.n_kv, e.head_dim, e.eps,
                                       e.scale, e.act)
 
-    def _head(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Exit head on rows h at ``pos`` (writing its KV): trimmed logits of the last row, float32."""
-        x = self._head_layer(h, pos, pos, self.engine.mask(pos))
-        return torch.nn.functional.linear(_rms(x[-1:], self.norm, self.engine.eps), self.lm_rows).float()[0]
-
     def _prev_final(self, pos: torch.Tensor) -> torch.Tensor:
         """The final states of positions pos − 1 (zeros at position 0), graph-safe."""
         prev = self.final.index_select(0, (pos - 1).clamp(min=0))
         return prev * (pos > 0).unsqueeze(-1).to(prev.dtype)
 
-    def _head_deep(self, h: torch.Tensor, pos: torch.Tensor, write: bool) -> torch.Tensor:
-        """A deep head on rows h at ``pos``: each row fuses the final state of the position before
-        (``final``). ``write`` (a draft step, one row): the row's own final-normed state goes to
-        ``final[pos]`` for the next draft of the round; a catch-up over committed positions must not
-        write (it would clobber the target's states). Trimmed logits of the last row, float32."""
-        x = h + torch.nn.functional.linear(self._prev_final(pos), self.wf)
-        x = self._head_layer(x, pos, pos, self.engine.mask(pos))
+    def _head(self, h: torch.Tensor, pos: torch.Tensor, write: bool = False) -> torch.Tensor:
+        """Exit head on rows h at ``pos`` (writing its KV): trimmed logits of the last row, float32.
+        A deep head: each row fuses the final state of the position before (``final``); ``write`` (a
+        draft step, one row) keeps the row's own final-normed state in ``final[pos]`` for the next
+        draft of the round — a catch-up over committed positions must not (it would clobber the
+        target's states)."""
+        if self.deep:
+            h = h + torch.nn.functional.linear(self._prev_final(pos), self.wf)
+        x = self._head_layer(h, pos, pos, self.engine.mask(pos))
         state = _rms(x[-1:], self.norm, self.engine.eps)
-        if write:
+        if self.deep and write:
             self.final.index_copy_(0, pos[-1:], state)
         return torch.nn.functional.linear(state, self.lm_rows).float()[0]
 
@@ -142,8 +139,7 @@ class SelfSpecPair:
         drafts, confs = [], []
         for j in range(gamma):
             pos = pos0 + j
-            h = self._shallow(tok, pos)
-            logits = self._head_deep(h, pos, True) if self.deep else self._head(h, pos)
+            logits = self._head(self._shallow(tok, pos), pos, write=True)
             probs = torch.softmax(logits, -1)
             conf, idx = probs.max(-1, keepdim=True)
             tok = self.vocab_map.index_select(0, idx)  # a 1-d index: a 0-d one would read it on the host
@@ -220,18 +216,15 @@ class _Drafter:
         p.shallow_upto(feed, start, "drafter")
         n = feed.numel()
         pos = p._positions(start, n)
-        if p.deep:
-            write = start + n > p.deep_len
-            if write and n != 1:
-                raise CompressError("internal: a deep head drafts one unverified position at a time")
-            fn = lambda pos_: p._head_deep(p.hidden[pos_], pos_, write)  # noqa: E731
-            if start == 0:  # the catch-up over the prompt: a prefill, eager (no prompt length compiles)
-                with p.engine.eager():
-                    logits = fn(pos).clone()
-            else:
-                logits = p._run(("head", n, write), fn, pos).clone()
+        write = p.deep and start + n > p.deep_len
+        if write and n != 1:
+            raise CompressError("internal: a deep head drafts one unverified position at a time")
+        fn = lambda pos_: p._head(p.hidden[pos_], pos_, write)  # noqa: E731
+        if p.deep and start == 0:  # a deep head's catch-up over the prompt (after the target's prefill):
+            with p.engine.eager():  # a prefill, eager, so no prompt length records a graph
+                logits = fn(pos).clone()
         else:
-            logits = p._run(("head", n), lambda pos_: p._head(p.hidden[pos_], pos_), pos).clone()
+            logits = p._run(("head", n, write), fn, pos).clone()
         p.head_len = start + n
         return logits
 

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from calibration.metrics import expected_calibration_error
 from compress.draft.agreement import replay_greedy_rounds
-from compress.draft.selfspec.head import ExitHead
+from compress.draft.selfspec.head import ExitHead, forward_with_final
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -46,16 +46,10 @@ def _rope_tables(target, length: int, device, dtype):
 @torch.no_grad()
 def _teacher(target, ids: torch.Tensor, exit_layers, final: bool = False):
     """The target's states after each exit depth, its logits and (``final``) the output of its final
-    norm at every position — what its LM head reads, what a deep-context head is fed. Taken from the
-    norm module itself: whether ``hidden_states[-1]`` is normed differs between transformers versions."""
-    seen = []
-    hook = target.model.norm.register_forward_hook(lambda _m, _i, o: seen.append(o)) if final else None
-    try:
-        out = target(input_ids=ids, output_hidden_states=True, use_cache=False)
-    finally:
-        if hook is not None:
-            hook.remove()
-    return {k: out.hidden_states[k] for k in exit_layers}, out.logits, (seen[-1] if final else None)
+    norm at every position — what a deep-context head is fed."""
+    kw = dict(input_ids=ids, output_hidden_states=True, use_cache=False)
+    out, states = forward_with_final(target, **kw) if final else (target(**kw), None)
+    return {k: out.hidden_states[k] for k in exit_layers}, out.logits, states
 
 
 def _drafts_loss(head, hidden, cos, sin, final, p, mask, unroll: int) -> torch.Tensor:
