@@ -9,6 +9,7 @@
 #   bench  every drafter row on both prompt sets (bench/self_spec_bench.py); STOCK= HF= leave out the
 #          stock drafter and transformers' assisted row, TREE=default adds tree rows, GPU_TESTS=files
 #   long   the two best depths trained 1,500 steps (the recipe's default since), benched alone
+#   deep-train  the training of `deep` alone (converts the target first), for bench/device/bg.sh
 #   deep   deep-context heads (the target's final state of the previous position) at k2 and k3 beside a
 #          shallow k2 trained on the same batches (shallow_layers), then benched side by side at GAMMA
 #          (default 3; TREE=default adds tree rows); the training is untimed: run it with bench/device/bg.sh
@@ -52,16 +53,17 @@ case $1 in
     timeout 170 python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-long \
       --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-4} \
       --device cuda --dtype bfloat16 --compile --out $R/long-bench.json 2>&1 | grep "^\[";;
-  deep)
-    [ -d /tmp/out/self-spec-deep ] || timeout ${T:-560} python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml \
+  deep-train|deep)
+    [ -f /tmp/out/self-spec-deep/self_spec.json ] || { bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
+      timeout ${TT:-900} python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml \
       --out /tmp/out/self-spec-deep --force --quiet --set 'stages[0].steps[0].context=deep' \
       --set 'stages[0].steps[0].exit_layers=[2,3]' --set 'stages[0].steps[0].shallow_layers=[2]' \
-      --set 'stages[0].steps[0].full_vocab_layers=[]' ${SETS:-} 2>&1 | quiet | tail -4
+      --set 'stages[0].steps[0].full_vocab_layers=[]' ${SETS:-} 2>&1 | quiet | tail -4; }
     cp /tmp/out/self-spec-deep/self_spec.json $R/deep-manifest.json
     cp /tmp/out/self-spec-deep/report.json $R/deep-report.json
-    timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
+    [ $1 = deep ] && timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-3} \
       --device cuda --dtype bfloat16 --compile ${TREE:+--tree "$TREE"} --out $R/deep-bench.json 2>&1 | grep "^\[";;
-  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep" >&2; exit 2;;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep" >&2; exit 2;;
 esac
-cp $R/*.json $R/*.txt $R/*.log $OUT/ 2>/dev/null; ls $OUT
+[ -z "${OUT:-}" ] || { cp $R/*.json $R/*.txt $R/*.log "$OUT"/ 2>/dev/null; ls "$OUT"; }
