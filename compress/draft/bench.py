@@ -100,6 +100,9 @@ def warm_up(target, drafter, prompt: torch.Tensor, gamma: int, **kw) -> None:
     for n in range(1, gamma + 2):
         run_speculative(target, drafter, prompt, max_new_tokens=n, gamma=gamma, **kw)
     run_speculative(target, drafter, prompt, max_new_tokens=4 * (gamma + 1), gamma=gamma, **kw)
+    record = getattr(drafter, "record_catch_ups", None)  # a self-drafter's deep head: counts runs may miss
+    if record is not None:
+        record(gamma)
 
 
 def spec_row(spec: dict, alone: dict, matched: dict | None, gamma: int) -> dict:

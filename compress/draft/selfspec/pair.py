@@ -219,7 +219,7 @@ class _Drafter:
         write = p.deep and start + n > p.deep_len
         if write and n != 1:
             raise CompressError("internal: a deep head drafts one unverified position at a time")
-        fn = lambda pos_: p._head(p.hidden[pos_], pos_, write)  # noqa: E731
+        fn = self._head_program(write)
         if p.deep and start == 0:  # a deep head's catch-up over the prompt (after the target's prefill):
             with p.engine.eager():  # a prefill, eager, so no prompt length records a graph
                 logits = fn(pos).clone()
@@ -227,6 +227,22 @@ class _Drafter:
             logits = p._run(("head", n, write), fn, pos).clone()
         p.head_len = start + n
         return logits
+
+    def _head_program(self, write: bool):
+        p = self.pair
+        return lambda pos: p._head(p.hidden[pos], pos, write)
+
+    def record_catch_ups(self, depth: int) -> None:
+        """A deep head: record its catch-up program for every count of accepted drafts a round can leave
+        (1..``depth``). Which counts a warm-up run meets depends on its acceptance, and one met first in a
+        timed run is a graph capture (and a compile for the new row count) charged to that run. It writes
+        head KV at positions 1..depth only, which every later sequence rewrites before reading (the head
+        runs positions in order, each attending to earlier ones)."""
+        p = self.pair
+        if not p.deep or p.deep_len == 0:
+            return
+        for n in range(1, depth + 1):
+            p._run(("head", n, False), self._head_program(False), p._positions(1, n))
 
     def prefill(self, ids: torch.Tensor) -> None:
         if self.pair.deep:  # no final state exists yet: the head catches up at the first draft
