@@ -71,9 +71,15 @@ class Checkpoint:
             raise CompressError(f"{self.folder}: the checkpoint has no tensor {name!r}") from None
         handle = self._open.get(path)
         if handle is None:
-            # One handle per shard, kept: safe_open maps the file, so a handle costs no resident memory.
+            # A handle per shard, kept until ``close``: opening one reads its header again.
             handle = self._open[path] = safe_open(path, framework="pt")
         return handle
+
+    def close(self) -> None:
+        """Drop the open handles. safe_open maps the file, and every page a read touched stays in this
+        process's resident set while the map lives: a streamed run that kept all its shards open grew
+        by the whole checkpoint (the 8B shape's 21.6 GB peak on the H200, 16 GB of it file pages)."""
+        self._open.clear()
 
     def get(self, name: str) -> torch.Tensor:
         return self._handle(name).get_tensor(name)

@@ -113,6 +113,9 @@ class ModelCheckpoint:
                     "merges, fused expert tensors); a checkpoint whose layout transformers converts otherwise "
                     "(e.g. fused q/k/v) cannot be streamed yet: drop model.stream")
 
+    def close(self) -> None:
+        getattr(self.checkpoint, "close", lambda: None)()
+
     def keys(self):
         return self._read.keys()
 

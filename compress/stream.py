@@ -223,6 +223,7 @@ class StreamSource:
         block = self.model.get_submodule(self.layout)[i]
         source = self.checkpoint if self.manifest["finished"][i] < 0 else Checkpoint.of_file(self._block_file(i))
         materialise(block, source, f"{self.layout}.{i}.", self.dtype, device, missing_bias_zero=True)
+        getattr(source, "close", lambda: None)()  # unmap what the block's read touched (Checkpoint.close)
         return block
 
     def release(self, i: int, block: nn.Module) -> None:

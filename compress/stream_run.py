@@ -74,6 +74,7 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
         tied = tied_output_names(model)
         blocks = model.get_submodule(layout)
         _materialise_outside(model, blocks, checkpoint, dtype, tied)
+        checkpoint.close()  # the blocks are read one at a time from here (StreamSource.acquire)
         tokenizer = load_tokenizer(folder) if calibration is None else None
     report["model"].update(path=folder, parameters=sum(p.numel() for p in model.parameters()),
                            dtype=recipe.model.dtype, device=str(device))

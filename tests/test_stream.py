@@ -285,3 +285,31 @@ def test_interrupted_mixture_of_experts_resumes_with_its_tokens_per_expert(tmp_p
     _same_reports(ref, result)
     starved = [r["all_token_statistics"] for r in ref.report["stages"][0]["steps"][0]["experts"].values()]
     assert any(starved)  # the threshold took effect, so the restored report carries it
+
+
+
+def _mapped(folder) -> set[str]:
+    """The names of the files in ``folder`` this process has mapped (Linux: /proc/self/maps)."""
+    root = str(folder.resolve()) + "/"
+    fields = (line.split(maxsplit=5) for line in open("/proc/self/maps"))
+    return {f[5].strip()[len(root):] for f in fields if len(f) == 6 and f[5].startswith(root)}
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_a_streamed_run_unmaps_the_shards_of_the_blocks_it_has_finished(sharded, tmp_path):
+    """safe_open maps a shard, and every page a read touched stays resident while the map lives: a run
+    that kept its shards open grew by the whole checkpoint (the 8B shape's host peak on the H200). At
+    block i's end no shard that holds only earlier blocks may still be mapped (on the CPU the live
+    block's and the embeddings' tensors are views of their shards, so those stay)."""
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    blocks_of = {}
+    for name, shard in weight_map.items():
+        parts = name.split(".")
+        blocks_of.setdefault(shard, set()).add(int(parts[2]) if parts[1] == "layers" else None)
+    recipe = validate_recipe(_recipe(sharded, RECIPES["gptq"], True))
+    stale = []
+    def on_block(_pass, i):
+        done = {s for s, b in blocks_of.items() if None not in b and max(b) < i}
+        stale.append((i, sorted(_mapped(sharded) & done)))
+    run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None, on_block=on_block)
+    assert len(stale) == 3 and all(not s for _, s in stale), f"finished blocks' shards still mapped: {stale}"
