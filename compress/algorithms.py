@@ -73,3 +73,11 @@ class StepContext:
     # Set by the pipeline when a later step needs FLOAT_WEIGHTS: quantizing steps then keep
     # each module's pre-quantization weight in state.float_weight[fqn] (on the CPU).
     keep_float_weights: bool = False
+    # Where the activations between blocks live (calibration.activations): host, device or auto.
+    activations: str = "host"
+
+    def offload(self, model) -> Any:
+        """The device that holds the calibration activations between blocks for ``model``."""
+        from compress.runner import activation_home
+
+        return activation_home(self.activations, self.device, self.calibration, model)

@@ -122,7 +122,8 @@ def run_recipe(recipe: Recipe | dict, *, out_dir: str | Path | None = None, forc
     wait_for_main()  # the other ranks, while rank 0 evaluates the baseline
 
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calib,
-                      batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
+                      batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress,
+                      activations=recipe.calibration.activations if recipe.calibration else "auto")
     report["stages"] = apply_stages(model, recipe, ctx, log, timer)
     if current() is not None:  # each rank's own times and peak memory so far (the rest of the report: rank 0's)
         report["distributed"]["ranks"] = gather_json({"timings": timer.timings, "peak_host_mb": timer.peak_host_mb,

@@ -95,6 +95,9 @@ class CalibrationSpec(StrictModel):
     seq_len: int = Field(512, ge=8, le=131_072)
     seed: int = 0
     batch_size: int = Field(8, ge=1, le=4096)
+    activations: Literal["auto", "host", "device"] = Field(
+        "auto", description="where the activations between blocks live: host (CPU RAM), device (the GPU), or auto: "
+                            "the device when a block's inputs and outputs take at most a quarter of its free memory")
     strategy: Literal["random", "domain", "diversity", "kl"] = "random"
     pool_factor: int = Field(4, ge=1, le=64, description="diversity: pool = pool_factor x num_samples windows")
     candidates: int = Field(4, ge=1, le=64, description="kl: candidate sets (seeds seed..seed+candidates-1)")

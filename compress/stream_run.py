@@ -109,7 +109,8 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
         source.done = _observed(source, on_block)
     model.__dict__[BLOCK_SOURCE] = source
     ctx = StepContext(tokenizer=tokenizer, device=device, calibration=calibration,
-                      batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress)
+                      batch_size=recipe.calibration.batch_size if recipe.calibration else 8, progress=progress,
+                      activations=recipe.calibration.activations if recipe.calibration else "auto")
     ctx.state.quant, ctx.state.float_weight = source.quant, source.float_weight
     report["stages"] = apply_stages(model, recipe, ctx, log, timer)
     report["stream"] = {"work_dir": str(work), "resumed": resumed, "passes": passes, "blocks": len(blocks)}

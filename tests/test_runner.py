@@ -155,3 +155,57 @@ def test_solve_group_gets_each_shared_input_once():
         torch.testing.assert_close(grouped.reports[name], plain.reports[name])
     with pytest.raises(TypeError, match="solve_group"):
         run_layerwise(model, _batches(), solve_group=solve_group, **kw)  # needs share_inputs
+
+
+# ----------------------------------------------------------------------------- where activations live
+
+
+class _Calib:
+    def __init__(self, n, L):
+        self.input_ids = torch.zeros(n, L, dtype=torch.long)
+
+
+@pytest.mark.parametrize("setting", ["auto", "host", "device"])
+def test_activations_stay_on_the_host_for_a_cpu_run(setting):
+    from compress.runner import activation_home
+    assert activation_home(setting, "cpu", _Calib(4, 8), tiny_model("llama")) == torch.device("cpu")
+
+
+def test_auto_puts_activations_on_the_gpu_only_when_a_quarter_of_its_free_memory_holds_them(monkeypatch):
+    from compress.runner import activation_home
+    model = tiny_model("llama")  # float32: 4 bytes an element
+    calib = _Calib(128, 2048)
+    need = 2 * 128 * 2048 * model.config.hidden_size * 4  # a block's inputs and outputs
+    free = {"bytes": 4 * need}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 8 * need))
+    assert activation_home("auto", "cuda", calib, model) == torch.device("cuda")
+    free["bytes"] = 4 * need - 4
+    assert activation_home("auto", "cuda", calib, model) == torch.device("cpu")
+    assert activation_home("device", "cuda", calib, model) == torch.device("cuda")  # asked for: no check
+    assert activation_home("host", "cuda", calib, model) == torch.device("cpu")
+    with pytest.raises(CompressError, match="auto, host or device, got 'gpu'"):
+        activation_home("gpu", "cuda", calib, model)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_gptq_is_the_same_with_activations_on_the_device_or_the_host(tmp_path):
+    from compress.formats.packed import read_tensors
+    from compress.pipeline import run_recipe
+    from tests.tiny import byte_tokenizer
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    model.config.eos_token_id = model.config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    exports = {}
+    for where in ("device", "host"):
+        recipe = {"model": {"id": str(tmp_path / "src"), "device": "cuda"},
+                  "calibration": {"num_samples": 4, "seq_len": 32, "batch_size": 2, "activations": where},
+                  "stages": [{"name": "q", "steps": [{"algorithm": "gptq", "bits": 4, "group_size": 32}]}],
+                  "export": {"format": "gptq"}}
+        run_recipe(recipe, out_dir=tmp_path / where, progress=False, log=lambda *_: None)
+        exports[where] = read_tensors(tmp_path / where)
+    assert set(exports["device"]) == set(exports["host"])
+    for k, v in exports["device"].items():
+        assert torch.equal(v, exports["host"][k]), k

@@ -149,6 +149,7 @@ def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepCont
         return errors
 
     layer_error = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                                offload=ctx.offload(model),
                                 make_accumulator=make_acc, solve=probe, device=ctx.device,
                                 progress=ctx.progress, desc="gptq_mixed probe", share_inputs=True).reports
     extra: dict = {}
@@ -170,6 +171,7 @@ def apply_gptq_mixed(model: torch.nn.Module, cfg: GPTQMixedConfig, ctx: StepCont
         return {"gptq_error": res.error, "tokens": acc.count}
 
     walk = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                         offload=ctx.offload(model),
                          make_accumulator=make_acc, solve=shared(solve, ctx.state, QuantResult.from_parts), device=ctx.device,
                          progress=ctx.progress, desc="gptq_mixed", share_inputs=True)
     final = walk.reports

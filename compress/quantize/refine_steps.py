@@ -58,6 +58,7 @@ def apply_adaquant(model: nn.Module, cfg: AdaQuantConfig, ctx: StepContext) -> d
                 "best_step": stats["best_step"]}
 
     result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                           offload=ctx.offload(model),
                            make_accumulator=make_acc, solve=shared(solve, ctx.state, QuantResult.from_parts), device=ctx.device,
                            progress=ctx.progress, desc="adaquant", share_inputs=True)
     reports = result.reports
@@ -144,6 +145,7 @@ def apply_bias_correction(model: nn.Module, cfg: BiasCorrectionConfig, ctx: Step
                 "mean_output_error_after": float((shift - applied).pow(2).mean().sqrt())}
 
     result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                           offload=ctx.offload(model),
                            make_accumulator=make_acc, solve=shared(solve, ctx.state, QuantResult.from_parts), device=ctx.device,
                            progress=ctx.progress, desc="bias correction", share_inputs=True)
     reports = result.reports

@@ -94,6 +94,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
 
     try:
         result = run_layerwise(model, ctx.calibration.batches(ctx.batch_size), modules=modules,
+                               offload=ctx.offload(model),
                                make_accumulator=make_acc, solve_group=shared(solve_group, ctx.state, QuantResult.from_parts), device=ctx.device,
                                progress=ctx.progress, desc="gptq", share_inputs=True, twin=twin)
     finally:
