@@ -12,8 +12,7 @@
 #   deep-train  the training of `deep` alone (converts the target first), for bench/device/bg.sh
 #   deep   deep-context heads (the target's final state of the previous position) at k2 and k3 beside a
 #          shallow k2 trained on the same batches (shallow_layers), then benched side by side at GAMMA
-#          (default 3; TREE=default adds tree rows); the training is untimed: run it with bench/device/bg.sh
-#          to overlap staging
+#          (default 3; TREE=default adds tree rows; HEADS=k2,k3 a subset; NAME= the results file's name)
 # Results go to /tmp/results and back as files in $OUT after every phase.
 set -uo pipefail
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -62,8 +61,8 @@ case $1 in
     cp /tmp/out/self-spec-deep/self_spec.json $R/deep-manifest.json
     cp /tmp/out/self-spec-deep/report.json $R/deep-report.json
     [ $1 = deep ] && timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
-      --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-3} \
-      --device cuda --dtype bfloat16 --compile ${TREE:+--tree "$TREE"} --out $R/deep-bench.json 2>&1 | grep "^\[";;
+      ${HEADS:+--heads $HEADS} --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-3} \
+      --device cuda --dtype bfloat16 --compile ${TREE:+--tree "$TREE"} --out $R/${NAME:-deep-bench}.json 2>&1 | grep "^\[";;
   *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep" >&2; exit 2;;
 esac
 [ -z "${OUT:-}" ] || { cp $R/*.json $R/*.txt $R/*.log "$OUT"/ 2>/dev/null; ls "$OUT"; }
