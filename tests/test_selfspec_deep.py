@@ -122,7 +122,8 @@ def test_unroll_below_one_is_refused():
                       unroll=0)
 
 
-def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_path, text_file):
+@pytest.mark.parametrize("source", ["corpus", "generations"])
+def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_path, text_file, source):
     import json
 
     from compress.draft.selfspec.head import HeadAsModel
@@ -137,10 +138,12 @@ def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_
         {"algorithm": "self_spec", "exit_layers": [1], "vocab_size": 64, "context": "deep", "unroll": 2,
          "shallow_layers": [1],
          "gammas": [1, 2, 3], "train_corpora": [text_file], "train_windows": 8, "eval_windows": 4, "seq_len": 32,
-         "steps": 4, "batch_size": 2, "lr": 1e-3, "eval_generations": False}]}], "export": {"format": "self-spec"}})
+         "steps": 4, "batch_size": 2, "lr": 1e-3, "eval_generations": False, "train_source": source,
+         **({"prompt_tokens": 10, "generate_tokens": 14} if source == "generations" else {})}]}],
+        "export": {"format": "self-spec"}})
     result = run_recipe(recipe, out_dir=tmp_path / "drafter", progress=False, log=lambda *_: None)
     step = result.report["stages"][0]["steps"][0]
-    assert step["training"]["unroll"] == 2
+    assert step["training"]["unroll"] == 2 and step["training"]["source"] == source
     assert len(step["depth_curve"]["k1"]["greedy_agreement_by_draft"]) == 3  # max(gammas) drafts scored
     manifest = json.loads((tmp_path / "drafter" / "self_spec.json").read_text())
     assert manifest["heads"]["k1"]["context"] == "deep" and manifest["heads"]["k1-shallow"]["context"] == "shallow"

@@ -155,7 +155,7 @@ def test_corpus_source_is_the_unchanged_default(tmp_path, text_file, monkeypatch
                               lr=1e-3, seed=0, progress=False)
     assert all(torch.equal(v, a[f"{n}.{k}"]) for n, h in direct.items() for k, v in h.state().items())
     rep = default.report["stages"][0]["steps"][0]
-    assert "source" not in rep["training"] and "depth_curve_generations" in rep
+    assert rep["training"]["source"] == "corpus" and "depth_curve_generations" in rep
     assert "depth_curve_generations" not in explicit.report["stages"][0]["steps"][0]
 
 

@@ -164,7 +164,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
     generation_info = ({"source": "generations", "prompt_tokens": p_len, "generate_tokens": g_len}
-                       if cfg.train_source == "generations" else {})
+                       if cfg.train_source == "generations" else {"source": "corpus"})
     if cfg.eval_generations:
         generation_info["held_out_generations"] = {"prompt_tokens": p_len, "generate_tokens": g_len,
                                                    "sequences": int(held.shape[0])}
