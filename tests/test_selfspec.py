@@ -71,6 +71,10 @@ def test_engine_runs_a_pruned_model_with_per_layer_kv_heads():
     want = model(input_ids=ids[None]).logits[0]
     engine = BlockEngine(model, 64)
     assert [k.shape[0] for k in engine.k] == [2, 1, 2]
+    assert engine.kv is None  # per-layer caches; an unpruned model's are views of one tensor:
+    whole = BlockEngine(_target("llama"), 64)
+    assert all(k.data_ptr() == whole.kv[0, i].data_ptr() and v.data_ptr() == whole.kv[1, i].data_ptr()
+               for i, (k, v) in enumerate(zip(whole.k, whole.v)))
     got = EngineDecoder(engine)(ids, ids.numel())
     assert (got - want).abs().max() <= 1e-4 * want.abs().max()
 

@@ -171,12 +171,22 @@ class BlockEngine:
         self.embed_tokens, self.norm, self.lm_head = base.embed_tokens, base.norm, model.lm_head
         with torch.no_grad():
             self.layers = [layer_tensors(layer, self.head_dim, fuse) for layer in base.layers]
-            self.k = [torch.zeros(t.n_kv, self.max_len, self.head_dim, device=self.device, dtype=self.dtype)
-                      for t in self.layers]
-            self.v = [torch.zeros_like(k) for k in self.k]
             cos, sin = base.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype),
                                        torch.arange(self.max_len, device=self.device)[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim]
+        kv_heads = {t.n_kv for t in self.layers}
+        if len(kv_heads) == 1:  # one tensor holds every layer's keys and values (views per layer), so
+            # a draft tree's commit moves the accepted rows of all layers by one gather and one copy
+            self.kv = torch.zeros(2, len(self.layers), kv_heads.pop(), self.max_len, self.head_dim,
+                                  device=self.device, dtype=self.dtype)
+            with torch.enable_grad():  # views made under no_grad, or by unbind, may not be written in place
+                self.k = [self.kv[0, i] for i in range(len(self.layers))]  # with grad on (a caller's choice)
+                self.v = [self.kv[1, i] for i in range(len(self.layers))]
+        else:  # layers pruned to different KV-head counts
+            self.kv = None
+            self.k = [torch.zeros(t.n_kv, self.max_len, self.head_dim, device=self.device, dtype=self.dtype)
+                      for t in self.layers]
+            self.v = [torch.zeros_like(k) for k in self.k]
         self.slots = torch.arange(self.max_len, device=self.device)
         self._eager_layer = self._compiled_layer = layer_forward
         self._force_eager = False
@@ -209,6 +219,7 @@ class BlockEngine:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
 
+    @torch.no_grad()  # inference only; and the layers' caches are views of one tensor (see __init__)
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int, stop: int, *,
                    slots: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Layers [start, stop) on rows h [M, hidden] at ``positions`` [M], writing their KV at ``slots``
