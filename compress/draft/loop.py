@@ -76,14 +76,16 @@ def draft_by_steps(step, first_feed: torch.Tensor, budget: int, rule: DraftRule,
     q_rows: list[torch.Tensor] = []
     for j in range(budget):
         logits = step(first_feed if j == 0 else drafts[-1].reshape(1))
-        probs = (process_logits(logits, rule.temperature, rule.top_p) if rule.sample
-                 else torch.softmax(logits.float(), -1))
-        idx = (torch.multinomial(probs.to(device), 1, generator=rule.generator)[0] if rule.sample
-               else probs.argmax().to(device))
+        if rule.sample:
+            probs = process_logits(logits, rule.temperature, rule.top_p)
+            idx = torch.multinomial(probs.to(device), 1, generator=rule.generator)[0]
+        else:  # greedy: the argmax of the logits; probabilities only for a confidence stop
+            idx = logits.argmax().to(device)
+            probs = None if rule.threshold is None else torch.softmax(logits.float(), -1)
         drafts.append(idx if vocab_map is None else vocab_map.index_select(0, idx.reshape(1))[0])
         if rule.sample:
             q_rows.append(probs.to(device) if vocab_map is None else (probs.to(device), vocab_map))
-        if rule.stop(probs):
+        if probs is not None and rule.stop(probs):
             break
     tokens = torch.stack(drafts) if drafts else torch.zeros(0, dtype=torch.long, device=device)
     return tokens, (q_rows if rule.sample else None)

@@ -134,18 +134,17 @@ class SelfSpecPair:
         self.final.index_copy_(0, pos, state)
         return e.lm_head(state).float()[first:real]
 
-    def _round(self, tok: torch.Tensor, pos0: torch.Tensor, gamma: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """γ greedy drafts from ``tok`` at position pos0: tokens [γ] and their confidences [γ]."""
-        drafts, confs = [], []
+    def _round(self, tok: torch.Tensor, pos0: torch.Tensor, gamma: int) -> torch.Tensor:
+        """γ greedy drafts [γ] from ``tok`` at position pos0 (the argmax of the logits: a fused round reads
+        no confidence, so no softmax is computed)."""
+        drafts = []
         for j in range(gamma):
             pos = pos0 + j
             logits = self._head(self._shallow(tok, pos), pos, write=True)
-            probs = torch.softmax(logits, -1)
-            conf, idx = probs.max(-1, keepdim=True)
+            idx = logits.argmax(-1, keepdim=True)
             tok = self.vocab_map.index_select(0, idx)  # a 1-d index: a 0-d one would read it on the host
             drafts.append(tok)
-            confs.append(conf.reshape(1))
-        return torch.cat(drafts), torch.cat(confs)
+        return torch.cat(drafts)
 
     def _positions(self, start: int, n: int) -> torch.Tensor:
         return torch.arange(start, start + n, device=self.engine.device)
@@ -267,7 +266,7 @@ class _Drafter:
                 p.head_len = start + 1
             return out
         pos0 = p._positions(start, 1)
-        tokens, _ = p.graphs.run(("round", budget), lambda t, q: p._round(t, q, budget), feed, pos0)
+        tokens = p.graphs.run(("round", budget), lambda t, q: p._round(t, q, budget), feed, pos0)
         p.shallow_len = start + budget
         p.head_len = start + 1 if p.deep else start + budget
         p.shallow_rows["drafter"] += budget
