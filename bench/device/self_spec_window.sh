@@ -13,6 +13,8 @@
 #   deep   deep-context heads (the target's final state of the previous position) at k2 and k3 beside a
 #          shallow k2 trained on the same batches (shallow_layers), then benched side by side at GAMMA
 #          (default 3; TREE=default adds tree rows; HEADS=k2,k3 a subset; NAME= the results file's name)
+#   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
+#          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 # Results go to /tmp/results and back as files in $OUT after every phase.
 set -uo pipefail
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
@@ -63,6 +65,10 @@ case $1 in
     [ $1 = deep ] && timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEADS:+--heads $HEADS} --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-3} \
       --device cuda --dtype bfloat16 --compile ${TREE:+--tree "$TREE"} --out $R/${NAME:-deep-bench}.json 2>&1 | grep "^\[";;
-  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep" >&2; exit 2;;
+  profile)
+    timeout ${T:-300} python3 bench/self_spec_profile.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
+      ${HEAD:+--head $HEAD} --prompts bench/draft_bench_prompts/code.txt --max-prompts 2 --gamma ${GAMMA:-2} \
+      --device cuda --compile --out $R/${NAME:-profile}.json 2>&1 | quiet | tail -6;;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|profile" >&2; exit 2;;
 esac
 [ -z "${OUT:-}" ] || { cp $R/*.json $R/*.txt $R/*.log "$OUT"/ 2>/dev/null; ls "$OUT"; }
