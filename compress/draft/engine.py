@@ -110,14 +110,11 @@ def layer_tensors(layer: nn.Module, head_dim: int, fuse: bool) -> LayerTensors:
                         n_kv=attn.k_proj.out_features // head_dim)
 
 
-def layer_forward(h, cos, sin, mask, ln1, ln2, wqkv, bqkv, wo, wgu, wd, k_cache, v_cache, slots,
-                  n_q: int, n_kv: int, head_dim: int, eps: float, scale: float, act: str):
-    """One decoder layer on rows h [M, hidden] (rotary tables cos/sin of their positions); writes
-    this layer's keys and values into k_cache / v_cache [kv_heads, S, head_dim] at ``slots`` [M]
-    (the rows' positions, except for tree drafts, which live in scratch slots); returns the new h.
-
-    Grouped-query attention folds each KV head's query group into the row dimension
-    ([kv, g·M, d] against [kv, S, d]), so no key/value is ever repeated."""
+def layer_kv(h, cos, sin, ln1, wqkv, bqkv, k_cache, v_cache, slots, n_q: int, n_kv: int, head_dim: int,
+             eps: float) -> torch.Tensor:
+    """The first part of ``layer_forward``: writes the rows' keys and values at ``slots``; returns their
+    rotated queries [n_q, M, d]. Alone, it is all a catch-up needs: rows whose outputs nobody reads,
+    only their keys and values (later rows attend to them)."""
     m = h.shape[0]
     x = _rms(h, ln1, eps)
     qkv = F.linear(x, wqkv, bqkv)
@@ -127,6 +124,19 @@ def layer_forward(h, cos, sin, mask, ln1, ln2, wqkv, bqkv, wo, wgu, wd, k_cache,
     v = v.view(m, n_kv, head_dim).transpose(0, 1)
     k_cache.index_copy_(1, slots, k)
     v_cache.index_copy_(1, slots, v)
+    return q
+
+
+def layer_forward(h, cos, sin, mask, ln1, ln2, wqkv, bqkv, wo, wgu, wd, k_cache, v_cache, slots,
+                  n_q: int, n_kv: int, head_dim: int, eps: float, scale: float, act: str):
+    """One decoder layer on rows h [M, hidden] (rotary tables cos/sin of their positions); writes
+    this layer's keys and values into k_cache / v_cache [kv_heads, S, head_dim] at ``slots`` [M]
+    (the rows' positions, except for tree drafts, which live in scratch slots); returns the new h.
+
+    Grouped-query attention folds each KV head's query group into the row dimension
+    ([kv, g·M, d] against [kv, S, d]), so no key/value is ever repeated."""
+    m = h.shape[0]
+    q = layer_kv(h, cos, sin, ln1, wqkv, bqkv, k_cache, v_cache, slots, n_q, n_kv, head_dim, eps)
     g = n_q // n_kv
     q = q.reshape(n_kv, g * m, head_dim)
     attn = F.scaled_dot_product_attention(q.unsqueeze(0), k_cache.unsqueeze(0), v_cache.unsqueeze(0),
@@ -189,11 +199,13 @@ class BlockEngine:
             self.v = [torch.zeros_like(k) for k in self.k]
         self.slots = torch.arange(self.max_len, device=self.device)
         self._eager_layer = self._compiled_layer = layer_forward
+        self._compiled_kv = layer_kv
         self._force_eager = False
         if compile:
             raise_recompile_limit()
             backend = compile if isinstance(compile, str) else "inductor"  # "eager": dynamo alone (CPU tests)
             self._compiled_layer = torch.compile(layer_forward, dynamic=False, fullgraph=True, backend=backend)
+            self._compiled_kv = torch.compile(layer_kv, dynamic=False, fullgraph=True, backend=backend)
 
     @property
     def num_layers(self) -> int:
@@ -206,6 +218,10 @@ class BlockEngine:
     def layer_fn(self, rows: int):
         """The compiled layer for decode-sized passes, the eager one for prefills."""
         return self._compiled_layer if rows <= GRAPH_ROWS and not self._force_eager else self._eager_layer
+
+    def kv_fn(self, rows: int):
+        """``layer_kv``, compiled for decode-sized passes as ``layer_fn`` is."""
+        return self._compiled_kv if rows <= GRAPH_ROWS and not self._force_eager else layer_kv
 
     @contextmanager
     def eager(self):

@@ -113,6 +113,15 @@ class SelfSpecPair:
             self.final.index_copy_(0, pos[-1:], state)
         return torch.nn.functional.linear(state, self.lm_rows).float()[0]
 
+    def _head_kv(self, h: torch.Tensor, pos: torch.Tensor) -> None:
+        """A catch-up: the exit head's keys and values of committed rows h at ``pos`` (a deep head's fused
+        with the final states before them), nothing else — no logits or state of theirs is read."""
+        if self.deep:
+            h = h + torch.nn.functional.linear(self._prev_final(pos), self.wf)
+        e, t = self.engine, self.layer
+        e.kv_fn(h.shape[0])(h, e.cos[pos], e.sin[pos], t.ln1, t.wqkv, t.bqkv, self.head_k, self.head_v, pos,
+                            t.n_q, t.n_kv, e.head_dim, e.eps)
+
     def head_rows(self, h, pos, slots, mask, prev: torch.Tensor | None = None) -> torch.Tensor:
         """Exit head on rows h (KV written at ``slots``, reading ``mask``): trimmed logits of every row.
         ``prev`` [M] (a deep head, tree drafting): the rows of ``final`` each row reads as its previous
@@ -231,6 +240,25 @@ class _Drafter:
         p = self.pair
         return lambda pos: p._head(p.hidden[pos], pos, write)
 
+    def _kv_program(self):
+        p = self.pair
+        return lambda pos: p._head_kv(p.hidden[pos], pos)
+
+    def _catch_up(self, feed: torch.Tensor) -> None:
+        """Shallow blocks where missing and the exit head's KV for committed tokens ``feed`` (after
+        ``length``): what the next draft attends to, without the layer's output or any logits."""
+        p = self.pair
+        start = self.length
+        p.shallow_upto(feed, start, "drafter")
+        n = feed.numel()
+        pos = p._positions(start, n)
+        if start == 0:  # over the prompt: a prefill, eager, so no prompt length records a graph
+            with p.engine.eager():
+                self._kv_program()(pos)
+        else:
+            p._run(("head-kv", n), self._kv_program(), pos)
+        p.head_len = start + n
+
     def record_catch_ups(self, depth: int) -> None:
         """A deep head: record its catch-up program for every count of accepted drafts a round can leave
         (1..``depth``). Which counts a warm-up run meets depends on its acceptance, and one met first in a
@@ -241,7 +269,7 @@ class _Drafter:
         if not p.deep or p.deep_len == 0:
             return
         for n in range(1, depth + 1):
-            p._run(("head", n, False), self._head_program(False), p._positions(1, n))
+            p._run(("head-kv", n), self._kv_program(), p._positions(1, n))
 
     def prefill(self, ids: torch.Tensor) -> None:
         if self.pair.deep:  # no final state exists yet: the head catches up at the first draft
@@ -257,7 +285,7 @@ class _Drafter:
             # after a fully accepted round the last draft has shallow state (the verifier ran it) but
             # no exit-head state (a deep head: no committed head state for any accepted draft, nor for
             # the prompt at the first round): catch up on all but the newest token, then draft from it
-            self._step(feed[:-1])
+            self._catch_up(feed[:-1])
             feed = feed[-1:]
         start = self.length
         if rule.sample or rule.threshold is not None or p.deep_len == 0:
@@ -280,7 +308,7 @@ class _Drafter:
         if buf is None:
             raise CompressError("this self-drafter was built without a draft tree")
         if p.deep and feed.numel() > 1:  # catch up on the verified tokens, then the root as a draft step
-            self._step(feed[:-1])
+            self._catch_up(feed[:-1])
             feed = feed[-1:]
         root_logits = self._step(feed)
         root = p._positions(self.length - 1, 1)
