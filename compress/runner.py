@@ -104,10 +104,11 @@ def activation_home(setting: str, device, calibration, model: nn.Module) -> torc
         return torch.device("cpu")
     if setting == "device":
         return device
-    if calibration is None or device.type != "cuda":
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if calibration is None or device.type != "cuda" or hidden is None:  # nothing to size them by: the host
         return torch.device("cpu")
     elem = next(model.parameters()).element_size()
-    need = 2 * calibration.input_ids.numel() * model.config.hidden_size * elem
+    need = 2 * calibration.input_ids.numel() * hidden * elem
     free, _total = torch.cuda.mem_get_info(device)
     return device if need <= free // 4 else torch.device("cpu")
 
