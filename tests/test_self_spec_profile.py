@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 from compress.draft import loop
-from compress.draft.selfspec.head import FORMAT, eos_ids, target_fingerprint, trimmed_vocabulary, write_manifest
-from tests.test_selfspec import _head
+from compress.draft.selfspec.head import eos_ids, trimmed_vocabulary
+from tests.test_selfspec import _export, _head
 from tests.tiny import tiny_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -18,14 +18,8 @@ def test_profile_has_one_range_per_loop_span_and_restores_the_clock(tmp_path):
     from compress.models import load_model
     mdir = tiny_model_dir(tmp_path / "tiny", "llama")
     target = load_model(mdir).model
-    out = tmp_path / "drafter"
-    out.mkdir()
     vocab = trimmed_vocabulary([list(range(32, 127))], 64, vocab_size=264, always=eos_ids(target))
-    _head(target, 2, vocab, "deep").save_as(out, "head-k2.safetensors")
-    write_manifest(out, {"format": FORMAT, "target": {"source": str(mdir), **target_fingerprint(target)},
-                         "heads": {"k2": {"exit_layer": 2, "vocab_size": 64, "context": "deep",
-                                          "file": "head-k2.safetensors"}},
-                         "default": "k2", "gamma": 2, "confidence_threshold": None})
+    out = _export(mdir, target, _head(target, 2, vocab, "deep"), tmp_path / "drafter", "k2", 2)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n    return\n\nThe quick brown fox\n")
     real = loop.RoundClock

@@ -36,6 +36,18 @@ def _prompts():
     return [torch.tensor(tok(TEXT[:40])["input_ids"]), torch.tensor(tok(TEXT[150:163])["input_ids"])]
 
 
+def _export(mdir, target, head, out, name: str, gamma: int):
+    """A self-spec export folder holding one head (``name``) for the tiny target at ``mdir``."""
+    from compress.draft.selfspec.head import FORMAT, target_fingerprint, write_manifest
+    out.mkdir()
+    head.save_as(out, f"head-{name}.safetensors")
+    write_manifest(out, {"format": FORMAT, "target": {"source": str(mdir), **target_fingerprint(target)},
+                         "heads": {name: {"exit_layer": head.exit_layer, "vocab_size": head.vocab_size,
+                                          "context": head.context, "file": f"head-{name}.safetensors"}},
+                         "default": name, "gamma": gamma, "confidence_threshold": None})
+    return out
+
+
 def _head(model, k, vocab=None, context="shallow", scale=1e-3, seed=0):
     """An exit head; a deep one with a non-zero random map: h_k is small in the tiny models (std
     ~0.03-0.06) and the final states are ~1, so 1e-3 makes the map's term ~0.013 per channel — it moves

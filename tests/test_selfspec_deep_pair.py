@@ -9,10 +9,9 @@ import torch
 from compress.cli import main
 from compress.draft import run_speculative, run_target, target_generate
 from compress.draft.engine import BlockEngine
-from compress.draft.selfspec.head import FORMAT, HeadAsModel, eos_ids, forward_with_final, target_fingerprint, \
-    trimmed_vocabulary, write_manifest
+from compress.draft.selfspec.head import HeadAsModel, eos_ids, forward_with_final, trimmed_vocabulary
 from compress.draft.selfspec.pair import SelfSpecPair
-from tests.test_selfspec import EOS, NEW, _head, _prompts, _target
+from tests.test_selfspec import EOS, NEW, _export, _head, _prompts, _target
 from tests.tiny import tiny_model_dir
 
 
@@ -163,14 +162,8 @@ def test_cli_draft_bench_with_a_deep_head_export(tmp_path, capsys):
     from compress.models import load_model
     mdir = tiny_model_dir(tmp_path / "tiny", "llama")
     target = load_model(mdir).model
-    out = tmp_path / "drafter"
-    out.mkdir()
     head = _deep_head(target, 2, trimmed_vocabulary([list(range(32, 127))], 64, vocab_size=264, always=eos_ids(target)))
-    head.save_as(out, "head-k2d.safetensors")
-    write_manifest(out, {"format": FORMAT, "target": {"source": str(mdir), **target_fingerprint(target)},
-                         "heads": {"k2d": {"exit_layer": 2, "vocab_size": 64, "context": "deep",
-                                           "file": "head-k2d.safetensors"}},
-                         "default": "k2d", "gamma": 3, "confidence_threshold": None})
+    out = _export(mdir, target, head, tmp_path / "drafter", "k2d", 3)
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n    return\n\nThe quick brown fox\n")
     args = ["draft-bench", "--target", mdir, "--drafter", str(out), "--prompts", str(prompts), "--gamma", "3",
