@@ -67,12 +67,17 @@ def _unrolled_drafts(model, head, seq: torch.Tensor, steps: int) -> list[torch.T
     return [head.vocab_map[o.argmax(-1)] for o in _unrolled_logits(model, head, seq, steps)]
 
 
+def greedy_cases(model):
+    """Per test prompt: (prompt, the target's own greedy tokens, a 40-id trimmed vocabulary of them)."""
+    for prompt in _prompts():
+        want = target_generate(model, prompt, NEW).tokens.tolist()
+        yield prompt, want, trimmed_vocabulary([want], 40, vocab_size=264, always=[EOS])
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_deep_head_greedy_is_token_identical_for_every_depth_gamma_vocab_and_stop(arch):
     model = _target(arch)
-    for prompt in _prompts():
-        want = target_generate(model, prompt, NEW).tokens.tolist()
-        vocab = trimmed_vocabulary([want], 40, vocab_size=264, always=[EOS])
+    for prompt, want, vocab in greedy_cases(model):
         for k in (1, 2):
             for vmap in (None, vocab):
                 pair, _ = _deep_pair(model, k, vmap)

@@ -7,11 +7,11 @@ import torch
 
 from compress.draft import run_speculative, target_generate
 from compress.draft.engine import BlockEngine
-from compress.draft.selfspec.head import forward_with_final, trimmed_vocabulary
+from compress.draft.selfspec.head import forward_with_final
 from compress.draft.selfspec.pair import SelfSpecPair
 from compress.draft.selfspec.tree import DEFAULT_TREE, DraftTree
-from tests.test_selfspec import EOS, NEW, _prompts, _target
-from tests.test_selfspec_deep_pair import _deep_head, _Recorder, _unrolled_logits
+from tests.test_selfspec import NEW, _prompts, _target
+from tests.test_selfspec_deep_pair import _deep_head, _Recorder, _unrolled_logits, greedy_cases
 
 CHAIN = ((0,), (0, 0), (0, 0, 0))
 SMALL = ((0,), (1,), (0, 0), (0, 1), (0, 0, 0))
@@ -40,9 +40,7 @@ def _record_tree_rounds(pair):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_deep_head_tree_drafting_is_token_identical_to_the_targets_greedy_output(arch):
     model = _target(arch)
-    for prompt in _prompts():
-        want = target_generate(model, prompt, NEW).tokens.tolist()
-        vocab = trimmed_vocabulary([want], 40, vocab_size=264, always=[EOS])
+    for prompt, want, vocab in greedy_cases(model):
         for k in (1, 2):
             for tree in ("default", SMALL, WIDE):
                 for vmap in (None, vocab):
