@@ -99,15 +99,18 @@ class SelfSpecPair:
         prev = self.final.index_select(0, (pos - 1).clamp(min=0))
         return prev * (pos > 0).unsqueeze(-1).to(prev.dtype)
 
+    def _fuse(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The head's input for rows h at ``pos``: a deep head adds the mapped final state of each row's
+        position before (``final``); a shallow head reads h alone."""
+        return h + torch.nn.functional.linear(self._prev_final(pos), self.wf) if self.deep else h
+
     def _head(self, h: torch.Tensor, pos: torch.Tensor, write: bool = False) -> torch.Tensor:
         """Exit head on rows h at ``pos`` (writing its KV): trimmed logits of the last row, float32.
         A deep head: each row fuses the final state of the position before (``final``); ``write`` (a
         draft step, one row) keeps the row's own final-normed state in ``final[pos]`` for the next
         draft of the round — a catch-up over committed positions must not (it would clobber the
         target's states)."""
-        if self.deep:
-            h = h + torch.nn.functional.linear(self._prev_final(pos), self.wf)
-        x = self._head_layer(h, pos, pos, self.engine.mask(pos))
+        x = self._head_layer(self._fuse(h, pos), pos, pos, self.engine.mask(pos))
         state = _rms(x[-1:], self.norm, self.engine.eps)
         if self.deep and write:
             self.final.index_copy_(0, pos[-1:], state)
@@ -116,11 +119,9 @@ class SelfSpecPair:
     def _head_kv(self, h: torch.Tensor, pos: torch.Tensor) -> None:
         """A catch-up: the exit head's keys and values of committed rows h at ``pos`` (a deep head's fused
         with the final states before them), nothing else — no logits or state of theirs is read."""
-        if self.deep:
-            h = h + torch.nn.functional.linear(self._prev_final(pos), self.wf)
         e, t = self.engine, self.layer
-        e.kv_fn(h.shape[0])(h, e.cos[pos], e.sin[pos], t.ln1, t.wqkv, t.bqkv, self.head_k, self.head_v, pos,
-                            t.n_q, t.n_kv, e.head_dim, e.eps)
+        e.kv_fn(h.shape[0])(self._fuse(h, pos), e.cos[pos], e.sin[pos], t.ln1, t.wqkv, t.bqkv, self.head_k,
+                            self.head_v, pos, t.n_q, t.n_kv, e.head_dim, e.eps)
 
     def head_rows(self, h, pos, slots, mask, prev: torch.Tensor | None = None) -> torch.Tensor:
         """Exit head on rows h (KV written at ``slots``, reading ``mask``): trimmed logits of every row.
@@ -228,8 +229,8 @@ class _Drafter:
         if write and n != 1:
             raise CompressError("internal: a deep head drafts one unverified position at a time")
         fn = self._head_program(write)
-        if p.deep and start == 0:  # a deep head's catch-up over the prompt (after the target's prefill):
-            with p.engine.eager():  # a prefill, eager, so no prompt length records a graph
+        if p.deep and start == 0:  # a deep head's first position (a one-token prompt; longer ones catch
+            with p.engine.eager():  # up in _catch_up): eager, as a prefill, so it records no graph
                 logits = fn(pos).clone()
         else:
             logits = p._run(("head", n, write), fn, pos).clone()

@@ -253,9 +253,12 @@ def tree_commit(pair, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy the accepted nodes' state (every layer's KV, the head's KV, h_k and, with a deep head, the
     target's final states) from scratch slots to the positions after the root."""
     e = pair.engine
+    caches = (pair.head_k, pair.head_v)
     if e.kv is not None:  # every layer's keys and values in one tensor [2, layers, heads, slots, dim]
         e.kv.index_copy_(3, dst, e.kv.index_select(3, src))
-    for cache in ((*e.k, *e.v) if e.kv is None else ()) + (pair.head_k, pair.head_v):
+    else:
+        caches = (*e.k, *e.v, *caches)
+    for cache in caches:
         cache.index_copy_(1, dst, cache.index_select(1, src))
     for rows in (pair.hidden, pair.final):
         if rows is not None:
