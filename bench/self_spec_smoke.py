@@ -36,6 +36,19 @@ SHAPES = {
 }
 
 
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """A random-weight Qwen2 model of one of SHAPES, seeded, with a confident LM head."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    cfg = Qwen2Config(**SHAPES[shape], eos_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # a confident head: stable argmax, varied tokens
+    return model
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
@@ -49,18 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     compile = (True if device.type == "cuda" else "eager") if args.compile else False
-    cfg = Qwen2Config(**SHAPES[args.shape], eos_token_id=0)
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)  # a confident head: stable argmax, varied tokens
+    model = random_model(args.shape, device, dtype)
+    cfg = model.config
     out = {"shape": args.shape, "device": str(device), "dtype": str(dtype), "init_s": time.perf_counter() - t0}
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, cfg.vocab_size, (n,), generator=gen).to(device) for n in (40, 90, 60)]

@@ -29,7 +29,18 @@ def test_profile_has_one_range_per_loop_span_and_restores_the_clock(tmp_path):
     assert loop.RoundClock is real
     spans = res["spans"]
     assert res["prompts"] == 2 and res["context"] == "deep" and res["new_tokens"] == 24
-    assert spans["prefill"]["calls"] == 2
+    assert spans["prefill"]["calls"] == 3  # two speculative runs and the target-alone one
     assert spans["verify"]["calls"] == spans["draft"]["calls"] == res["rounds"] > 0
     assert all(s["host_us_per_call"] > 0 for s in spans.values())
     assert (tmp_path / "p.json").is_file()
+    assert spans["target"]["calls"] == 12  # one target-alone decode step per new token
+    assert res["timed"]["target_step_ms"] > 0 and res["timed"]["c"] > 0
+
+
+def test_profile_on_random_weights_of_a_shape_needs_no_export(tmp_path):
+    res = self_spec_profile.main(["--target", "random:tiny", "--context", "deep", "--exit-layer", "2",
+                                  "--gamma", "2", "--max-new-tokens", "8", "--device", "cpu",
+                                  "--out", str(tmp_path / "p.json")])
+    assert res["context"] == "deep" and res["exit_layer"] == 2 and res["prompts"] == 2
+    assert res["spans"]["draft"]["calls"] == res["rounds"] > 0
+    assert res["timed"]["tau"] >= 1
