@@ -13,7 +13,8 @@ Rows per prompt set (compress/draft/bench.py says what each number is):
 - ``stock bf16`` / ``stock W4``: our loop with the stock 0.5B (block engine; W4 on the int4 kernel
   through its own forward), ``old self-drafter``: a width-pruned GPTQ export if given;
 - ``self <head>``: the shared-prefix self-drafter's heads (fixed γ), and the default head with the
-  export's calibrated confidence threshold; with ``--tree``, each head drafting a static tree
+  export's calibrated confidence threshold; ``--untrimmed`` adds the default head over the whole
+  vocabulary (the same trained weights: the trim's effect alone); with ``--tree``, each head drafting a static tree
   (several candidates per position, one verify pass: compress/draft/selfspec/tree.py).
 The target's engine, its compiled steps and recorded graphs are built once and shared by every row;
 results are written after every row, so a cut run keeps what it measured.
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--old-self", help="a width-pruned GPTQ self-drafter export (int4 kernel)")
     ap.add_argument("--self-spec", help="a self-spec drafter export")
     ap.add_argument("--heads", default=None, help="comma-separated heads of the export (default: all)")
+    ap.add_argument("--untrimmed", action="store_true",
+                    help="also the default head over the target's whole vocabulary (the same trained head)")
     ap.add_argument("--prompts", nargs="+", required=True)
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--gamma", type=int, default=4)
@@ -135,6 +138,11 @@ def main(argv=None) -> int:
         for name in names:
             head, _, cal = load_self_spec(args.self_spec, t.model, name)
             heads[name] = (head, cal)
+        if args.untrimmed:  # vocabulary trim's effect alone: the same weights, every LM row
+            base = manifest["default"] if manifest["default"] in heads else names[0]
+            head, cal = heads[base]
+            full = head.with_vocabulary(t.model, torch.arange(t.model.lm_head.weight.shape[0]))
+            heads[f"{base} untrimmed"] = (full, cal)
         result["self_spec"] = {k: manifest[k] for k in ("default", "gamma", "confidence_threshold", "stop",
                                                           "training", "depth_curve")}
     stock = load_model(args.stock, dtype=args.dtype, device=device).model if args.stock else None

@@ -172,6 +172,19 @@ def test_self_drafter_sampling_is_exact_on_the_first_token():
     assert chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item()).pvalue > 1e-3
 
 
+def test_a_head_over_another_vocabulary_scores_the_same_rows_alike():
+    """with_vocabulary (the bench's untrimmed row): the trained weights carried over, every row the
+    trimmed head scores scored the same, the others added."""
+    model = tiny_model("qwen2")
+    vocab = torch.tensor([0, 5, 7, 40, 99])
+    trimmed = _head(model, 2, vocab, "deep")
+    full = trimmed.with_vocabulary(model, torch.arange(model.lm_head.weight.shape[0]))
+    assert full.vocab_size == model.lm_head.weight.shape[0] and full.context == "deep"
+    assert torch.equal(full.wf, trimmed.wf) and torch.equal(full.wqkv, trimmed.wqkv)
+    state = torch.randn(3, model.config.hidden_size)
+    assert torch.allclose(full.logits(state)[:, vocab], trimmed.logits(state))
+
+
 def test_bad_inputs_are_clear_errors():
     model = _target("llama")
     with pytest.raises(CompressError, match="exit_layer must be an integer in 1..2"):

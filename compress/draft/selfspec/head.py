@@ -158,6 +158,13 @@ class ExitHead(nn.Module):
     def vocab_size(self) -> int:
         return int(self.vocab_map.numel())
 
+    def with_vocabulary(self, target, vocab_map: torch.Tensor) -> "ExitHead":
+        """The same trained head over another vocabulary (e.g. ``torch.arange(V)``, untrimmed): its
+        LM rows are the target's, frozen, so only the rows it scores change."""
+        head = ExitHead(target, self.exit_layer, vocab_map, context=self.context)
+        head.load_state_dict({k: v for k, v in self.state_dict().items() if k != "vocab_map"}, strict=False)
+        return head.to(self.ln1.device)
+
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
