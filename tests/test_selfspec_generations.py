@@ -78,7 +78,7 @@ def test_config_errors_name_the_field():
     assert SelfSpecConfig().train_source == "corpus"
     assert SelfSpecConfig(seq_len=128).generation_shape == (32, 96)
     assert SelfSpecConfig(seq_len=128, prompt_tokens=16, generate_tokens=300).generation_shape == (16, 300)
-    with pytest.raises(RecipeError, match="train_source: Input should be 'corpus' or 'generations'"):
+    with pytest.raises(RecipeError, match="train_source: Input should be 'corpus', 'generations' or 'mixed'"):
         SelfSpecConfig(train_source="generated")
     with pytest.raises(RecipeError, match=r"prompt_tokens \(128\) must be below seq_len \(128\)"):
         SelfSpecConfig(seq_len=128, prompt_tokens=128)
@@ -163,3 +163,28 @@ def test_generations_longer_than_the_targets_positions_are_refused(tmp_path, tex
     mdir = tiny_model_dir(tmp_path / "tiny", "llama")  # 512 positions
     with pytest.raises(CompressError, match=r"prompt_tokens \+ generate_tokens = 8 \+ 600 exceeds the target's 512"):
         _run(_recipe(mdir, text_file, train_source="generations", generate_tokens=600))
+
+
+def test_mixed_source_pools_the_corpus_windows_and_their_continuations(tmp_path, text_file, monkeypatch):
+    """train_source: mixed trains on every corpus window (all positions) and its continuation (the
+    continuation positions), in one pool; a mixed pool needs prompt + generated = seq_len."""
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    seen = {}
+    real = selfspec_step.distill_heads
+
+    def spy(model, train, specs, **kw):
+        seen.update(train=train, mask=kw["loss_mask"])
+        return real(model, train, specs, **kw)
+
+    monkeypatch.setattr(selfspec_step, "distill_heads", spy)
+    result = _run(_recipe(mdir, text_file, train_source="mixed", prompt_tokens=10, eval_generations=False))
+    assert result.report["stages"][0]["steps"][0]["training"]["source"] == "mixed"
+    windows, _ = selfspec_step._windows(byte_tokenizer(), [text_file], "train", 32, 6)
+    n = windows.shape[0]
+    assert torch.equal(seen["train"][:n], windows) and seen["mask"][:n].all()
+    from compress.models import load_model
+    generated = greedy_continuations(load_model(mdir).model, windows[:, :10], 22, progress=False)
+    assert torch.equal(seen["train"][n:], generated)
+    assert torch.equal(seen["mask"][n:], continuation_mask(generated, 10, {EOS}))
+    with pytest.raises(RecipeError, match="train_source: mixed pools .* 10 \\+ 14 must equal seq_len \\(32\\)"):
+        SelfSpecConfig(train_source="mixed", seq_len=32, prompt_tokens=10, generate_tokens=14)

@@ -34,11 +34,12 @@ class SelfSpecConfig(UntargetedStepConfig):
                                        description="prompt files (blank-line separated) whose documents are kept out "
                                                    "of training: a benchmark's prompts must be unseen text")
     seq_len: int = Field(512, ge=16, le=8192)
-    train_source: Literal["corpus", "generations"] = Field(
-        "corpus", description="what the heads are distilled on: corpus windows (seq_len tokens each), or "
+    train_source: Literal["corpus", "generations", "mixed"] = Field(
+        "corpus", description="what the heads are distilled on: corpus windows (seq_len tokens each); "
                               "generations: the target's own greedy continuations (generate_tokens) of the first "
                               "prompt_tokens of each training window (self-distillation, as Medusa-2 and EAGLE), "
-                              "the text the drafter meets at decode time")
+                              "the text the drafter meets at decode time; mixed: both, every corpus window and its "
+                              "continuation in one pool")
     prompt_tokens: int | None = Field(None, ge=1, description="prompt length of the generations (training with "
                                       "train_source: generations, and the held-out generations); null: seq_len // 4")
     generate_tokens: int | None = Field(None, ge=1, le=8192, description="greedy tokens generated per prompt; null: "
@@ -85,6 +86,9 @@ class SelfSpecConfig(UntargetedStepConfig):
         p, g = self.generation_shape
         if p + g > 8192:
             raise ValueError(f"generate_tokens: prompt_tokens + generate_tokens = {p} + {g} exceeds 8192 tokens")
+        if self.train_source == "mixed" and p + g != self.seq_len:
+            raise ValueError(f"train_source: mixed pools corpus windows and continuations of one length: "
+                             f"prompt_tokens + generate_tokens = {p} + {g} must equal seq_len ({self.seq_len})")
         return self
 
     @property

@@ -5,7 +5,7 @@
       vocab_size: 32768               # trimmed LM head (null: the full vocabulary)
       full_vocab_layers: [5]          # extra full-vocabulary heads, for comparison
       train_corpora: [stdlib, bbc]    # distillation text (train split)
-      train_source: generations       # or corpus (default): the target's own greedy continuations
+      train_source: generations       # or corpus (default), or mixed (both): the target's own greedy continuations
       prompt_tokens: 128              #   of each window's first 128 tokens, 384 new tokens each
       generate_tokens: 384
       context: deep                   # or shallow (default): also read the target's final state
@@ -99,7 +99,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
             raise CompressError(f"{ctx.where}: exit layer {k} must be below the target's {layers} blocks")
     p_len, g_len = cfg.generation_shape
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    uses_generations = cfg.train_source == "generations" or cfg.eval_generations
+    uses_generations = cfg.train_source != "corpus" or cfg.eval_generations
     if uses_generations and max_pos is not None and p_len + g_len > max_pos:
         raise CompressError(f"{ctx.where}: prompt_tokens + generate_tokens = {p_len} + {g_len} exceeds the target's "
                             f"{max_pos} positions (max_position_embeddings); shorten generate_tokens")
@@ -109,16 +109,20 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     held, _ = _windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows, exclude)
     eos = eos_ids(model)
     loss_mask = None
-    if cfg.train_source == "generations":
+    if cfg.train_source != "corpus":
         # Self-distillation: the target continues each training window's prompt greedily. The loss
         # covers the continuation positions only (from the prompt's last token, which predicts the
         # first generated one, to the one predicting the first EOS): those are the contexts a drafter
         # drafts from at decode time, which is the point of this text; the prompt positions are
         # corpus text, what train_source: corpus already trains on, and keeping them would make the
         # comparison of the two sources a mixture. They still run through the target as context.
-        train = greedy_continuations(model, train[:, :p_len], g_len, batch_size=cfg.generate_batch_size,
-                                     progress=ctx.progress)
-        loss_mask = continuation_mask(train, p_len, eos)
+        generated = greedy_continuations(model, train[:, :p_len], g_len, batch_size=cfg.generate_batch_size,
+                                         progress=ctx.progress)
+        loss_mask = continuation_mask(generated, p_len, eos)
+        if cfg.train_source == "mixed":  # corpus windows (every position) beside their continuations
+            loss_mask = torch.cat([torch.ones_like(train, dtype=torch.bool), loss_mask])
+            generated = torch.cat([train, generated])
+        train = generated
     lm_rows = model.lm_head.weight.shape[0]
     full = torch.arange(lm_rows)
     trimmed = (full if cfg.vocab_size is None or cfg.vocab_size >= lm_rows else
@@ -163,8 +167,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     # less: an optimistic choice there, like the replay's own, said in choose_threshold)
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
-    generation_info = ({"source": "generations", "prompt_tokens": p_len, "generate_tokens": g_len}
-                       if cfg.train_source == "generations" else {"source": "corpus"})
+    generation_info = ({"source": cfg.train_source, "prompt_tokens": p_len, "generate_tokens": g_len}
+                       if cfg.train_source != "corpus" else {"source": "corpus"})
     if cfg.eval_generations:
         generation_info["held_out_generations"] = {"prompt_tokens": p_len, "generate_tokens": g_len,
                                                    "sequences": int(held.shape[0])}
