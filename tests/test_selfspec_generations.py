@@ -107,14 +107,8 @@ def _weights(result):
     return {f"{n}.{k}": v.detach().clone() for n, h in result.state.self_spec.heads.items() for k, v in h.state().items()}
 
 
-def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, text_file, monkeypatch):
-    from compress.models import load_model
-    from compress.recipe import load_recipe
-    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
-    path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(_recipe(mdir, text_file, prompt_tokens=10, generate_tokens=14)))
-    recipe = load_recipe(path, ["stages[0].steps[0].train_source=generations"])
-    assert recipe.stages[0].steps[0].train_source == "generations"
+def _spy_training(monkeypatch) -> dict:
+    """The windows and loss mask the step hands to distill_heads, recorded as it trains."""
     seen = {}
     real = selfspec_step.distill_heads
 
@@ -123,6 +117,18 @@ def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, t
         return real(model, train, specs, **kw)
 
     monkeypatch.setattr(selfspec_step, "distill_heads", spy)
+    return seen
+
+
+def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, text_file, monkeypatch):
+    from compress.models import load_model
+    from compress.recipe import load_recipe
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(mdir, text_file, prompt_tokens=10, generate_tokens=14)))
+    recipe = load_recipe(path, ["stages[0].steps[0].train_source=generations"])
+    assert recipe.stages[0].steps[0].train_source == "generations"
+    seen = _spy_training(monkeypatch)
     result = _run(recipe)
     step = result.report["stages"][0]["steps"][0]
     assert step["training"]["source"] == "generations" and step["training"]["seq_len"] == 24
@@ -169,14 +175,7 @@ def test_mixed_source_pools_the_corpus_windows_and_their_continuations(tmp_path,
     """train_source: mixed trains on every corpus window (all positions) and its continuation (the
     continuation positions), in one pool; a mixed pool needs prompt + generated = seq_len."""
     mdir = tiny_model_dir(tmp_path / "tiny", "llama")
-    seen = {}
-    real = selfspec_step.distill_heads
-
-    def spy(model, train, specs, **kw):
-        seen.update(train=train, mask=kw["loss_mask"])
-        return real(model, train, specs, **kw)
-
-    monkeypatch.setattr(selfspec_step, "distill_heads", spy)
+    seen = _spy_training(monkeypatch)
     result = _run(_recipe(mdir, text_file, train_source="mixed", prompt_tokens=10, eval_generations=False))
     assert result.report["stages"][0]["steps"][0]["training"]["source"] == "mixed"
     windows, _ = selfspec_step._windows(byte_tokenizer(), [text_file], "train", 32, 6)
