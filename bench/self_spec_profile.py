@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     try:
         with profile(activities=activities) as prof:
             runs = [loop.run_speculative(target, drafter, p, **kw) for p in prompts]
-            loop.run_target(target, prompts[0], args.max_new_tokens)  # the `target` span: one decode step
+            loop.run_target(target, prompts[0], args.max_new_tokens)  # `target` spans: one per target-alone decode step
     finally:
         loop.RoundClock = real_clock
     # unprofiled, after the profile: the target alone and the loop's own split, for c and verify/step

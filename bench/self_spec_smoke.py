@@ -36,7 +36,6 @@ SHAPES = {
 }
 
 
-
 def random_model(shape: str, device: torch.device, dtype: torch.dtype):
     """A random-weight Qwen2 model of one of SHAPES, seeded, with a confident LM head."""
     from transformers import AutoModelForCausalLM, Qwen2Config

@@ -14,7 +14,7 @@
 #          shallow k2 trained on the same batches (shallow_layers), then benched side by side at GAMMA
 #          (default 3; TREE=default adds tree rows; HEADS=k2,k3 a subset; NAME= the results file's name)
 #   five-train  (bg) the run of 5's self-drafter: the recipe's deep heads at EXITS (default [1,2,3]) with
-#          SETS (e.g. train_source=generations), timed, into /tmp/out/self-spec-five
+#          SETS (e.g. --set stages[0].steps[0].train_source=mixed), timed, into /tmp/out/self-spec-five
 #   five-build  (bg) the stock 0.5B at GPTQ W4 and the old width-pruned self-drafter (its recipe)
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted

@@ -41,7 +41,8 @@ class SelfSpecConfig(UntargetedStepConfig):
                               "the text the drafter meets at decode time; mixed: both, every corpus window and its "
                               "continuation in one pool")
     prompt_tokens: int | None = Field(None, ge=1, description="prompt length of the generations (training with "
-                                      "train_source: generations, and the held-out generations); null: seq_len // 4")
+                                      "train_source: generations or mixed, and the held-out generations); null: "
+                                      "seq_len // 4")
     generate_tokens: int | None = Field(None, ge=1, le=8192, description="greedy tokens generated per prompt; null: "
                                         "seq_len - prompt_tokens (a sequence as long as a corpus window)")
     generate_batch_size: int = Field(32, ge=1, description="prompts continued together (KV cache, one batch at a "

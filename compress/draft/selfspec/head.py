@@ -162,7 +162,10 @@ class ExitHead(nn.Module):
         """The same trained head over another vocabulary (e.g. ``torch.arange(V)``, untrimmed): its
         LM rows are the target's, frozen, so only the rows it scores change."""
         head = ExitHead(target, self.exit_layer, vocab_map, context=self.context)
-        head.load_state_dict({k: v for k, v in self.state_dict().items() if k != "vocab_map"}, strict=False)
+        missing, unexpected = head.load_state_dict({k: v for k, v in self.state_dict().items() if k != "vocab_map"},
+                                                   strict=False)
+        if missing != ["vocab_map"] or unexpected:
+            raise CompressError(f"internal: a head over another vocabulary lacks {missing} or has {unexpected}")
         return head.to(self.ln1.device)
 
     def trainable(self) -> list[nn.Parameter]:
