@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,12 +198,15 @@ def cmd_run(args) -> dict:
     blocks = result.setdefault("block_seconds", {})
     t0 = last = time.perf_counter()
 
+    saving = threading.Lock()  # the peer's heartbeat saves from its own thread
+
     def save():
-        result["peak_host_rss_mb"] = max(result.get("peak_host_rss_mb") or 0, host_memory.peak_mb() or 0)
-        result["peak_gpu_mb"] = max(result.get("peak_gpu_mb") or 0, _gpu_peak(device) or 0) or None
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        os.replace(tmp, out)
+        with saving:
+            result["peak_host_rss_mb"] = max(result.get("peak_host_rss_mb") or 0, host_memory.peak_mb() or 0)
+            result["peak_gpu_mb"] = max(result.get("peak_gpu_mb") or 0, _gpu_peak(device) or 0) or None
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=2))
+            os.replace(tmp, out)
 
     def on_block(pass_index, i):
         nonlocal last
@@ -212,7 +216,22 @@ def cmd_run(args) -> dict:
         save()
 
     if args.peer == "gptqmodel":
-        result.update(_run_gptqmodel(folder, calib, args, device))
+        # GPTQModel reports nothing per block to us: a heartbeat saves its elapsed time and the peaks so
+        # far, so a run cut off by the window's time limit still says how long it ran and how much it held.
+        stop = threading.Event()
+
+        def heartbeat():
+            while not stop.wait(args.heartbeat):
+                result["peer_seconds_so_far"] = round(time.perf_counter() - t0, 1)
+                save()
+
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
+        try:
+            result.update(_run_gptqmodel(folder, calib, args, device))
+        finally:
+            stop.set()
+            beat.join()
     else:
         from compress.stream_run import run_streaming
 
@@ -287,6 +306,8 @@ def main(argv=None) -> None:
     p.add_argument("--export-dir", default=None, help="where the GPTQ export goes (default: DIR-gptq)")
     p.add_argument("--out", required=True, help="results JSON (rewritten after every block)")
     p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("--heartbeat", type=float, default=15.0,
+                   help="--peer: seconds between saves of its elapsed time and peaks (default: 15)")
     args = p.parse_args(argv)
     if args.command == "smoke" and args.samples == 128 and args.seq_len == 2048:
         args.samples, args.seq_len = 4, 64  # the CPU smoke: a few short sequences
