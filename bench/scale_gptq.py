@@ -189,7 +189,8 @@ def cmd_run(args) -> dict:
     })
     if device.type == "cuda":
         if args.gpu_fraction:
-            torch.cuda.set_per_process_memory_fraction(args.gpu_fraction, device)
+            torch.cuda.set_per_process_memory_fraction(  # wants an index, not a bare 'cuda'
+                args.gpu_fraction, device.index if device.index is not None else torch.cuda.current_device())
         result["gpu"] = torch.cuda.get_device_name(device)
         result["gpu_total_mb"] = round(torch.cuda.get_device_properties(device).total_memory / 2**20)
         torch.cuda.reset_peak_memory_stats(device)
