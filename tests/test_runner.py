@@ -209,3 +209,26 @@ def test_gpu_gptq_is_the_same_with_activations_on_the_device_or_the_host(tmp_pat
     assert set(exports["device"]) == set(exports["host"])
     for k, v in exports["device"].items():
         assert torch.equal(v, exports["host"][k]), k
+
+
+def test_gram_is_the_float32_product_on_cpu():
+    from compress.accumulators import gram
+    x = torch.randn(300, 48, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ref = x.float().T @ x.float()
+    got = gram(x)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gram_of_half_inputs_on_cuda_matches_float32(dtype):
+    """The tensor-core product (exact pairwise products, float32 sums) against casting to float32 first:
+    only the order of the float32 sums may differ."""
+    from compress import accumulators
+    x = (torch.randn(4096, 512, generator=torch.Generator().manual_seed(0)) * 3).to(dtype).cuda()
+    ref = x.float().T @ x.float()
+    got = accumulators.gram(x)
+    assert not accumulators._MM_OUT_DTYPE, "torch.mm(out_dtype=float32) unavailable: the float32 fallback ran"
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-3)
