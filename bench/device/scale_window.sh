@@ -15,6 +15,8 @@
 #   write14b    drops the 8B files, writes the Qwen2.5-14B shape (30 GB)
 #   ours14b     streaming GPTQ, no resume (30 + 10 GB export: blocks kept for resume would not fit)
 #   cap14b      the same with the GPU capped at 0.15 x 141 GB = 21 GB, below the model's 30 GB
+#   profile8b   3 blocks of the 8B shape (generated, nothing on disk) under cProfile with CUDA_LAUNCH_BLOCKING=1:
+#               where a block's seconds go (profile-8b.txt); needs no earlier phase
 #   ours70b     the 70B shape generated from the seed per block (nothing written but the export);
 #               LAYERS70 of its 80 blocks at full width (default 16: 80 do not fit one 10-minute call;
 #               per-block time and the peaks are what the layer count does not change)
@@ -39,11 +41,19 @@ case ${1:-} in
             timeout $T python3 bench/scale_gptq.py write --shape qwen2.5-14b --dir $S/14b --out $R/write-14b.json | tail -8;;
   ours14b)  run 14b-ours --shape qwen2.5-14b --dir $S/14b --export-dir $S/14b-gptq;;
   cap14b)   run 14b-cap --shape qwen2.5-14b --dir $S/14b --export-dir $S/14b-gptq --gpu-fraction 0.15;;
+  profile8b) # where a block's time goes: LAYERS8 (default 3) blocks of the 8B shape generated from the seed, under
+            # cProfile with CUDA_LAUNCH_BLOCKING=1 (each launch waits for its kernel, so host time is device time)
+            CUDA_LAUNCH_BLOCKING=1 timeout $T python3 -m cProfile -o $R/profile-8b.prof bench/scale_gptq.py run \
+              --device cuda --samples $N --seq-len $L --shape llama-3.1-8b --generate --layers ${LAYERS8:-3} --dir $S/g8 \
+              --export-dir $S/g8-gptq --out $R/scale-8b-profile.json 2>&1 | grep -v "it/s" | tail -3
+            python3 -c "import pstats,sys; s=pstats.Stats('$R/profile-8b.prof', stream=sys.stdout)
+s.sort_stats('cumulative').print_stats('compress/', 45); s.sort_stats('tottime').print_stats(30)" \
+              | cut -c1-200 > $R/profile-8b.txt; grep -A47 "ncalls" $R/profile-8b.txt | head -48; rm -rf $S/g8-gptq;;
   ours70b)  rm -rf $S/14b $S/14b-gptq
             run 70b-ours --shape llama-3.1-70b --generate --layers $LAYERS70 --dir $S/70b --export-dir $S/70b-gptq;;
   *) sed -n 2,24p "$0" >&2; exit 2;;
 esac
 df -h /tmp | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $R/gpu.txt 2>/dev/null
-[ -n "${OUT:-}" ] && cp $R/*.json $R/gpu.txt "$OUT"/ 2>/dev/null
+[ -n "${OUT:-}" ] && cp $R/*.json $R/*.txt "$OUT"/ 2>/dev/null
 true
