@@ -485,3 +485,32 @@ def test_quantresult_is_plain_dataclass():
     assert isinstance(res, QuantResult) and res.spec == QuantSpec(8, -1)
     assert res.qweight.dtype == torch.uint8 and res.zeros.dtype == torch.int32
     assert res.scales.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_packing_and_grid_check_by_row_slices_are_the_same(bits, monkeypatch):
+    """An export packs and checks a weight a slice of rows at a time: slices of 7 rows (a short last one)
+    give the same words as the whole matrix, and a weight off its grid only in the last slice is caught."""
+    from compress.formats.packed import on_grid
+    from compress.quantize import solvers
+    res = gptq_solve(W0, H0, QuantSpec(bits, 32, sym=False))
+    whole = pack_gptq_v1(res)
+    monkeypatch.setattr(solvers, "ROWS_AT_ONCE", 7 * IN)
+    assert len(solvers.row_chunks((OUT, IN))) == -(-OUT // 7)
+    sliced = pack_gptq_v1(res)
+    assert all(torch.equal(whole[k], sliced[k]) for k in whole)
+    assert on_grid(res.weight, res)
+    off = res.weight.clone()
+    off[-1, 3] += 0.1 * res.scales[-1, 0]  # a tenth of a step, in the last row
+    assert not on_grid(off, res)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packing_on_cuda_gives_the_cpu_words():
+    from compress.formats.packed import on_grid
+    res = gptq_solve(W0, H0, QuantSpec(3, 32, sym=False))
+    cpu = pack_gptq_v1(res)
+    cuda = pack_gptq_v1(res.to("cuda"))
+    assert all(cuda[k].is_cuda and torch.equal(cuda[k].cpu(), cpu[k]) for k in cpu)
+    assert on_grid(res.weight.cuda(), res)

@@ -152,7 +152,7 @@ def pack_module(name: str, linear: nn.Linear, res: QuantResult) -> dict[str, tor
         raise CompressError(f"export gptq: {name}: {exc}; exclude it from the quantize step "
                             "(it then stays float) or use other bits") from None
     try:
-        packed = pack_gptq_v1(res)
+        packed = pack_gptq_v1(res.to(linear.weight.device))  # on the layer's device: integer ops, the same bits
     except ValueError as exc:
         raise CompressError(f"export gptq: {name}: {exc}") from None
     tensors = {f"{name}.{k}": packed[k].cpu().contiguous() for k in PACKED_SUFFIXES}

@@ -18,7 +18,7 @@ from compress.errors import CompressError
 from compress.formats.pruned import build_pruned_model
 from compress.layout import find_block_list
 from compress.moe import split_experts
-from compress.quantize.solvers import QuantResult
+from compress.quantize.solvers import QuantResult, row_chunks
 
 WEIGHTS_NAME = "model.safetensors"
 
@@ -43,15 +43,25 @@ def quantized_linears(model: nn.Module, quant: dict[str, QuantResult],
         if tuple(res.qweight.shape) != tuple(m.weight.shape):
             raise CompressError(f"export {fmt}: {name} has weight {tuple(m.weight.shape)} but its quantized "
                                 f"levels are {tuple(res.qweight.shape)}; a later step changed the layer")
-        w = m.weight.detach().float().cpu()
-        deq = res.dequantize().to(m.weight.dtype).float()
-        # Far below half a quantization step, far above float rounding.
-        tol = 1e-3 * res.scales.float().abs().max() + torch.finfo(m.weight.dtype).eps * deq.abs()
-        if not bool(((w - deq).abs() <= tol).all()):
+        if not on_grid(m.weight.detach(), res):
             raise CompressError(f"export {fmt}: the weight of {name} is no longer on its quantization grid "
                                 "(a step after the quantizing one changed it); quantize last, or export format hf")
         out[name] = (m, res)
     return out
+
+
+def on_grid(weight: torch.Tensor, res: QuantResult) -> bool:
+    """Whether ``weight`` still equals its dequantized levels: checked on the weight's device (an export of a
+    model on the GPU does not copy every weight to the host for it), a slice of rows at a time."""
+    res = res.to(weight.device)
+    # Far below half a quantization step, far above float rounding.
+    base = 1e-3 * res.scales.float().abs().max()
+    eps = torch.finfo(weight.dtype).eps
+    for rows in row_chunks(tuple(weight.shape)):
+        deq = res.dequantize(rows).to(weight.dtype).float()
+        if not bool(((weight[rows].float() - deq).abs() <= base + eps * deq.abs()).all()):
+            return False
+    return True
 
 
 def block_list_of(model: nn.Module, names: list[str], fmt: str) -> str:

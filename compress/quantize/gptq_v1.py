@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from .grid import ALLOWED_BITS
-from .solvers import QuantResult
+from .solvers import QuantResult, row_chunks
 
 __all__ = [
     "check_v1_shape",
@@ -184,7 +184,8 @@ def pack_gptq_v1(res: QuantResult) -> dict[str, Tensor]:
     if not torch.isfinite(scales16).all():
         raise ValueError(f"scales of a {out_f}x{in_f} layer overflow float16 (max {res.scales.max().item():.3e})")
 
-    qweight = pack_bits(res.qweight, bits)  # [out, in*bits/32], packed along the input dim
+    # [out, in*bits/32], packed along the input dim, a slice of rows at a time (pack_bits widens to int64)
+    qweight = torch.cat([pack_bits(res.qweight[rows], bits) for rows in row_chunks((out_f, in_f))])
     qzeros = pack_bits(((zeros - 1) & maxq).T.contiguous(), bits)  # [G, out*bits/32]
     return {
         "qweight": qweight.T.contiguous(),

@@ -43,6 +43,15 @@ __all__ = [
 _MAX_DAMP_RETRIES = 6
 
 
+ROWS_AT_ONCE = 1 << 24  # elements of a weight checked or packed at once (an export): bounds the transient memory
+
+
+def row_chunks(shape: tuple[int, ...]) -> list[slice]:
+    """Slices of whole rows of an [out, in] matrix, each at most ROWS_AT_ONCE elements (at least one row)."""
+    step = max(1, ROWS_AT_ONCE // max(1, shape[1]))
+    return [slice(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+
+
 @dataclass
 class QuantResult:
     """The outcome of quantizing one weight matrix.
@@ -65,10 +74,16 @@ class QuantResult:
     spec: QuantSpec
     error: float | None = None
 
-    def dequantize(self) -> Tensor:
-        """Rebuild the [out, in] float32 weight from levels, scales, zeros and g_idx."""
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        """Rebuild the [out, in] float32 weight (or its ``rows``) from levels, scales, zeros and g_idx."""
         g = self.g_idx.long()
-        return dequantize(self.qweight, self.scales[:, g], self.zeros[:, g])
+        return dequantize(self.qweight[rows], self.scales[rows][:, g], self.zeros[rows][:, g])
+
+    def to(self, device: torch.device | str) -> "QuantResult":
+        """The same result with its tensors on ``device`` (those already there are not copied)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantResult(weight=move(self.weight), qweight=move(self.qweight), scales=move(self.scales),
+                           zeros=move(self.zeros), g_idx=move(self.g_idx), spec=self.spec, error=self.error)
 
     @classmethod
     def from_parts(cls, tensors: dict, spec: dict, error) -> "QuantResult":
