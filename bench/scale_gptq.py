@@ -249,6 +249,7 @@ def cmd_run(args) -> dict:
         if ckpt is not None:
             result["generate_seconds"] = round(ckpt.seconds, 1)  # part of the block times: CPU randn
         result["resumed"] = res.report["stream"]["resumed"]
+        result["stream_seconds"] = res.report["stream"].get("seconds")  # block reads and writes, summed
         result["export_bytes"] = sum(f.stat().st_size for f in Path(res.out_dir).glob("*.safetensors"))
         result["timings"] = res.report["timings"]  # per phase: load, stage:q (the blocks), export
         result["peak_host_mb_per_phase"] = res.report.get("peak_host_mb")

@@ -39,6 +39,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, Callable
@@ -141,6 +142,11 @@ class StreamSource:
         self.layout = block_layout_path(model)
         self.n_blocks = len(model.get_submodule(self.layout))
         self.pass_index = -1
+        # Seconds spent reading blocks (``acquire``: the checkpoint's tensors onto the device) and writing them
+        # (``done``: the export shard and, when kept, the block's file), summed over the run: where a streamed
+        # run's time goes besides the algorithm. The device is synchronised at their edges so that the GPU work
+        # queued before them is not counted in them.
+        self.seconds = {"read": 0.0, "write": 0.0}
         self.writer = is_main()  # under torchrun: rank 0 alone writes the work folder
         ranks = gather_json(fingerprint)
         if ranks is not None and len(set(ranks)) > 1:
@@ -220,10 +226,12 @@ class StreamSource:
         return self.manifest.get("experts", {}).get(str(self.pass_index), {}).get(str(i), {})
 
     def acquire(self, i: int, device) -> nn.Module:
+        t0 = _synced_clock(device)
         block = self.model.get_submodule(self.layout)[i]
         source = self.checkpoint if self.manifest["finished"][i] < 0 else Checkpoint.of_file(self._block_file(i))
         materialise(block, source, f"{self.layout}.{i}.", self.dtype, device, missing_bias_zero=True)
         getattr(source, "close", lambda: None)()  # unmap what the block's read touched (Checkpoint.close)
+        self.seconds["read"] += _synced_clock(device) - t0
         return block
 
     def release(self, i: int, block: nn.Module) -> None:
@@ -233,6 +241,7 @@ class StreamSource:
         """Block ``i`` is final for this pass: write it (and its packed shard in the last pass).
         ``reports``: its per-module reports; ``experts``: its expert lists' report (tokens per expert,
         every rank's), kept in the manifest so that a resumed run reports the blocks it skips."""
+        t0 = _synced_clock(next(block.parameters(), torch.empty(0)).device)
         prefix = f"{self.layout}.{i}."
         quant, floats = self.quant.take(prefix), self.float_weight.take(prefix)
         if self.last_pass and self.write_shard is not None and self.writer:
@@ -263,7 +272,17 @@ class StreamSource:
         self.manifest["finished"][i] = self.pass_index
         if self.writer:
             self._save_manifest()
+        self.seconds["write"] += time.perf_counter() - t0
         barrier()  # block i is on disk before any rank reads it (next pass), or goes on past a failed rank
+
+
+def _synced_clock(device) -> float:
+    """perf_counter() once the device's queued work has finished (CUDA), so a span timed between two
+    calls holds only the work issued inside it."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def block_layout_path(model: nn.Module) -> str:

@@ -113,7 +113,8 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
                       activations=recipe.calibration.activations if recipe.calibration else "auto")
     ctx.state.quant, ctx.state.float_weight = source.quant, source.float_weight
     report["stages"] = apply_stages(model, recipe, ctx, log, timer)
-    report["stream"] = {"work_dir": str(work), "resumed": resumed, "passes": passes, "blocks": len(blocks)}
+    report["stream"] = {"work_dir": str(work), "resumed": resumed, "passes": passes, "blocks": len(blocks),
+                        "seconds": {k: round(v, 3) for k, v in source.seconds.items()}}
     if current() is not None:  # each rank's own times and peak memory (the rest of the report: rank 0's)
         report["distributed"]["ranks"] = gather_json({"timings": timer.timings, "peak_host_mb": timer.peak_host_mb,
                                                       "peak_device_mb": timer.peak_device_mb})

@@ -113,6 +113,8 @@ def test_without_resume_an_interrupted_run_starts_over(sharded, tmp_path):
     assert not list((work_dir_for(tmp_path / "out") / "blocks").glob("*.safetensors"))  # only packed shards
     result = run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None)
     assert not result.report["stream"]["resumed"]
+    seconds = result.report["stream"]["seconds"]  # the blocks' reads and writes, timed apart from the solves
+    assert set(seconds) == {"read", "write"} and seconds["read"] > 0 and seconds["write"] > 0
     _same_export(tmp_path / "ref", tmp_path / "out")
 
 
