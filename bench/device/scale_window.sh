@@ -9,8 +9,9 @@
 #
 # Phases, in order (disk used after each):
 #   write8b     the Llama-3.1-8B-shaped checkpoint, bf16, 33 shards (16 GB)
-#   ours8b      streaming GPTQ on it, --resume (+16 GB of finished blocks, +5.7 GB export); if the call is
-#               cut off, run ours8b again: it continues at the first block not written
+#   ours8b      streaming GPTQ on it (+5.7 GB export), as GPTQModel runs: no finished blocks kept for a resume
+#               (223 s on 2026-12-03: one call holds it). RESUME=1 keeps them (+16 GB; each block written twice):
+#               a call cut off then continues at the first block not written when ours8b runs again
 #   peer8b      GPTQModel 7.6 on the same folder, its own process (if gptqmodel imports there)
 #   write14b    drops the 8B files, writes the Qwen2.5-14B shape (30 GB)
 #   ours14b     streaming GPTQ, no resume (30 + 10 GB export: blocks kept for resume would not fit)
@@ -33,7 +34,7 @@ run() {  # run NAME ARGS...: bench/scale_gptq.py run into $R/scale-NAME.json
 }
 case ${1:-} in
   write8b)  timeout $T python3 bench/scale_gptq.py write --shape llama-3.1-8b --dir $S/8b --out $R/write-8b.json | tail -8;;
-  ours8b)   run 8b-ours --shape llama-3.1-8b --dir $S/8b --export-dir $S/8b-gptq --resume;;
+  ours8b)   run 8b-ours${RESUME:+-resume} --shape llama-3.1-8b --dir $S/8b --export-dir $S/8b-gptq ${RESUME:+--resume};;
   peer8b)   rm -rf $S/8b-gptq  # our export: room for the peer's
             python3 -c "import gptqmodel" 2>/dev/null && run 8b-gptqmodel --shape llama-3.1-8b --dir $S/8b \
               --export-dir $S/8b-gptqmodel --peer gptqmodel || echo "peer8b: gptqmodel does not import here";;
