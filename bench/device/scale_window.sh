@@ -18,9 +18,11 @@
 #   cap14b      the same with the GPU capped at 0.15 x 141 GB = 21 GB, below the model's 30 GB
 #   profile8b   3 blocks of the 8B shape (generated, nothing on disk) under cProfile with CUDA_LAUNCH_BLOCKING=1:
 #               where a block's seconds go (profile-8b.txt); needs no earlier phase
-#   ours70b     the 70B shape generated from the seed per block (nothing written but the export);
+#   ours70b     the 70B shape generated from the seed per block, on the GPU (nothing written but the export);
 #               LAYERS70 of its 80 blocks at full width (default 16: 80 do not fit one 10-minute call;
-#               per-block time and the peaks are what the layer count does not change)
+#               per-block time and the peaks are what the layer count does not change). All 80:
+#               LAYERS70=80 PHASE_TIMEOUT=1700 bash bench/device/bg.sh start b70 "bash bench/device/scale_window.sh ours70b"
+#               in a hold of its own (no resume: 80 finished blocks, 136 GB, would not fit the disk)
 # Calibration: N x L random token ids (default 128 x 2048; N=32 L=2048 if a phase does not fit).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -45,13 +47,15 @@ case ${1:-} in
   profile8b) # where a block's time goes: LAYERS8 (default 3) blocks of the 8B shape generated from the seed, under
             # cProfile with CUDA_LAUNCH_BLOCKING=1 (each launch waits for its kernel, so host time is device time)
             CUDA_LAUNCH_BLOCKING=1 timeout $T python3 -m cProfile -o $R/profile-8b.prof bench/scale_gptq.py run \
-              --device cuda --samples $N --seq-len $L --shape llama-3.1-8b --generate --layers ${LAYERS8:-3} --dir $S/g8 \
+              --device cuda --samples $N --seq-len $L --shape llama-3.1-8b --generate --generate-device cuda \
+              --layers ${LAYERS8:-3} --dir $S/g8 \
               --export-dir $S/g8-gptq --out $R/scale-8b-profile.json 2>&1 | grep -v "it/s" | tail -3
             python3 -c "import pstats,sys; s=pstats.Stats('$R/profile-8b.prof', stream=sys.stdout)
 s.sort_stats('cumulative').print_stats('compress/', 45); s.sort_stats('tottime').print_stats(30)" \
               | cut -c1-200 > $R/profile-8b.txt; grep -A47 "ncalls" $R/profile-8b.txt | head -48; rm -rf $S/g8-gptq;;
   ours70b)  rm -rf $S/14b $S/14b-gptq
-            run 70b-ours --shape llama-3.1-70b --generate --layers $LAYERS70 --dir $S/70b --export-dir $S/70b-gptq;;
+            run 70b-ours --shape llama-3.1-70b --generate --generate-device cuda --layers $LAYERS70 --dir $S/70b \
+              --export-dir $S/70b-gptq;;
   *) sed -n 2,24p "$0" >&2; exit 2;;
 esac
 df -h /tmp | tail -1
