@@ -514,3 +514,72 @@ def test_packing_on_cuda_gives_the_cpu_words():
     cuda = pack_gptq_v1(res.to("cuda"))
     assert all(cuda[k].is_cuda and torch.equal(cuda[k].cpu(), cpu[k]) for k in cpu)
     assert on_grid(res.weight.cuda(), res)
+
+
+_KERNEL_SCRIPT = """
+import torch
+from compress.quantize import column_kernel
+from compress.quantize.grid import QuantSpec
+from compress.quantize.solvers import gptq_solve
+g = torch.Generator().manual_seed(0)
+W = torch.randn(24, 256, generator=g)
+X = torch.randn(512, 256, generator=g)
+H = X.T @ X / 512
+for spec, kw in [(QuantSpec(4, 128), {}), (QuantSpec(3, -1), {}), (QuantSpec(4, 64), {"act_order": True}),
+                 (QuantSpec(4, 128, sym=True), {"block_size": 64})]:
+    eager = gptq_solve(W, H, spec, graphs=False, **kw)
+    column_kernel.state["status"] = "on"  # no self-check: the comparison is this script's
+    assert column_kernel.available(W.device)
+    import compress.quantize.column_loop as cl
+    calls = []
+    real = column_kernel.kernel_column_loop
+    column_kernel.kernel_column_loop = lambda *a: calls.append(1) or real(*a)
+    kernel = gptq_solve(W, H, spec, graphs=False, **kw)
+    column_kernel.kernel_column_loop = real
+    assert calls, (spec, kw)
+    assert torch.equal(kernel.qweight, eager.qweight) and torch.equal(kernel.weight, eager.weight), (spec, kw)
+    assert torch.equal(kernel.scales, eager.scales) and torch.equal(kernel.zeros, eager.zeros), (spec, kw)
+# the process's first kernel block is checked against the loop: a kernel that differs is turned off
+column_kernel.state.update(status="unchecked")
+gptq_solve(W, H, QuantSpec(4, 128), graphs=False)
+assert column_kernel.state["status"] == "on", column_kernel.state
+column_kernel.state.update(status="unchecked")
+real = column_kernel.kernel_column_loop
+column_kernel.kernel_column_loop = lambda *a: tuple(t + 1 for t in real(*a))
+import warnings
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    res = gptq_solve(W, H, QuantSpec(4, 128), graphs=False)
+assert column_kernel.state["status"] == "off" and any("Triton column kernel is off" in str(w.message) for w in seen)
+assert torch.equal(res.qweight, gptq_solve(W, H, QuantSpec(4, 128), graphs=False).qweight)
+print("same")
+"""
+
+
+def test_triton_column_kernel_gives_the_loops_bits_in_the_interpreter():
+    """The Triton kernel (Triton's interpreter on the CPU: TRITON_INTERPRET=1 when it is imported) against the
+    eager column loop, through gptq_solve: grids fitted at the block's start, none, static (act-order), and
+    a block smaller than the group. Skipped where Triton is not installed (CPU-only installs)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _KERNEL_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "same" in run.stdout, run.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_column_kernel_on_cuda_is_on_and_gives_the_eager_bits():
+    from compress.quantize import column_kernel
+    if column_kernel.triton is None:
+        pytest.skip("triton is not installed")
+    W, H = W0.cuda(), H0.cuda()
+    for spec in (QuantSpec(4, 128), QuantSpec(3, -1), QuantSpec(4, 128, sym=True)):
+        eager = gptq_solve(W, H, spec, graphs=False)
+        fast = gptq_solve(W, H, spec, graphs=True)
+        assert column_kernel.state["status"] == "on", column_kernel.state
+        assert torch.equal(fast.qweight, eager.qweight) and torch.equal(fast.weight, eager.weight)

@@ -6,6 +6,9 @@ thousand tiny kernels, so it is launch-bound: each block shape's loop is recorde
 graph and replayed (``_GRAPHS``, a process-wide cache that :func:`free_graphs` empties when a
 quantizing step finishes). A failed capture warns and runs the same loop eagerly.
 
+Where Triton is installed, a block whose grids are all fitted before its first column runs as one
+Triton kernel instead (``column_kernel.py``), checked against the recorded loop on the first block.
+
 The outer driver (blocks, Cholesky factor, lazy updates between blocks) is
 :func:`compress.quantize.solvers.gptq_solve`.
 """
@@ -16,6 +19,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import column_kernel
 from .grid import QuantSpec, fit_grid
 
 __all__ = ["column_loop", "free_graphs", "quantize_block", "use_graphs"]
@@ -107,6 +111,40 @@ def use_graphs(graphs: bool | None, device: torch.device) -> bool:
 def quantize_block(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, fits, spec: QuantSpec,
                    graphs: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the column loop on one block: (levels, errors, scales, zeros) per column."""
+    if ((graphs or W1.device.type == "cpu") and all(start == 0 for start, _ in fits)
+            and column_kernel.available(W1.device)):
+        done = _kernel_block(W1, U1, S1, Z1, fits, spec, graphs)
+        if done is not None:
+            return done
+    return _loop_block(W1, U1, S1, Z1, fits, spec, graphs)
+
+
+def _kernel_block(W1, U1, S1, Z1, fits, spec: QuantSpec, graphs: bool):
+    """The block through the Triton kernel, its grids fitted first (at column 0 nothing has moved yet, so
+    this is the fit the loop makes there); None when the kernel failed or, on the process's first block,
+    differed from the loop (both turn it off)."""
+    S, Z = S1.clone(), Z1.clone()
+    for start, end in fits:
+        s, z = fit_grid(W1[:, start:end], spec)
+        S[:, start:end] = s.unsqueeze(1)
+        Z[:, start:end] = z.float().unsqueeze(1)
+    try:
+        L, E = column_kernel.kernel_column_loop(W1, U1, S, Z, spec.maxq)
+    except Exception as exc:  # noqa: BLE001 - Triton's compile and launch errors have many types; the loop serves
+        column_kernel.turn_off(f"{type(exc).__name__}: {exc}")
+        return None
+    if column_kernel.state["status"] == "unchecked":
+        ref = _loop_block(W1.clone(), U1, S1.clone(), Z1.clone(), fits, spec, graphs)
+        same = all(torch.equal(a, b) for a, b in zip((L, E, S, Z), ref))
+        if not same:
+            column_kernel.turn_off("its levels or errors differ from the recorded loop's on the first block")
+            return None
+        column_kernel.state["status"] = "on"
+    return L, E, S, Z
+
+
+def _loop_block(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, fits, spec: QuantSpec,
+                graphs: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     if graphs:
         key = (W1.device, *W1.shape, fits, spec)
         try:
