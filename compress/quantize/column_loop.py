@@ -14,12 +14,12 @@ The outer driver (blocks, Cholesky factor, lazy updates between blocks) is
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
 from torch import Tensor
 
-from . import column_kernel
 from .grid import QuantSpec, fit_grid
 
 __all__ = ["column_loop", "free_graphs", "quantize_block", "use_graphs"]
@@ -111,18 +111,19 @@ def use_graphs(graphs: bool | None, device: torch.device) -> bool:
 def quantize_block(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, fits, spec: QuantSpec,
                    graphs: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Run the column loop on one block: (levels, errors, scales, zeros) per column."""
-    if ((graphs or W1.device.type == "cpu") and all(start == 0 for start, _ in fits)
-            and column_kernel.available(W1.device)):
-        done = _kernel_block(W1, U1, S1, Z1, fits, spec, graphs)
+    if (graphs or os.environ.get("TRITON_INTERPRET") == "1") and all(start == 0 for start, _ in fits):
+        from . import column_kernel  # here, not at the top: imports Triton, which CPU runs never use
+        done = _kernel_block(W1, U1, S1, Z1, fits, spec, graphs) if column_kernel.available(W1.device) else None
         if done is not None:
             return done
     return _loop_block(W1, U1, S1, Z1, fits, spec, graphs)
 
 
 def _kernel_block(W1, U1, S1, Z1, fits, spec: QuantSpec, graphs: bool):
-    """The block through the Triton kernel, its grids fitted first (at column 0 nothing has moved yet, so
+    """The block through the Triton kernel (``column_kernel``), its grids fitted first (at column 0 nothing has moved yet, so
     this is the fit the loop makes there); None when the kernel failed or, on the process's first block,
     differed from the loop (both turn it off)."""
+    from . import column_kernel
     S, Z = S1.clone(), Z1.clone()
     for start, end in fits:
         s, z = fit_grid(W1[:, start:end], spec)
