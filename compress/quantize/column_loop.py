@@ -120,9 +120,10 @@ def quantize_block(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, fits, spec: Q
 
 
 def _kernel_block(W1, U1, S1, Z1, fits, spec: QuantSpec, graphs: bool):
-    """The block through the Triton kernel (``column_kernel``), its grids fitted first (at column 0 nothing has moved yet, so
-    this is the fit the loop makes there); None when the kernel failed or, on the process's first block,
-    differed from the loop (both turn it off)."""
+    """The block through the Triton kernel (``column_kernel``), its grids fitted first (at column 0
+    nothing has moved yet, so this is the fit the loop makes there); None when the kernel failed or, on
+    the process's first block, differed from the loop (both turn it off). The kernel reads W1 and writes
+    new tensors, so the loop can still run on the same inputs."""
     from . import column_kernel
     S, Z = S1.clone(), Z1.clone()
     for start, end in fits:
