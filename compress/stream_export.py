@@ -52,7 +52,9 @@ class ShardWriter:
 
     def __call__(self, i: int, block: nn.Module, quant: dict[str, Any]) -> dict:
         prefix = f"{self.layout}.{i}."
-        local = {n[len(prefix):]: res for n, res in quant.items()}
+        # On the block's device once: the grid check and the packing both run there (a block's worth at a time).
+        device = next(block.parameters()).device
+        local = {n[len(prefix):]: res.to(device) for n, res in quant.items()}
         quantized = quantized_linears(block, local, "gptq") if local else {}
         check_zero_points({prefix + n: v for n, v in quantized.items()})
         tensors: dict[str, torch.Tensor] = {}

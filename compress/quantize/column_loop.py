@@ -25,6 +25,14 @@ from .grid import QuantSpec, fit_grid
 __all__ = ["column_loop", "free_graphs", "quantize_block", "use_graphs"]
 
 
+def fit_columns(W1: Tensor, S1: Tensor, Z1: Tensor, start: int, end: int, spec: QuantSpec) -> None:
+    """Fit the grid of columns start..end on W1's current values into S1 and Z1 (every column of the group
+    gets the row's scale and zero), in place."""
+    s, z = fit_grid(W1[:, start:end], spec)
+    S1[:, start:end] = s.unsqueeze(1)
+    Z1[:, start:end] = z.float().unsqueeze(1)
+
+
 def column_loop(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, L1: Tensor, Err1: Tensor,
                 fits: tuple[tuple[int, int], ...], spec: QuantSpec) -> None:
     """Quantize the columns of one block in order, in place.
@@ -40,9 +48,7 @@ def column_loop(W1: Tensor, U1: Tensor, S1: Tensor, Z1: Tensor, L1: Tensor, Err1
     for i in range(W1.shape[1]):
         end = starts.get(i)
         if end is not None:
-            s, z = fit_grid(W1[:, i:end], spec)
-            S1[:, i:end] = s.unsqueeze(1)
-            Z1[:, i:end] = z.float().unsqueeze(1)
+            fit_columns(W1, S1, Z1, i, end, spec)
         w, s, z = W1[:, i], S1[:, i], Z1[:, i]
         q = torch.clamp(torch.round(w / s) + z, 0, maxq)
         L1[:, i] = q
@@ -127,9 +133,7 @@ def _kernel_block(W1, U1, S1, Z1, fits, spec: QuantSpec, graphs: bool):
     from . import column_kernel
     S, Z = S1.clone(), Z1.clone()
     for start, end in fits:
-        s, z = fit_grid(W1[:, start:end], spec)
-        S[:, start:end] = s.unsqueeze(1)
-        Z[:, start:end] = z.float().unsqueeze(1)
+        fit_columns(W1, S, Z, start, end, spec)
     try:
         L, E = column_kernel.kernel_column_loop(W1, U1, S, Z, spec.maxq)
     except Exception as exc:  # noqa: BLE001 - Triton's compile and launch errors have many types; the loop serves
