@@ -40,12 +40,13 @@ case $1 in
       --device cuda --out $R/quant-qwen2.5-coder-0.5b-h100.json --resume 2>&1 | grep -v "^>>" | cut -c1-300;;
   quant-options)  # issue 16: the option rows (MSE grid, GPTAQ, rotation); MODEL=smollm2-135m for SmolLM2; SEED=0,1,2;
     # SETTINGS=, METHODS= (comma lists) narrow a call; CALIB= calibration samples (else the script's default); --resume keeps what
-    # an earlier call measured (a different CALIB needs its own file: CALIB is in the name when it is set)
+    # an earlier call measured (a different CALIB needs its own file: CALIB is in the name when it is set); TAG= names
+    # a job's own file, so that jobs run at once under bg.sh (one per setting and seed) do not write one file
     M=${MODEL:-qwen2.5-coder-0.5b}; C=$([ $M = smollm2-135m ] && echo bbc || echo stdlib)
     timeout $T python3 bench/quant_quality.py all --model $M --calib-corpus $C --settings ${SETTINGS:-w3g128,w2g64} \
       --methods ${METHODS:-gptq,rotate+gptq+mse+gptaq,rotate+gptq,gptq+mse,gptq+gptaq,float,rtn,gptqmodel,gptqmodel-matched} \
       --device cuda --seed ${SEED:-0} ${CALIB:+--calib-samples $CALIB} \
-      --out $R/quant-options-$M${CALIB:+-c$CALIB}-seed${SEED:-0}.json --resume 2>&1 | grep -v "^>>" | cut -c1-300;;
+      --out $R/quant-options-$M${CALIB:+-c$CALIB}-seed${SEED:-0}${TAG:+-$TAG}.json --resume 2>&1 | grep -v "^>>" | cut -c1-300;;
   select-qwen)
     timeout $T python3 bench/quant_selection.py --model qwen2.5-coder-0.5b --device cuda \
       --out $R/selection-qwen2.5-coder-0.5b-h100.json --resume 2>&1 | grep '^{';;
