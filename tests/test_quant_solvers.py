@@ -24,6 +24,7 @@ from compress.quantize.gptq_v1 import (
     unpack_gptq_v1,
 )
 from compress.quantize.grid import QuantSpec, dequantize, fit_grid, quantize
+from compress.quantize import solvers  # the module, for its chunk size
 from compress.quantize.solvers import (
     QuantResult,
     gptq_solve,
@@ -330,6 +331,38 @@ def test_rtn_partial_last_group_smollm_shape():
     assert int(res.g_idx[-1]) == 4 and int((res.g_idx == 4).sum()) == 64
     s, z = fit_grid(W[:, 512:], QuantSpec(4, 128))  # the last group sees its 64 columns only
     assert torch.equal(res.scales[:, 4], s) and torch.equal(res.zeros[:, 4], z)
+
+
+@pytest.mark.parametrize("shape,spec", [
+    ((8, 576), QuantSpec(4, 128)),             # four full groups and a partial one of 64
+    ((5, 96), QuantSpec(3, 32, sym=True)),     # full groups only
+    ((6, 40), QuantSpec(2, 64, grid="mse")),   # one group narrower than the group size, MSE grid
+    ((4, 200), QuantSpec(4, -1)),              # one group over the whole row
+])
+@pytest.mark.parametrize("chunk", [1, 2048, 1 << 22])  # 2048: two groups a chunk at (8, 576)
+def test_rtn_equals_a_loop_over_groups(shape, spec, chunk, monkeypatch):
+    """rtn_solve fits several full groups per call (a group, a few, all of them: the chunk sizes); each
+    group's grid, levels and weights must be the ones a fit on that group's columns alone gives, bit for
+    bit."""
+    monkeypatch.setattr(solvers, "_RTN_CHUNK", chunk)
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 0.05
+    res = rtn_solve(W, spec)
+    gs = spec.group_size_for(shape[1])
+    for g in range(spec.n_groups(shape[1])):
+        cols = slice(g * gs, min((g + 1) * gs, shape[1]))
+        s, z = fit_grid(W[:, cols], spec)
+        q = quantize(W[:, cols], s, z, spec.maxq)
+        assert torch.equal(res.scales[:, g], s) and torch.equal(res.zeros[:, g], z)
+        assert torch.equal(res.qweight[:, cols].int(), q)
+        assert torch.equal(res.weight[:, cols], dequantize(q, s, z))
+
+
+def test_gptq_without_error_is_the_same_solve():
+    spec = QuantSpec(4, 128)
+    a = gptq_solve(W0, H0, spec)
+    b = gptq_solve(W0, H0, spec, with_error=False)
+    assert b.error is None and a.error is not None
+    assert torch.equal(a.qweight, b.qweight) and torch.equal(a.scales, b.scales)
 
 
 def test_bad_solver_inputs():

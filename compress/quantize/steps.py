@@ -81,7 +81,7 @@ def apply_gptq(model: torch.nn.Module, cfg: GPTQConfig, ctx: StepContext) -> dic
         if twin is not None:  # GPTAQ: GPTQ on the least-squares target for the float inputs (gptaq.py)
             target = asymmetric_target(target, acc.H, acc.dXXT, percdamp=cfg.damp, alpha=cfg.asymmetric_alpha)
         stacked = gptq_solve(target, acc.H, spec, percdamp=cfg.damp, block_size=cfg.block_size,
-                             act_order=cfg.act_order)
+                             act_order=cfg.act_order, with_error=False)  # split_rows measures each module
         reports, row = {}, 0
         for (name, module), w in zip(members.items(), ws):
             res = split_rows(stacked, row, row + w.shape[0], w, acc.H)
