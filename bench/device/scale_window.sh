@@ -22,7 +22,10 @@
 #               LAYERS70 of its 80 blocks at full width (default 16: 80 do not fit one 10-minute call;
 #               per-block time and the peaks are what the layer count does not change). All 80:
 #               LAYERS70=80 PHASE_TIMEOUT=1700 bash bench/device/bg.sh start b70 "bash bench/device/scale_window.sh ours70b"
-#               in a hold of its own (no resume: 80 finished blocks, 136 GB, would not fit the disk)
+#               in a hold of its own (no resume: 80 finished blocks, 136 GB, would not fit the disk); drops the 8B
+#               and 14B folders first
+#   chain       write8b, ours8b, peer8b, then ours70b at 80 blocks, one after another, under bg.sh (~20–25 min;
+#               the 70B blocks not timed since the fixes)
 # Calibration: N x L random token ids (default 128 x 2048; N=32 L=2048 if a phase does not fit).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -53,10 +56,15 @@ case ${1:-} in
             python3 -c "import pstats,sys; s=pstats.Stats('$R/profile-8b.prof', stream=sys.stdout)
 s.sort_stats('cumulative').print_stats('compress/', 45); s.sort_stats('tottime').print_stats(30)" \
               | cut -c1-200 > $R/profile-8b.txt; grep -A47 "ncalls" $R/profile-8b.txt | head -48; rm -rf $S/g8-gptq;;
-  ours70b)  rm -rf $S/14b $S/14b-gptq
+  ours70b)  rm -rf $S/8b $S/8b-gptq $S/8b-gptqmodel $S/14b $S/14b-gptq  # its ~38 GB export needs the room
             run 70b-ours --shape llama-3.1-70b --generate --generate-device cuda --layers $LAYERS70 --dir $S/70b \
               --export-dir $S/70b-gptq;;
-  *) sed -n 2,24p "$0" >&2; exit 2;;
+  chain)    # the next window's whole run as one background job, phases one after another (nothing timed overlaps):
+            # bash bench/device/bg.sh start chain "bash bench/device/scale_window.sh chain"; then `bg.sh wait chain`
+            # calls, and a last call copies /tmp/results/*.json to $OUT
+            for p in write8b ours8b peer8b; do echo "== $p"; bash "$0" $p; done
+            echo "== ours70b, 80 blocks"; LAYERS70=80 PHASE_TIMEOUT=1700 bash "$0" ours70b;;
+  *) sed -n 2,29p "$0" >&2; exit 2;;
 esac
 df -h /tmp | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $R/gpu.txt 2>/dev/null
