@@ -9,10 +9,10 @@ set -uo pipefail
 [ "${1:-}" = start ] || { sed -n 2,7p "$0" >&2; exit 2; }
 ALL=rtn,gptq,gptq+mse,gptq+gptaq,rotate+gptq
 job() {  # job NAME SEED SETTING TAG METHODS
+  mkdir -p /tmp/bgout-$1
   bash bench/device/bg.sh start $1 "OUT=/tmp/bgout-$1 OMP_NUM_THREADS=2 PHASE_TIMEOUT=1700 CALIB=128 SEED=$2 \
 SETTINGS=$3 TAG=$4 METHODS=$5 bash bench/device/gpu_window.sh quant-options"
 }
-mkdir -p /tmp/bgout-q-s{0,1,2}-w{2,3}
 job q-s0-w3 0 w3g128 w3 $ALL
 job q-s1-w3 1 w3g128 w3 $ALL,rotate+gptq+mse+gptaq
 job q-s2-w3 2 w3g128 w3 $ALL,rotate+gptq+mse+gptaq

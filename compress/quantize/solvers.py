@@ -151,9 +151,6 @@ def _finish(
             "the Hessian is probably degenerate (check the calibration inputs for NaN/Inf)"
         )
     weight = Q.to(W_in.dtype)
-    error = layer_output_error(W_in, weight, H) if H is not None else None
-    if error is not None and not math.isfinite(error):
-        raise FloatingPointError(f"{what}: layer error is not finite ({error})")
     return QuantResult(
         weight=weight,
         qweight=levels.to(torch.uint8),
@@ -161,8 +158,18 @@ def _finish(
         zeros=zeros,
         g_idx=g_idx,
         spec=spec,
-        error=error,
+        error=_checked_error(W_in, weight, H, what),
     )
+
+
+def _checked_error(W: Tensor, W_hat: Tensor, H: Tensor | None, what: str) -> float | None:
+    """The layer error under ``H`` (None without one), refused when it is not finite."""
+    if H is None:
+        return None
+    error = layer_output_error(W, W_hat, H)
+    if not math.isfinite(error):
+        raise FloatingPointError(f"{what}: layer error is not finite ({error})")
+    return error
 
 
 def split_rows(res: QuantResult, start: int, stop: int, W: Tensor, H: Tensor | None) -> QuantResult:
@@ -171,7 +178,7 @@ def split_rows(res: QuantResult, start: int, stop: int, W: Tensor, H: Tensor | N
     weight = res.weight[start:stop].clone()  # copies: no view keeps the stacked tensors alive
     return QuantResult(weight=weight, qweight=res.qweight[start:stop].clone(), scales=res.scales[start:stop].clone(),
                        zeros=res.zeros[start:stop].clone(), g_idx=res.g_idx.clone(), spec=res.spec,
-                       error=layer_output_error(W, weight, H) if H is not None else None)
+                       error=_checked_error(W, weight, H, "split_rows"))
 
 
 # --------------------------------------------------------------------------- RTN
@@ -208,8 +215,7 @@ def rtn_solve(W: Tensor, spec: QuantSpec, H: Tensor | None = None) -> QuantResul
         parts.append((full, n_groups))
     for g0, g1 in parts:
         c0, c1 = g0 * gs, min(g1 * gs, in_f)
-        width = c1 - c0 if g1 - g0 == 1 else gs
-        w = Wf[:, c0:c1].reshape(out_f * (g1 - g0), width)
+        w = Wf[:, c0:c1].reshape(out_f * (g1 - g0), -1)  # rows of gs, or of the partial group's width
         scale, zero = fit_grid(w, spec)
         q = _quantize_float(w, scale, zero, spec.maxq)
         scales[:, g0:g1] = scale.view(out_f, g1 - g0)
