@@ -3,7 +3,8 @@
 Each finished block of the last pass becomes one shard (``ShardWriter``): its quantized linears
 packed exactly as ``compress.formats.gptq`` packs them (``pack_module``), its other tensors in the
 export dtype. At the end (``finish_export``) the tensors outside the blocks (embedding, final
-norm, output head unless tied) are read from the source checkpoint into the first shard, and the
+norm, output head unless tied) are read from the source checkpoint into the first shard, one tensor
+and one slice at a time (``compress.formats.safetensors_stream``), and the
 folder gets ``model.safetensors.index.json``, the same ``config.json`` / ``quantize_config.json``
 the in-memory export writes (``gptq_quantization_config`` over every block's specs), the
 tokenizer, the recipe and the report; it is renamed into place at once (``compress.fs``).
@@ -25,6 +26,7 @@ from compress.checkpoint import Checkpoint
 from compress.formats import EXPORT_MARKER
 from compress.formats.gptq import _module_spec, check_zero_points, gptq_quantization_config, pack_module
 from compress.formats.packed import quantized_linears, write_config_files
+from compress.formats.safetensors_stream import save_file_streamed
 from compress.fs import make_readable, replace_dir, temp_dir_beside, write_json_atomic
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -90,16 +92,18 @@ def finish_export(model: nn.Module, tokenizer, checkpoint: Checkpoint, manifest:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
     try:
-        rest = {}
-        for name in model.state_dict():
-            if name.startswith(layout + ".") or name in tied:
-                continue
-            t = checkpoint.get(name)
-            t = t.to(model_dtype) if t.is_floating_point() else t  # as loaded in memory, then exported
-            rest[name] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
-        save_file(rest, str(tmp / shard_name(1, n)), metadata={"format": "pt"})
-        weight_map = {k: shard_name(1, n) for k in rest}
-        total = sum(t.numel() * t.element_size() for t in rest.values())
+        # The tensors outside the blocks, one at a time (the embedding and the head are the largest of the
+        # model): their shapes from the skeleton, their values from the checkpoint, unmapped after each.
+        rest = [(name, dtype if t.is_floating_point() else t.dtype, tuple(t.shape))
+                for name, t in model.state_dict().items() if not name.startswith(layout + ".") and name not in tied]
+
+        def convert(part: torch.Tensor, to: torch.dtype) -> torch.Tensor:
+            # as loaded in memory (the model's dtype), then exported
+            return part.to(model_dtype).to(to) if part.is_floating_point() else part.to(to)
+
+        total = save_file_streamed(tmp / shard_name(1, n), rest, checkpoint.get, metadata={"format": "pt"},
+                                   convert=convert, after_each=getattr(checkpoint, "close", lambda: None))
+        weight_map = {name: shard_name(1, n) for name, _, _ in rest}
         specs, excluded, partial = {}, [], False
         for i in range(n_blocks):
             rec = manifest["shards"][str(i)]

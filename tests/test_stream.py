@@ -315,3 +315,37 @@ def test_a_streamed_run_unmaps_the_shards_of_the_blocks_it_has_finished(sharded,
         stale.append((i, sorted(_mapped(sharded) & done)))
     run_streaming(recipe, out_dir=tmp_path / "out", progress=False, log=lambda *_: None, on_block=on_block)
     assert len(stale) == 3 and all(not s for _, s in stale), f"finished blocks' shards still mapped: {stale}"
+
+
+@pytest.mark.parametrize("slice_elements", [5, 1 << 24])
+def test_streamed_safetensors_writer_gives_save_files_bytes(tmp_path, monkeypatch, slice_elements):
+    """The first shard of a streamed export is written a tensor and a slice at a time: the same bytes as
+    safetensors' own save_file (order, header, padding), for every dtype, a scalar and slices that do not
+    divide the tensor; each tensor's ``after_each`` runs once it is written."""
+    from safetensors.torch import save_file
+
+    import compress.formats.safetensors_stream as st
+
+    monkeypatch.setattr(st, "_SLICE", slice_elements)
+    g = torch.Generator().manual_seed(0)
+    tensors = {"emb": torch.randn(13, 7, generator=g).to(torch.bfloat16), "norm": torch.randn(7, generator=g),
+               "ids": torch.arange(5), "i32": torch.arange(3, dtype=torch.int32), "u8": torch.arange(4, dtype=torch.uint8), "scale": torch.randn((), generator=g).half(), "mask": torch.tensor([True, False]),
+               "a.b": torch.randn(3, 2, generator=g).to(torch.float16)}
+    save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"format": "pt"})
+    done = []
+    size = st.save_file_streamed(tmp_path / "ours.safetensors", [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()],
+                                 lambda k: tensors[k], metadata={"format": "pt"}, after_each=lambda: done.append(1))
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
+    assert size == sum(t.numel() * t.element_size() for t in tensors.values()) and len(done) == len(tensors)
+
+
+def test_streamed_safetensors_writer_converts_per_slice_and_refuses_a_wrong_shape(tmp_path):
+    import compress.formats.safetensors_stream as st
+    from safetensors.torch import load_file
+
+    w = torch.randn(9, 4, dtype=torch.float32)
+    st.save_file_streamed(tmp_path / "a.safetensors", [("w", torch.float16, (9, 4))], lambda k: w,
+                          convert=lambda part, to: part.to(torch.bfloat16).to(to))
+    assert torch.equal(load_file(str(tmp_path / "a.safetensors"))["w"], w.to(torch.bfloat16).to(torch.float16))
+    with pytest.raises(ValueError, match=r"w: read a tensor of shape \(4, 9\)"):
+        st.save_file_streamed(tmp_path / "b.safetensors", [("w", torch.float16, (9, 4))], lambda k: w.T)
