@@ -187,3 +187,78 @@ def test_mixed_source_pools_the_corpus_windows_and_their_continuations(tmp_path,
     assert torch.equal(seen["mask"][n:], continuation_mask(generated, 10, {EOS}))
     with pytest.raises(RecipeError, match="train_source: mixed pools .* 10 \\+ 14 must equal seq_len \\(32\\)"):
         SelfSpecConfig(train_source="mixed", seq_len=32, prompt_tokens=10, generate_tokens=14)
+
+
+PY_SOURCE = '''"""A module docstring is no unit's end."""
+
+
+def area(w, h):
+    """Width times height (ünïcode before the end moves byte offsets)."""
+    return w * h
+
+
+class Box:
+    """A box."""
+
+    def volume(self, d):
+        """Its volume.
+
+        Over two lines.
+        """
+        return d
+
+
+def bare(x):
+    return x
+'''
+
+
+def test_unit_ends_are_after_docstrings_in_python_and_after_paragraphs_in_prose():
+    from compress.draft.selfspec.generations import unit_ends
+    ends = unit_ends(PY_SOURCE)
+    assert [PY_SOURCE[:e].rsplit('"""', 2)[-2].strip() for e in ends] == [
+        "Width times height (ünïcode before the end moves byte offsets).", "A box.", "Its volume.\n\n        Over two lines."]
+    assert all(PY_SOURCE[e - 3:e] == '"""' and PY_SOURCE[e] == "\n" for e in ends)
+    prose = "A title\n\nFirst paragraph ends here. Still.\n\nA second one?\n\nno sentence end\n\nThe last one."
+    assert [prose[:e].rsplit("\n\n", 1)[-1] for e in unit_ends(prose)] == ["First paragraph ends here. Still.",
+                                                                           "A second one?"]
+    assert unit_ends("def broken(:\n    pass\n") == []  # not Python, and no paragraph ends a sentence
+
+
+def test_unit_end_prompts_end_where_the_unit_ends_and_have_one_length():
+    from compress.draft.selfspec.generations import unit_end_prompts, unit_ends
+    tok = byte_tokenizer()
+    texts = [PY_SOURCE, TEXT]
+    prompts = unit_end_prompts(tok, texts, 40, 6, seed=1)
+    assert prompts.shape == (6, 40)
+    decoded = [bytes(p.tolist()).decode(errors="ignore") for p in prompts]
+    assert all(d.endswith(".") for d in decoded)  # most ends are TEXT's paragraphs'
+    every = [bytes(p.tolist()).decode(errors="ignore") for p in unit_end_prompts(tok, texts, 40, 1000)]
+    assert len(every) == len(unit_ends(TEXT)) + 3
+    assert sum(d.endswith('"""') for d in every) == 3 and all(d.endswith(('"""', ".")) for d in every)
+    assert torch.equal(prompts, unit_end_prompts(tok, texts, 40, 6, seed=1))  # seeded
+    assert not torch.equal(prompts, unit_end_prompts(tok, texts, 40, 6, seed=2))
+    assert unit_end_prompts(tok, [PY_SOURCE], 40, 100).shape[0] == 3  # as many as there are
+    assert unit_end_prompts(tok, [PY_SOURCE], 150, 100).shape[0] == 2  # ... with more tokens than asked before them
+    with pytest.raises(CompressError, match="no unit end .* has 20000 tokens before it in these 2 documents"):
+        unit_end_prompts(tok, texts, 20000, 3)
+
+
+def test_unit_end_prompts_feed_the_generations_of_a_recipe(tmp_path, text_file, monkeypatch):
+    """generation_prompts: unit_ends continues prompts that end after a paragraph (the corpus file is prose),
+    train_windows of them, and the held-out generations use the validation split's; the report says so."""
+    from compress.draft.selfspec.generations import unit_end_prompts
+    from compress.models import load_model
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    seen = _spy_training(monkeypatch)
+    result = _run(_recipe(mdir, text_file, train_source="generations", generation_prompts="unit_ends",
+                          prompt_tokens=10, generate_tokens=14))
+    training = result.report["stages"][0]["steps"][0]["training"]
+    assert training["prompts"] == "unit_ends" and training["held_out_generations"]["prompts"] == "unit_ends"
+    texts, _ = selfspec_step._documents(text_file, "train")
+    prompts = unit_end_prompts(byte_tokenizer(), texts, 10, 6)
+    assert prompts.shape[0] == 6 and torch.equal(seen["train"][:, :10], prompts)
+    assert torch.equal(seen["train"], greedy_continuations(load_model(mdir).model, prompts, 14, progress=False))
+    assert all(bytes(p.tolist()).decode().endswith(".") for p in prompts)
+    with pytest.raises(RecipeError, match="generation_prompts: Input should be 'window_starts' or 'unit_ends'"):
+        SelfSpecConfig(generation_prompts="docstrings")

@@ -40,6 +40,12 @@ class SelfSpecConfig(UntargetedStepConfig):
                               "prompt_tokens of each training window (self-distillation, as Medusa-2 and EAGLE), "
                               "the text the drafter meets at decode time; mixed: both, every corpus window and its "
                               "continuation in one pool")
+    generation_prompts: Literal["window_starts", "unit_ends"] = Field(
+        "window_starts", description="where the generations' prompts come from: window_starts, the first "
+                                     "prompt_tokens of each training window; unit_ends, the prompt_tokens of text "
+                                     "ending where a unit ends, as a user's prompt does (after a function's or "
+                                     "class's docstring in Python source, after a paragraph in other text), "
+                                     "train_windows of them per corpus (eval_windows for the held-out generations)")
     prompt_tokens: int | None = Field(None, ge=1, description="prompt length of the generations (training with "
                                       "train_source: generations or mixed, and the held-out generations); null: "
                                       "seq_len // 4")

@@ -13,6 +13,9 @@ runs can differ where two logits tie to within float rounding; the tests use a c
 """
 from __future__ import annotations
 
+import ast
+import re
+
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
@@ -62,3 +65,65 @@ def continuation_mask(seqs: torch.Tensor, prompt_tokens: int, eos: set[int] = fr
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + prompt_tokens, torch.full((n,), t))
         mask &= pos[None] < first[:, None]  # position first−1 predicts the EOS: kept
     return mask
+
+
+# Prompts that end where a user's prompt ends (``generation_prompts: unit_ends``). A prompt of the
+# draft bench is a function's header and docstring, or an article's title and first paragraph; the
+# first tokens of a corpus window end anywhere, mid-line and mid-word, and their continuations (often
+# settling into repetition over 384 tokens) are easier to draft than a function body is.
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?$")
+
+
+def unit_ends(text: str) -> list[int]:
+    """Character offsets in ``text`` where a unit ends and more text follows: in Python source (a text
+    that parses), just after the docstring of each function and class; in any other text, the end of
+    each paragraph (blank-line separated, ending a sentence) but the last."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError):
+        tree = None
+    ends = []
+    if tree is not None:
+        starts = [0]  # character offset of each line
+        for line in text.splitlines(keepends=True):
+            starts.append(starts[-1] + len(line))
+        lines = text.splitlines(keepends=True)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+                doc = node.body[0]
+                if (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                        and isinstance(doc.value.value, str) and doc.end_lineno is not None):
+                    row = doc.end_lineno - 1  # end_col_offset counts UTF-8 bytes
+                    col = len(lines[row].encode()[:doc.end_col_offset].decode(errors="ignore"))
+                    ends.append(starts[row] + col)
+    else:
+        pos = 0
+        for para in text.split("\n\n"):
+            pos += len(para)
+            if _SENTENCE_END.search(para.rstrip()) and pos < len(text.rstrip()):
+                ends.append(pos - (len(para) - len(para.rstrip())))
+            pos += 2
+    return sorted(e for e in ends if 0 < e < len(text.rstrip()))
+
+
+def unit_end_prompts(tokenizer, texts: list[str], prompt_tokens: int, count: int, *, seed: int = 0) -> torch.Tensor:
+    """[n, prompt_tokens]: up to ``count`` prompts, each the last ``prompt_tokens`` tokens of a text's
+    prefix ending at one of its ``unit_ends`` (tokenised alone, as a prompt is), chosen at random
+    (``seed``) among the ends with that many tokens before them."""
+    ends = [(t, e) for t, text in enumerate(texts) for e in unit_ends(text)]
+    order = torch.randperm(len(ends), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = []
+    for i in order:
+        if len(out) == count:
+            break
+        t, e = ends[i]
+        # a bounded stretch before the end: tokens are rarely shorter than a character on average
+        ids = tokenizer(texts[t][max(0, e - 16 * prompt_tokens):e], add_special_tokens=False,
+                        return_attention_mask=False)["input_ids"]
+        if len(ids) > prompt_tokens:  # more than asked: the stretch's first token may be a cut word
+            out.append(ids[-prompt_tokens:])
+    if not out:
+        raise CompressError(f"no unit end (a docstring's or a paragraph's) has {prompt_tokens} tokens before it "
+                            f"in these {len(texts)} documents; shorten prompt_tokens or use generation_prompts: "
+                            f"window_starts")
+    return torch.tensor(out, dtype=torch.long)

@@ -6,7 +6,8 @@
       full_vocab_layers: [5]          # extra full-vocabulary heads, for comparison
       train_corpora: [stdlib, bbc]    # distillation text (train split)
       train_source: generations       # or corpus (default), or mixed (both): the target's own greedy continuations
-      prompt_tokens: 128              #   of each window's first 128 tokens, 384 new tokens each
+      generation_prompts: unit_ends   #   of prompts ending after a docstring or a paragraph (default: window_starts,
+      prompt_tokens: 128              #   each window's first tokens); 128-token prompts, 384 new tokens each
       generate_tokens: 384
       context: deep                   # or shallow (default): also read the target's final state
       unroll: 3                       #   of the previous position; train 3 drafts of a round together
@@ -35,7 +36,7 @@ from compress.algorithms import StepContext
 from compress.draft.agreement import read_prompts
 from compress.draft.confidence import fit_drafter_calibrator
 from compress.draft.selfspec.config import SelfSpecConfig
-from compress.draft.selfspec.generations import continuation_mask, greedy_continuations
+from compress.draft.selfspec.generations import continuation_mask, greedy_continuations, unit_end_prompts
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
 from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
@@ -56,19 +57,37 @@ class SelfSpecResult:
     curve: dict = field(default_factory=dict)
 
 
+def _documents(corpus: str, split: str, exclude: list[str] = ()) -> tuple[list[str], int]:
+    """The texts of a corpus's split but those containing the first line of an excluded prompt;
+    (texts, documents left out)."""
+    from compress.data.corpora import split_documents  # the corpora load datasets (slow): only training needs them
+    docs = [d.text for d in split_documents(corpus, split)]
+    kept = [d for d in docs if not any(line in d for line in exclude)]
+    return kept, len(docs) - len(kept)
+
+
 def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
              exclude: list[str] = ()) -> tuple[torch.Tensor, int]:
     """Windows of each corpus's split (documents joined as for perplexity), leaving out documents
     that contain the first line of any excluded prompt; (windows, documents left out)."""
-    from compress.data.corpora import split_documents  # the corpora load datasets (slow): only training needs them
     from compress.evaluate import window_token_ids
     out, dropped = [], 0
     for c in corpora:
-        docs = [d.text for d in split_documents(c, split)]
-        kept = [d for d in docs if not any(line in d for line in exclude)]
-        dropped += len(docs) - len(kept)
+        kept, left_out = _documents(c, split, exclude)
+        dropped += left_out
         out.append(window_token_ids(tokenizer, "\n\n".join(kept), seq_len, per_corpus))
     return torch.cat(out), dropped
+
+
+def _prompts(cfg: SelfSpecConfig, tokenizer, windows: torch.Tensor, split: str, per_corpus: int,
+             exclude: list[str]) -> torch.Tensor:
+    """The generations' prompts of ``split``: the windows' first tokens, or per corpus ``per_corpus``
+    prompts ending at a unit's end (``generation_prompts``)."""
+    p_len = cfg.generation_shape[0]
+    if cfg.generation_prompts == "window_starts":
+        return windows[:, :p_len]
+    return torch.cat([unit_end_prompts(tokenizer, _documents(c, split, exclude)[0], p_len, per_corpus,
+                                       seed=cfg.seed) for c in cfg.train_corpora])
 
 
 def _prompt_lines(files: list[str]) -> list[str]:
@@ -116,7 +135,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         # drafts from at decode time, which is the point of this text; the prompt positions are
         # corpus text, what train_source: corpus already trains on, and keeping them would make the
         # comparison of the two sources a mixture. They still run through the target as context.
-        generated = greedy_continuations(model, train[:, :p_len], g_len, batch_size=cfg.generate_batch_size,
+        prompts = _prompts(cfg, ctx.tokenizer, train, "train", cfg.train_windows, exclude)
+        generated = greedy_continuations(model, prompts, g_len, batch_size=cfg.generate_batch_size,
                                          progress=ctx.progress)
         loss_mask = continuation_mask(generated, p_len, eos)
         if cfg.train_source == "mixed":  # corpus windows (every position) beside their continuations
@@ -138,7 +158,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     curve = summarise_heads(events, heads, layers, cfg.gammas)
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
-        held_gen = greedy_continuations(model, held[:, :p_len], g_len, batch_size=cfg.generate_batch_size,
+        held_gen = greedy_continuations(model, _prompts(cfg, ctx.tokenizer, held, "validation", cfg.eval_windows,
+                                                        exclude), g_len, batch_size=cfg.generate_batch_size,
                                         progress=ctx.progress)
         events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, p_len, eos), steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
@@ -167,11 +188,11 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     # less: an optimistic choice there, like the replay's own, said in choose_threshold)
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
-    generation_info = ({"source": cfg.train_source, "prompt_tokens": p_len, "generate_tokens": g_len}
-                       if cfg.train_source != "corpus" else {"source": "corpus"})
+    generation_info = ({"source": cfg.train_source, "prompts": cfg.generation_prompts, "prompt_tokens": p_len,
+                        "generate_tokens": g_len} if cfg.train_source != "corpus" else {"source": "corpus"})
     if cfg.eval_generations:
-        generation_info["held_out_generations"] = {"prompt_tokens": p_len, "generate_tokens": g_len,
-                                                   "sequences": int(held.shape[0])}
+        generation_info["held_out_generations"] = {"prompts": cfg.generation_prompts, "prompt_tokens": p_len,
+                                                   "generate_tokens": g_len, "sequences": int(held_gen.shape[0])}
     manifest = {"format": FORMAT, "target": {"source": getattr(model.config, "_name_or_path", None),
                                              **target_fingerprint(model)},
                 "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "context": h.context,
