@@ -59,7 +59,10 @@ def block_layout(model: nn.Module) -> BlockLayout:
     ids = (torch.arange(_TRACE_TOKENS) % model.get_input_embeddings().num_embeddings)[None]
     source = model.__dict__.get(BLOCK_SOURCE)
     first = next(blocks[0].parameters(), None)
-    device = "cpu" if source is not None or first is None or first.is_meta else first.device
+    if source is not None:  # streamed: where the embedding is (the compute device), not a block read to the host
+        device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+    else:
+        device = "cpu" if first is None or first.is_meta else first.device
     sample = capture_block_inputs(model, [ids], device=device, offload=device, layout=BlockLayout(path, ()))[0]
     block, home = _acquire_block(model, blocks, 0, device)
     try:

@@ -73,7 +73,7 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
         layout = block_layout_path(model)
         tied = tied_output_names(model)
         blocks = model.get_submodule(layout)
-        _materialise_outside(model, blocks, checkpoint, dtype, tied)
+        _materialise_outside(model, blocks, checkpoint, dtype, tied, device)
         checkpoint.close()  # the blocks are read one at a time from here (StreamSource.acquire)
         tokenizer = load_tokenizer(folder) if calibration is None else None
     report["model"].update(path=folder, parameters=sum(p.numel() for p in model.parameters()),
@@ -146,9 +146,11 @@ def run_streaming(recipe: Recipe | dict, *, out_dir: str | Path, force: bool = F
     return RunResult(model, tokenizer, recipe, report, written, ctx.state)
 
 
-def _materialise_outside(model, blocks, checkpoint: Checkpoint, dtype, tied: set[str]) -> None:
-    """The parameters outside the blocks that the capture runs (embedding, norms), from the checkpoint;
-    the output head stays on meta (nothing before the last block reads it)."""
+def _materialise_outside(model, blocks, checkpoint: Checkpoint, dtype, tied: set[str], device) -> None:
+    """The parameters outside the blocks that the capture runs (embedding, norms), from the checkpoint, on
+    the compute device: the embedding is the largest tensor a streamed run keeps (1 GB for an 8B Llama,
+    2 GB for a 70B), and on the host it held that much of the run's memory from the first capture to the
+    end. The output head stays on meta (nothing before the last block reads it)."""
     head = model.get_output_embeddings()
     for name, module in model.named_modules():
         if module is blocks or module is head or any(b is module for b in blocks.modules()):
@@ -161,7 +163,7 @@ def _materialise_outside(model, blocks, checkpoint: Checkpoint, dtype, tied: set
                     continue
                 t = checkpoint.get(key)
                 module._parameters[leaf] = torch.nn.Parameter(
-                    t.to(dtype) if t.is_floating_point() else t, requires_grad=False)
+                    (t.to(dtype) if t.is_floating_point() else t).to(device), requires_grad=False)
 
 
 def _observed(source: StreamSource, on_block):

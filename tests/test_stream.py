@@ -349,3 +349,21 @@ def test_streamed_safetensors_writer_converts_per_slice_and_refuses_a_wrong_shap
     assert torch.equal(load_file(str(tmp_path / "a.safetensors"))["w"], w.to(torch.bfloat16).to(torch.float16))
     with pytest.raises(ValueError, match=r"w: read a tensor of shape \(4, 9\)"):
         st.save_file_streamed(tmp_path / "b.safetensors", [("w", torch.float16, (9, 4))], lambda k: w.T)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_streamed_run_keeps_the_embedding_on_the_gpu_and_exports_the_in_memory_model(sharded, tmp_path):
+    """On a GPU the parameters outside the blocks live on the GPU for the whole streamed run (the host never
+    holds the embedding); the export is still the in-memory run's on the same GPU."""
+    def on_cuda(steps, stream=None):
+        r = _recipe(sharded, steps, stream)
+        r["model"]["device"] = "cuda"
+        return r
+
+    mem = run_recipe(on_cuda(RECIPES["gptq"]), out_dir=tmp_path / "mem", progress=False, log=lambda *_: None)
+    streamed = run_recipe(on_cuda(RECIPES["gptq"], True), out_dir=tmp_path / "st", progress=False,
+                          log=lambda *_: None)
+    assert streamed.model.get_input_embeddings().weight.device.type == "cuda"
+    _same_export(tmp_path / "mem", tmp_path / "st")
+    assert mem.report["stages"][0]["steps"][0]["modules"] == streamed.report["stages"][0]["steps"][0]["modules"]
