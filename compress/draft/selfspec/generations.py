@@ -80,7 +80,7 @@ def unit_ends(text: str) -> list[int]:
     each paragraph (blank-line separated, ending a sentence) but the last."""
     try:
         tree = ast.parse(text)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError):  # not Python (or null bytes, or nested past the parser)
         tree = None
     ends = []
     if tree is not None:
@@ -117,7 +117,8 @@ def unit_end_prompts(tokenizer, texts: list[str], prompt_tokens: int, count: int
         if len(out) == count:
             break
         t, e = ends[i]
-        # a bounded stretch before the end: tokens are rarely shorter than a character on average
+        # a bounded stretch before the end (16 characters a token is more than a tokenizer averages), so a
+        # long document is not tokenised once per end
         ids = tokenizer(texts[t][max(0, e - 16 * prompt_tokens):e], add_special_tokens=False,
                         return_attention_mask=False)["input_ids"]
         if len(ids) > prompt_tokens:  # more than asked: the stretch's first token may be a cut word
