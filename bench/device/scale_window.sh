@@ -24,8 +24,8 @@
 #               LAYERS70=80 PHASE_TIMEOUT=1700 bash bench/device/bg.sh start b70 "bash bench/device/scale_window.sh ours70b"
 #               in a hold of its own (no resume: 80 finished blocks, 136 GB, would not fit the disk); drops the 8B
 #               and 14B folders first
-#   chain       write8b, ours8b, peer8b, then ours70b at 80 blocks, one after another, under bg.sh (~20–25 min;
-#               the 70B blocks not timed since the fixes)
+#   chain       write8b, ours8b, peer8b, then ours70b at 80 blocks, one after another, under bg.sh (17 min on
+#               2026-12-03: 73 + 78 + 198 + 645 s; bench/results/scale/h200-2026-12-03-chain/)
 # Calibration: N x L random token ids (default 128 x 2048; N=32 L=2048 if a phase does not fit).
 set -uo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
