@@ -10,7 +10,7 @@
 # Phases, in order (disk used after each):
 #   write8b     the Llama-3.1-8B-shaped checkpoint, bf16, 33 shards (16 GB)
 #   ours8b      streaming GPTQ on it (+5.7 GB export), as GPTQModel runs: no finished blocks kept for a resume
-#               (223 s on 2026-12-03: one call holds it). RESUME=1 keeps them (+16 GB; each block written twice):
+#               (77.6 s on 2026-12-03, ninth session: one call holds it). RESUME=1 keeps them (+16 GB; each block written twice):
 #               a call cut off then continues at the first block not written when ours8b runs again
 #   peer8b      GPTQModel 7.6 on the same folder, its own process (if gptqmodel imports there)
 #   write14b    drops the 8B files, writes the Qwen2.5-14B shape (30 GB)
