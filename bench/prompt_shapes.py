@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=128, help="as the draft bench generates")
     ap.add_argument("--depths", default="", help="comma-separated exit depths (default: L/4, L/2, 3L/4)")
+    ap.add_argument("--corpora", default=",".join(PAIRS), help=f"comma-separated, among {', '.join(PAIRS)}")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     loaded = load_model(args.model)
@@ -68,8 +69,8 @@ def main() -> None:
     depths = [int(d) for d in args.depths.split(",")] if args.depths else [layers // 4, layers // 2, 3 * layers // 4]
     exclude = _prompt_lines(list(PAIRS.values()))
     results, start = {}, time.perf_counter()
-    for corpus, bench_file in PAIRS.items():
-        p = args.prompt_tokens
+    for corpus in args.corpora.split(","):
+        bench_file, p = PAIRS[corpus], args.prompt_tokens
         windows, _ = _windows(tok, [corpus], "validation", p + args.new_tokens, args.prompts, exclude)
         kinds = {"window_starts": windows[:, :p],
                  "unit_ends": unit_end_prompts(tok, _documents(corpus, "validation", exclude)[0], p, args.prompts)}
