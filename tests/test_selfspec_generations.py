@@ -262,3 +262,23 @@ def test_unit_end_prompts_feed_the_generations_of_a_recipe(tmp_path, text_file, 
     assert all(bytes(p.tolist()).decode().endswith(".") for p in prompts)
     with pytest.raises(RecipeError, match="generation_prompts: Input should be 'window_starts' or 'unit_ends'"):
         SelfSpecConfig(generation_prompts="docstrings")
+
+
+def test_the_depth_curves_are_also_reported_per_corpus(tmp_path, text_file):
+    """Beside the pooled curves, each corpus's own held-out curve (the bench scores a code and a prose set apart):
+    its windows' agreement pooled by their counts gives the pooled agreement."""
+    other = tmp_path / "other.txt"
+    other.write_text(("def area(w, h):\n    return w * h\n\n" * 20 + "Another kind of text. " * 30 + "\n\n") * 6)
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    result = _run(_recipe(mdir, text_file, train_corpora=[text_file, str(other)], eval_windows=3))
+    step = result.report["stages"][0]["steps"][0]
+    by = step["depth_curve_by_corpus"]
+    assert list(by) == [text_file, str(other)] and list(step["depth_curve_generations_by_corpus"]) == list(by)
+    from compress.draft.selfspec.step import _corpus_windows
+    parts, _ = _corpus_windows(byte_tokenizer(), [text_file, str(other)], "validation", 32, 3)
+    counts = [p.shape[0] for p in parts]
+    assert sum(counts) == step["training"]["held_out_windows"] and all(counts)
+    for k in ("k1", "k2"):
+        pooled = sum(n * by[c][k]["greedy_agreement"] for n, c in zip(counts, by)) / sum(counts)
+        assert pooled == pytest.approx(step["depth_curve"][k]["greedy_agreement"], abs=1e-12)
+    assert by[text_file]["k1"]["greedy_agreement"] != by[str(other)]["k1"]["greedy_agreement"]

@@ -66,28 +66,47 @@ def _documents(corpus: str, split: str, exclude: list[str] = ()) -> tuple[list[s
     return kept, len(docs) - len(kept)
 
 
-def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
-             exclude: list[str] = ()) -> tuple[torch.Tensor, int]:
+def _corpus_windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
+                    exclude: list[str] = ()) -> tuple[list[torch.Tensor], int]:
     """Windows of each corpus's split (documents joined as for perplexity), leaving out documents
-    that contain the first line of any excluded prompt; (windows, documents left out)."""
+    that contain the first line of any excluded prompt; ([windows of each corpus], documents left out)."""
     from compress.evaluate import window_token_ids
     out, dropped = [], 0
     for c in corpora:
         kept, left_out = _documents(c, split, exclude)
         dropped += left_out
         out.append(window_token_ids(tokenizer, "\n\n".join(kept), seq_len, per_corpus))
+    return out, dropped
+
+
+def _windows(tokenizer, corpora, split: str, seq_len: int, per_corpus: int,
+             exclude: list[str] = ()) -> tuple[torch.Tensor, int]:
+    """``_corpus_windows``, the corpora's windows in one tensor."""
+    out, dropped = _corpus_windows(tokenizer, corpora, split, seq_len, per_corpus, exclude)
     return torch.cat(out), dropped
 
 
-def _prompts(cfg: SelfSpecConfig, tokenizer, windows: torch.Tensor, split: str, per_corpus: int,
-             exclude: list[str]) -> torch.Tensor:
-    """The generations' prompts of ``split``: the windows' first tokens, or per corpus ``per_corpus``
+def _prompts(cfg: SelfSpecConfig, tokenizer, windows: list[torch.Tensor], split: str, per_corpus: int,
+             exclude: list[str]) -> list[torch.Tensor]:
+    """The generations' prompts of ``split``, per corpus: its windows' first tokens, or ``per_corpus``
     prompts ending at a unit's end (``generation_prompts``)."""
     p_len = cfg.generation_shape[0]
     if cfg.generation_prompts == "window_starts":
-        return windows[:, :p_len]
-    return torch.cat([unit_end_prompts(tokenizer, _documents(c, split, exclude)[0], p_len, per_corpus,
-                                       seed=cfg.seed) for c in cfg.train_corpora])
+        return [w[:, :p_len] for w in windows]
+    return [unit_end_prompts(tokenizer, _documents(c, split, exclude)[0], p_len, per_corpus, seed=cfg.seed)
+            for c in cfg.train_corpora]
+
+
+def _curves_by_corpus(events: dict, corpora: list[str], counts: list[int], heads, layers: int, gammas) -> dict:
+    """The depth curve of each corpus's own held-out sequences (``events`` lists them corpus after corpus,
+    ``counts`` each): a code set and a prose set drafted differently, as the bench's two prompt sets do."""
+    out, start = {}, 0
+    for corpus, n in zip(corpora, counts):
+        if n:
+            part = {k: {key: rows[start:start + n] for key, rows in ev.items()} for k, ev in events.items()}
+            out[corpus] = summarise_heads(part, heads, layers, gammas)
+        start += n
+    return out
 
 
 def _prompt_lines(files: list[str]) -> list[str]:
@@ -124,8 +143,11 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                             f"{max_pos} positions (max_position_embeddings); shorten generate_tokens")
     model.to(ctx.device)
     exclude = _prompt_lines(cfg.exclude_prompts)
-    train, dropped = _windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows, exclude)
-    held, _ = _windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows, exclude)
+    train_parts, dropped = _corpus_windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows,
+                                           exclude)
+    held_parts, _ = _corpus_windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows,
+                                    exclude)
+    train, held = torch.cat(train_parts), torch.cat(held_parts)
     eos = eos_ids(model)
     loss_mask = None
     if cfg.train_source != "corpus":
@@ -135,7 +157,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         # drafts from at decode time, which is the point of this text; the prompt positions are
         # corpus text, what train_source: corpus already trains on, and keeping them would make the
         # comparison of the two sources a mixture. They still run through the target as context.
-        prompts = _prompts(cfg, ctx.tokenizer, train, "train", cfg.train_windows, exclude)
+        prompts = torch.cat(_prompts(cfg, ctx.tokenizer, train_parts, "train", cfg.train_windows, exclude))
         generated = greedy_continuations(model, prompts, g_len, batch_size=cfg.generate_batch_size,
                                          progress=ctx.progress)
         loss_mask = continuation_mask(generated, p_len, eos)
@@ -156,13 +178,17 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     steps = max(cfg.gammas) if cfg.context == "deep" else 1
     events = head_events(model, heads, held, steps=steps)
     curve = summarise_heads(events, heads, layers, cfg.gammas)
+    by_corpus = {"depth_curve_by_corpus": _curves_by_corpus(events, cfg.train_corpora,
+                                                            [w.shape[0] for w in held_parts], heads, layers, cfg.gammas)}
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
-        held_gen = greedy_continuations(model, _prompts(cfg, ctx.tokenizer, held, "validation", cfg.eval_windows,
-                                                        exclude), g_len, batch_size=cfg.generate_batch_size,
+        gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
+        held_gen = greedy_continuations(model, torch.cat(gen_prompts), g_len, batch_size=cfg.generate_batch_size,
                                         progress=ctx.progress)
         events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, p_len, eos), steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
+        by_corpus["depth_curve_generations_by_corpus"] = _curves_by_corpus(
+            events_gen, cfg.train_corpora, [p.shape[0] for p in gen_prompts], heads, layers, cfg.gammas)
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
     gamma = curve[best]["best_gamma"]
@@ -204,10 +230,11 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 "depth_curve": curve, "stop": stop}
     if curve_gen is not None:
         manifest["depth_curve_generations"] = curve_gen
+    manifest.update(by_corpus)
     ctx.state.self_spec = SelfSpecResult(heads, manifest, calibrator, curve)
     return {"heads": list(heads), "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
             "training": manifest["training"], "depth_curve": curve,
-            **({} if curve_gen is None else {"depth_curve_generations": curve_gen}), "stop": stop}
+            **({} if curve_gen is None else {"depth_curve_generations": curve_gen}), **by_corpus, "stop": stop}
 
 
 def write_self_spec(model, tokenizer, folder: Path, state, spec) -> None:
