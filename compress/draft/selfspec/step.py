@@ -16,8 +16,8 @@
 
 The step leaves the target unchanged. It trains the heads (compress/draft/selfspec/train.py),
 measures the depth curve on held-out windows (validation split) and, reported beside it, on the
-target's greedy continuations of those windows' prompts (the text a drafter meets when decoding;
-``eval_generations``), picks the depth and draft
+target's greedy continuations of held-out prompts (the text a drafter meets when decoding;
+``eval_generations``; both also per corpus), picks the depth and draft
 length with the best predicted speedup, fits a calibrator of the chosen head's confidence against
 acceptance on one half of the held-out events (reporting ECE / AUROC on the other half, before
 and after) and picks the stopping threshold there. ``export: {format: self-spec}`` writes the
