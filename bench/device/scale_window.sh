@@ -24,6 +24,8 @@
 #               LAYERS70=80 PHASE_TIMEOUT=1700 bash bench/device/bg.sh start b70 "bash bench/device/scale_window.sh ours70b"
 #               in a hold of its own (no resume: 80 finished blocks, 136 GB, would not fit the disk); drops the 8B
 #               and 14B folders first
+#   host8b      write8b and ours8b, then the streaming GPU tests: the host-memory changes made after the ninth
+#               session (first shard written a slice at a time, the embedding kept on the GPU), ~4 min
 #   chain       write8b, ours8b, peer8b, then ours70b at 80 blocks, one after another, under bg.sh (17 min on
 #               2026-12-03: 73 + 78 + 198 + 645 s; bench/results/scale/h200-2026-12-03-chain/)
 # Calibration: N x L random token ids (default 128 x 2048; N=32 L=2048 if a phase does not fit).
@@ -59,12 +61,14 @@ s.sort_stats('cumulative').print_stats('compress/', 45); s.sort_stats('tottime')
   ours70b)  rm -rf $S/8b $S/8b-gptq $S/8b-gptqmodel $S/14b $S/14b-gptq  # its ~38 GB export needs the room
             run 70b-ours --shape llama-3.1-70b --generate --generate-device cuda --layers $LAYERS70 --dir $S/70b \
               --export-dir $S/70b-gptq;;
+  host8b)   for p in write8b ours8b; do echo "== $p"; bash "$0" $p; done
+            timeout $T python3 -m pytest -q -m gpu tests/test_stream.py 2>&1 | tail -3 | tee $R/host8b-gpu-tests.txt;;
   chain)    # the next window's whole run as one background job, phases one after another (nothing timed overlaps):
             # bash bench/device/bg.sh start chain "bash bench/device/scale_window.sh chain"; then `bg.sh wait chain`
             # calls, and a last call copies /tmp/results/*.json to $OUT
             for p in write8b ours8b peer8b; do echo "== $p"; bash "$0" $p; done
             echo "== ours70b, 80 blocks"; LAYERS70=80 PHASE_TIMEOUT=1700 bash "$0" ours70b;;
-  *) sed -n 2,29p "$0" >&2; exit 2;;
+  *) sed -n 2,31p "$0" >&2; exit 2;;
 esac
 df -h /tmp | tail -1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $R/gpu.txt 2>/dev/null
