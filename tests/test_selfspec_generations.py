@@ -197,6 +197,7 @@ def area(w, h):
     return w * h
 
 
+\f
 class Box:
     """A box."""
 

@@ -14,6 +14,7 @@ runs can differ where two logits tie to within float rounding; the tests use a c
 from __future__ import annotations
 
 import ast
+import io
 import re
 
 import torch
@@ -84,10 +85,11 @@ def unit_ends(text: str) -> list[int]:
         tree = None
     ends = []
     if tree is not None:
+        # ast's lines end at \n, \r\n or \r only (str.splitlines also breaks at form feeds and others)
+        lines = io.StringIO(text, newline="").readlines()
         starts = [0]  # character offset of each line
-        for line in text.splitlines(keepends=True):
+        for line in lines:
             starts.append(starts[-1] + len(line))
-        lines = text.splitlines(keepends=True)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
                 doc = node.body[0]
