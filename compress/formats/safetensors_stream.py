@@ -14,6 +14,7 @@ dtype enumeration, last first, then by name; the same compact header padded with
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 from typing import Callable, Iterable
@@ -45,9 +46,7 @@ def save_file_streamed(path: Path, entries: Iterable[tuple[str, torch.dtype, tup
     header: dict = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for name, dtype, shape in entries:
-        size = torch.empty((), dtype=dtype).element_size()
-        for dim in shape:
-            size *= dim
+        size = dtype.itemsize * math.prod(shape)
         header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
