@@ -106,9 +106,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--hf-assisted", action="store_true")
-    ap.add_argument("--tree", default=None,
+    ap.add_argument("--tree", action="append", default=[],
                     help='add tree-drafting rows for every head: "default" (compress/draft/selfspec/tree.py) or '
-                         'a JSON list of rank paths, e.g. "[[0],[1],[0,0]]"')
+                         'a JSON list of rank paths, e.g. "[[0],[1],[0,0]]"; repeat for several trees')
     ap.add_argument("--out", required=True, help="JSON file, rewritten after every row")
     args = ap.parse_args(argv)
 
@@ -117,9 +117,10 @@ def main(argv=None) -> int:
     t = load_model(args.target, dtype=args.dtype, device=device)
     sets = {Path(p).stem: [torch.tensor(t.tokenizer(x, return_attention_mask=False)["input_ids"])
                            for x in read_prompts(p, args.max_prompts)] for p in args.prompts}
-    tree = None if args.tree is None else as_tree(args.tree if args.tree == "default" else json.loads(args.tree))
-    # the tree's scratch slots sit past every sequence's end
-    max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new, gamma + (tree.size if tree else 0))
+    trees = [as_tree(v if v == "default" else json.loads(v)) for v in args.tree]
+    # the trees' scratch slots sit past every sequence's end
+    max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new,
+                        gamma + max((tree.size for tree in trees), default=0))
     engine = target_engine(t.model, max_len, compile=args.compile)
     target = EngineDecoder(engine, graphs=args.compile and device.type == "cuda", name="target")
     result = {"command": " ".join(sys.argv), "machine": {**versions(), "torch_threads": torch.get_num_threads()},
@@ -160,8 +161,9 @@ def main(argv=None) -> int:
     pairs = {}
     for name, (head, cal) in heads.items():
         pairs[name] = self_spec_pair(engine, head, compile=args.compile) + (HeadAsModel(t.model, head), cal)
-    tree_pairs = {name: self_spec_pair(engine, head, compile=args.compile, tree=tree)
-                  for name, (head, _) in heads.items()} if tree else {}
+    tree_pairs = {(name, i): (tree, *self_spec_pair(engine, head, compile=args.compile, tree=tree))
+                  for i, tree in enumerate(trees) for name, (head, _) in heads.items()
+                  if not name.endswith(" untrimmed")}  # the trim's effect is measured on linear rounds
     models = {}
     if stock is not None:
         models["stock bf16"] = (model_decoder(stock, max_len, compile=args.compile, name="stock"), stock)
@@ -209,7 +211,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 save()
                 _say(set_name, row, len(prompts))
-        for name, (tdec, ddec) in tree_pairs.items():
+        for (name, _), (tree, tdec, ddec) in tree_pairs.items():
             kw = dict(tree=True)
             warm_up(tdec, ddec, prompts[0], tree.max_depth, **kw)
             warm_prefills(tdec, prompts, ddec)

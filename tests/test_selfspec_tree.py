@@ -139,14 +139,18 @@ def test_the_side_by_side_bench_runs_tree_rows(tmp_path, text_file):
     res_path = tmp_path / "r.json"
     assert bench.main(["--target", mdir, "--self-spec", str(out), "--heads", "k2", "--prompts", str(prompts),
                        "--gamma", "3", "--max-new-tokens", "10", "--device", "cpu", "--dtype", "float32",
-                       "--tree", "[[0],[1],[0,0],[0,1],[0,0,0]]", "--untrimmed", "--out", str(res_path)]) == 0
+                       "--tree", "[[0],[1],[0,0],[0,1],[0,0,0]]", "--tree", "default", "--untrimmed",
+                       "--out", str(res_path)]) == 0
     rows = json.loads(res_path.read_text())["sets"]["prompts"]["rows"]
     full = next(r for r in rows if r["row"] == "self k2 untrimmed")  # the same head over every LM row
     trimmed = next(r for r in rows if r["row"] == "self k2")
     assert full["vocab_size"] == 264 > trimmed["vocab_size"] and full["identical_prompts"] == 2
-    tree_row = next(r for r in rows if "tree" in r["row"])
-    assert tree_row["tree"] == [[0], [1], [0, 0], [0, 1], [0, 0, 0]] and tree_row["identical_prompts"] == 2
-    assert tree_row["speculative"]["tau"] >= 1 and set(tree_row["time_split"]) >= {"draft", "verify"}
+    tree_rows = [r for r in rows if r["row"].startswith("self k2 tree")]  # two trees of other sizes, one engine
+    assert [r["tree"] for r in tree_rows] == [[[0], [1], [0, 0], [0, 1], [0, 0, 0]],
+                                              [list(c) for c in DraftTree(DEFAULT_TREE).choices]]
+    for tree_row in tree_rows:
+        assert tree_row["identical_prompts"] == 2
+        assert tree_row["speculative"]["tau"] >= 1 and set(tree_row["time_split"]) >= {"draft", "verify"}
 
 
 def test_cli_draft_bench_drafts_a_tree_with_a_self_spec_export(tmp_path, text_file, capsys):

@@ -7,7 +7,7 @@
 #   prep   convert both models; train the self-drafter (recipes/qwen-coder-1.5b-self-spec.yaml)
 #   w4     the stock 0.5B at GPTQ W4 (int4 drafter row); the GPU tests
 #   bench  every drafter row on both prompt sets (bench/self_spec_bench.py); STOCK= HF= leave out the
-#          stock drafter and transformers' assisted row, TREE=default adds tree rows, GPU_TESTS=files
+#          stock drafter and transformers' assisted row, TREE=default adds tree rows (several: space-separated), GPU_TESTS=files
 #   long   the two best depths trained 1,500 steps (the recipe's default since), benched alone
 #   deep-train  the training of `deep` alone (converts the target first), for bench/device/bg.sh
 #   deep   deep-context heads (the target's final state of the previous position) at k2 and k3 beside a
@@ -23,6 +23,8 @@
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 # Results go to /tmp/results and back as files in $OUT after every phase.
 set -uo pipefail
+# TREE: trees, space-separated (JSON without spaces); set -f: brackets are not globs here
+TREE_ARGS=(); set -f; for t in ${TREE:-}; do TREE_ARGS+=(--tree "$t"); done; set +f
 export COMPRESS_CACHE=/tmp/compress-cache PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
   PYTHONUNBUFFERED=1
 R=/tmp/results; mkdir -p $R /tmp/out
@@ -50,7 +52,7 @@ case $1 in
     timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 \
       --self-spec /tmp/out/self-spec ${HEADS:+--heads $HEADS} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-4} --device cuda --dtype bfloat16 --compile \
-      ${HF---hf-assisted} ${TREE:+--tree "$TREE"} --out $R/self-spec-bench.json 2>&1 | quiet | tail -40
+      ${HF---hf-assisted} "${TREE_ARGS[@]}" --out $R/self-spec-bench.json 2>&1 | quiet | tail -40
     [ -z "${GPU_TESTS:-}" ] || timeout 200 python3 -m pytest -q -m gpu $GPU_TESTS -p no:cacheprovider 2>&1 | tail -4 | tee $R/gpu-tests.txt;;
   long)
     timeout 230 python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml --out /tmp/out/self-spec-long --force \
@@ -70,7 +72,7 @@ case $1 in
     cp /tmp/out/self-spec-deep/report.json $R/deep-report.json
     [ $1 = deep ] && timeout ${T:-560} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEADS:+--heads $HEADS} --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-3} \
-      --device cuda --dtype bfloat16 --compile ${TREE:+--tree "$TREE"} --out $R/${NAME:-deep-bench}.json 2>&1 | grep "^\[";;
+      --device cuda --dtype bfloat16 --compile "${TREE_ARGS[@]}" --out $R/${NAME:-deep-bench}.json 2>&1 | grep "^\[";;
   five-train)
     bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
     t0=$(date +%s)
@@ -94,7 +96,7 @@ case $1 in
     timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --stock qwen2.5-coder-0.5b $W4 $OLD \
       --self-spec /tmp/out/self-spec-five --untrimmed --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
-      ${HF---hf-assisted} ${TREE:+--tree "$TREE"} --out $R/${NAME:-five-bench}.json 2>&1 | grep -e "^\[" -e Error | cut -c1-300;;
+      ${HF---hf-assisted} "${TREE_ARGS[@]}" --out $R/${NAME:-five-bench}.json 2>&1 | grep -e "^\[" -e Error | cut -c1-300;;
   profile)
     timeout ${T:-300} python3 bench/self_spec_profile.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEAD:+--head $HEAD} --prompts bench/draft_bench_prompts/code.txt --max-prompts 2 --gamma ${GAMMA:-2} \
