@@ -15,10 +15,10 @@
 #          (default 3; TREE=default adds tree rows; HEADS=k2,k3 a subset; NAME= the results file's name)
 #   five-train  (bg) the run of 5's self-drafter: the recipe's deep heads at EXITS (default [1,2,3]) with
 #          SETS (e.g. --set stages[0].steps[0].train_source=mixed), timed, into /tmp/out/self-spec-five
-#   five-build  (bg) the stock 0.5B at GPTQ W4 and the old width-pruned self-drafter (its recipe)
+#   five-build  (bg) the stock 0.5B at GPTQ W4 (STOCK= leaves it out) and the old width-pruned self-drafter
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
-#          (TREE=default adds tree rows; HF= leaves the assisted rows out)
+#          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's)
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 # Results go to /tmp/results and back as files in $OUT after every phase.
@@ -83,17 +83,17 @@ case $1 in
     cp /tmp/out/self-spec-five/self_spec.json $R/five-manifest.json
     cp /tmp/out/self-spec-five/report.json $R/five-report.json;;
   five-build)
-    bash bench/device/gpu_setup.sh convert qwen2.5-coder-0.5b
+    [ -n "${STOCK-x}" ] && { bash bench/device/gpu_setup.sh convert qwen2.5-coder-0.5b
     timeout 300 python3 -m compress run recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml --set 'stages[0].steps[0].bits=4' \
       --out /tmp/out/q05-w4 --force --quiet 2>&1 | quiet | tail -3
-    cp /tmp/out/q05-w4/report.json $R/five-q05-w4-report.json
+    cp /tmp/out/q05-w4/report.json $R/five-q05-w4-report.json; }
     timeout 600 python3 -m compress run recipes/qwen-coder-1.5b-self-drafter.yaml --out /tmp/out/old-self --force \
       --quiet 2>&1 | quiet | tail -3
     cp /tmp/out/old-self/report.json $R/five-old-self-report.json;;
   five)
     OLD=""; [ -d /tmp/out/old-self ] && OLD="--old-self /tmp/out/old-self"
     W4=""; [ -d /tmp/out/q05-w4 ] && W4="--stock-w4 /tmp/out/q05-w4"
-    timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --stock qwen2.5-coder-0.5b $W4 $OLD \
+    timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 $OLD \
       --self-spec /tmp/out/self-spec-five --untrimmed --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
       ${HF---hf-assisted} "${TREE_ARGS[@]}" --out $R/${NAME:-five-bench}.json 2>&1 | grep -e "^\[" -e Error | cut -c1-300;;
