@@ -18,7 +18,8 @@
 #   five-build  (bg) the stock 0.5B at GPTQ W4 (STOCK= leaves it out) and the old width-pruned self-drafter
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
-#          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's)
+#          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's,
+#          UNTRIMMED= the untrimmed head's)
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 # Results go to /tmp/results and back as files in $OUT after every phase.
@@ -92,9 +93,9 @@ case $1 in
     cp /tmp/out/old-self/report.json $R/five-old-self-report.json;;
   five)
     OLD=""; [ -d /tmp/out/old-self ] && OLD="--old-self /tmp/out/old-self"
-    W4=""; [ -d /tmp/out/q05-w4 ] && W4="--stock-w4 /tmp/out/q05-w4"
+    W4=""; [ -n "${STOCK-x}" ] && [ -d /tmp/out/q05-w4 ] && W4="--stock-w4 /tmp/out/q05-w4"
     timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 $OLD \
-      --self-spec /tmp/out/self-spec-five --untrimmed --prompts bench/draft_bench_prompts/code.txt \
+      --self-spec /tmp/out/self-spec-five ${UNTRIMMED---untrimmed} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
       ${HF---hf-assisted} "${TREE_ARGS[@]}" --out $R/${NAME:-five-bench}.json 2>&1 | grep -e "^\[" -e Error | cut -c1-300;;
   profile)
