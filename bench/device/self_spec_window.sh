@@ -13,7 +13,7 @@
 #   deep   deep-context heads (the target's final state of the previous position) at k2 and k3 beside a
 #          shallow k2 trained on the same batches (shallow_layers), then benched side by side at GAMMA
 #          (default 3; TREE=default adds tree rows; HEADS=k2,k3 a subset; NAME= the results file's name)
-#   five-train  (bg) the run of 5's self-drafter: the recipe's deep heads at EXITS (default [1,2,3]) with
+#   five-train  (bg) the run of 5's self-drafter: the recipe's deep heads (EXITS=[1,2,3] other depths) with
 #          SETS (e.g. --set stages[0].steps[0].train_source=mixed), timed, into /tmp/out/self-spec-five
 #   five-build  (bg) the stock 0.5B at GPTQ W4 (STOCK= leaves it out) and the old width-pruned self-drafter
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
@@ -78,7 +78,7 @@ case $1 in
     bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
     t0=$(date +%s)
     timeout ${TT:-900} python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml --out /tmp/out/self-spec-five \
-      --force --set "stages[0].steps[0].exit_layers=${EXITS:-[1,2,3]}" ${SETS:-} 2>&1 | quiet | tail -12
+      --force ${EXITS:+--set "stages[0].steps[0].exit_layers=$EXITS"} ${SETS:-} 2>&1 | quiet | tail -12
     echo "five-train: $(( $(date +%s) - t0 )) s (the recipe run: generation, training, curve, calibrator, export)" \
       | tee $R/five-train-seconds.txt
     cp /tmp/out/self-spec-five/self_spec.json $R/five-manifest.json
