@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -26,6 +25,7 @@ from compress.draft.agreement import read_prompts
 from compress.draft.selfspec.generations import greedy_continuations, unit_end_prompts
 from compress.draft.selfspec.step import _documents, _prompt_lines, _windows
 from compress.models import load_model
+from compress.runtime import versions
 
 PAIRS = {"stdlib": "bench/draft_bench_prompts/code.txt", "bbc": "bench/draft_bench_prompts/prose.txt"}
 
@@ -85,7 +85,7 @@ def main() -> None:
     report = {"model": args.model, "layers": layers, "depths": depths, "prompts_per_kind": args.prompts,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "results": results,
               "seconds": round(time.perf_counter() - start, 1),
-              "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+              "machine": {**versions(), "torch_threads": torch.get_num_threads()},
               "command": "python bench/prompt_shapes.py " + " ".join(
                   f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v not in ("", None))}
     with open(args.out, "w") as f:
