@@ -132,13 +132,14 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     drafters = []  # (name, factory -> (target decoder, drafter, teacher model, matched reference key, info))
-    heads = {}
+    heads, trained = {}, []  # trained: the export's heads, without the untrimmed variant
     if args.self_spec:
         manifest = json.loads((Path(args.self_spec) / "self_spec.json").read_text())
         names = args.heads.split(",") if args.heads else list(manifest["heads"])
         for name in names:
             head, _, cal = load_self_spec(args.self_spec, t.model, name)
             heads[name] = (head, cal)
+        trained = list(names)
         if args.untrimmed:  # vocabulary trim's effect alone: the same weights, every LM row
             base = manifest["default"] if manifest["default"] in heads else names[0]
             head, cal = heads[base]
@@ -161,9 +162,9 @@ def main(argv=None) -> int:
     pairs = {}
     for name, (head, cal) in heads.items():
         pairs[name] = self_spec_pair(engine, head, compile=args.compile) + (HeadAsModel(t.model, head), cal)
-    tree_pairs = {(name, i): (tree, *self_spec_pair(engine, head, compile=args.compile, tree=tree))
-                  for i, tree in enumerate(trees) for name, (head, _) in heads.items()
-                  if not name.endswith(" untrimmed")}  # the trim's effect is measured on linear rounds
+    # trees for the trained heads only: the trim's effect is measured on linear rounds
+    tree_pairs = {(name, i): (tree, *self_spec_pair(engine, heads[name][0], compile=args.compile, tree=tree))
+                  for i, tree in enumerate(trees) for name in trained}
     models = {}
     if stock is not None:
         models["stock bf16"] = (model_decoder(stock, max_len, compile=args.compile, name="stock"), stock)
