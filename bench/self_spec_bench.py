@@ -14,7 +14,8 @@ Rows per prompt set (compress/draft/bench.py says what each number is):
   through its own forward), ``old self-drafter``: a width-pruned GPTQ export if given;
 - ``self <head>``: the shared-prefix self-drafter's heads (fixed γ), and the default head with the
   export's calibrated confidence threshold; ``--untrimmed`` adds the default head over the whole
-  vocabulary (the same trained weights: the trim's effect alone); with ``--tree``, each head drafting a static tree
+  vocabulary (the same trained weights: the trim's effect alone), ``--also-gamma G`` rows of that head at
+  other draft lengths; with ``--tree``, each head drafting a static tree
   (several candidates per position, one verify pass: compress/draft/selfspec/tree.py).
 The target's engine, its compiled steps and recorded graphs are built once and shared by every row;
 results are written after every row, so a cut run keeps what it measured.
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", nargs="+", required=True)
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--also-gamma", type=int, action="append", default=[],
+                    help="more draft lengths for the export's default head (linear rows, no stop); repeatable")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
@@ -120,7 +123,7 @@ def main(argv=None) -> int:
     trees = [as_tree(v if v == "default" else json.loads(v)) for v in args.tree]
     # the trees' scratch slots sit past every sequence's end
     max_len = cache_len([p.numel() for s in sets.values() for p in s], n_new,
-                        gamma + max((tree.size for tree in trees), default=0))
+                        max([gamma, *args.also_gamma]) + max((tree.size for tree in trees), default=0))
     engine = target_engine(t.model, max_len, compile=args.compile)
     target = EngineDecoder(engine, graphs=args.compile and device.type == "cuda", name="target")
     result = {"command": " ".join(sys.argv), "machine": {**versions(), "torch_threads": torch.get_num_threads()},
@@ -132,7 +135,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
     drafters = []  # (name, factory -> (target decoder, drafter, teacher model, matched reference key, info))
-    heads, trained = {}, []  # trained: the export's heads, without the untrimmed variant
+    heads, trained, base = {}, [], None  # trained: the export's heads, without the untrimmed variant
     if args.self_spec:
         manifest = json.loads((Path(args.self_spec) / "self_spec.json").read_text())
         names = args.heads.split(",") if args.heads else list(manifest["heads"])
@@ -140,8 +143,8 @@ def main(argv=None) -> int:
             head, _, cal = load_self_spec(args.self_spec, t.model, name)
             heads[name] = (head, cal)
         trained = list(names)
+        base = manifest["default"] if manifest["default"] in heads else names[0]  # the head of the variants
         if args.untrimmed:  # vocabulary trim's effect alone: the same weights, every LM row
-            base = manifest["default"] if manifest["default"] in heads else names[0]
             head, cal = heads[base]
             full = head.with_vocabulary(t.model, torch.arange(t.model.lm_head.weight.shape[0]))
             heads[f"{base} untrimmed"] = (full, cal)
@@ -192,23 +195,27 @@ def main(argv=None) -> int:
         print(f"[{set_name}] target alone {alone['tokens_per_s']:.1f} tok/s, step {alone['step_ms']:.3f} ms", flush=True)
         outputs = [r.tokens for r in alone["runs"]]
         for name, (tdec, ddec, teacher, cal) in pairs.items():
-            for threshold in ([None, result["self_spec"]["confidence_threshold"]]
-                              if name == result["self_spec"]["default"] and
-                              result["self_spec"]["confidence_threshold"] is not None else [None]):
+            default = name == result["self_spec"]["default"]
+            threshold = result["self_spec"]["confidence_threshold"]
+            variants = [(None, gamma)] + ([(threshold, gamma)] if default and threshold is not None else [])
+            variants += [(None, g) for g in args.also_gamma if name == base and g != gamma]
+            for threshold, g in variants:
                 kw = dict(confidence_threshold=threshold, calibrator=cal if threshold is not None else None,
                           pad_verify=True)
-                warm_up(tdec, ddec, prompts[0], gamma, **kw)
+                warm_up(tdec, ddec, prompts[0], g, **kw)
                 warm_prefills(tdec, prompts, ddec)
-                run_target_warm(tdec, gamma + 1)
-                matched = time_target(tdec, prompts, n_new, pad_to=gamma + 1)
+                run_target_warm(tdec, g + 1)
+                matched = time_target(tdec, prompts, n_new, pad_to=g + 1)
                 before, fused = dict(ddec.pair.shallow_total), ddec.rounds_fused
-                spec = time_speculative(tdec, ddec, prompts, n_new, gamma, **kw)
-                row = _row(f"self {name}" + ("" if threshold is None else f" stop@{threshold}"), spec, alone,
-                           matched, gamma, {"exit_layer": heads[name][0].exit_layer,
-                                            "vocab_size": heads[name][0].vocab_size, "threshold": threshold,
-                                            "shallow_rows": {k: v - before[k] for k, v in ddec.pair.shallow_total.items()},
-                                            "fused_rounds": ddec.rounds_fused - fused})
-                row.update(teacher_forced(t.model, teacher, prompts, outputs, gamma))
+                spec = time_speculative(tdec, ddec, prompts, n_new, g, **kw)
+                label = f"self {name}" + ("" if threshold is None else f" stop@{threshold}") + \
+                    ("" if g == gamma else f" gamma={g}")
+                row = _row(label, spec, alone, matched, g, {"exit_layer": heads[name][0].exit_layer, "gamma": g,
+                                                            "vocab_size": heads[name][0].vocab_size, "threshold": threshold,
+                                                            "shallow_rows": {k: v - before[k] for k, v in
+                                                                             ddec.pair.shallow_total.items()},
+                                                            "fused_rounds": ddec.rounds_fused - fused})
+                row.update(teacher_forced(t.model, teacher, prompts, outputs, g))
                 rows.append(row)
                 save()
                 _say(set_name, row, len(prompts))

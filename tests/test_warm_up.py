@@ -47,3 +47,30 @@ def test_warm_up_records_every_program_a_timed_run_uses(program_keys, context, t
     for p in prompts:
         run_speculative(target, drafter, p, max_new_tokens=48, gamma=depth, **kw)
     assert program_keys - warmed == set(), f"programs first used after warm_up: {sorted(program_keys - warmed, key=str)}"
+
+
+def test_a_greedy_round_is_one_drafting_program_with_its_catch_up(program_keys):
+    """A greedy linear round records the exit head's catch-up over the accepted drafts in the round's own
+    program: between the last verify's read and the next draft the host launches one program, not two."""
+    model = _target("llama")
+    for context in ("shallow", "deep"):
+        program_keys.clear()
+        head = _head(model, 2, context=context)
+        target, drafter = self_spec_pair(BlockEngine(model, 192, fuse=False), head)
+        for p in _more_prompts():
+            run_speculative(target, drafter, p, max_new_tokens=48, gamma=3, pad_verify=True)
+        assert not any(k[0] == "head-kv" for k in program_keys), sorted(program_keys, key=str)
+        assert any(k[0] == "round" and k[2] > 0 for k in program_keys), sorted(program_keys, key=str)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_acceptance_in_one_read_agrees_with_the_rule(seed):
+    from compress.draft.speculative import accept_greedy, verify_greedy
+    g = torch.Generator().manual_seed(seed)
+    for k in range(0, 5):
+        logits = torch.randn(k + 1, 7, generator=g)
+        argmax = logits.argmax(-1)
+        drafts = torch.where(torch.rand(k, generator=g) < 0.7, argmax[:k], torch.randint(0, 7, (k,), generator=g))
+        n, nxt = verify_greedy(argmax, drafts)
+        m, new, host = accept_greedy(logits, drafts)
+        assert m == n and new.tolist() == host == drafts[:n].tolist() + [int(nxt)]

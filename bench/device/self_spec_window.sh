@@ -19,7 +19,7 @@
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
 #          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's,
-#          UNTRIMMED= the untrimmed head's)
+#          UNTRIMMED= the untrimmed head's; ALSO_GAMMA=3 adds the default head at that draft length)
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 # Results go to /tmp/results and back as files in $OUT after every phase.
@@ -97,7 +97,8 @@ case $1 in
     timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 $OLD \
       --self-spec /tmp/out/self-spec-five ${UNTRIMMED---untrimmed} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
-      ${HF---hf-assisted} "${TREE_ARGS[@]}" --out $R/${NAME:-five-bench}.json 2>&1 | grep -e "^\[" -e Error | cut -c1-300;;
+      ${HF---hf-assisted} "${TREE_ARGS[@]}" ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} --out $R/${NAME:-five-bench}.json 2>&1 \
+      | grep -e "^\[" -e Error | cut -c1-300;;
   profile)
     timeout ${T:-300} python3 bench/self_spec_profile.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEAD:+--head $HEAD} --prompts bench/draft_bench_prompts/code.txt --max-prompts 2 --gamma ${GAMMA:-2} \

@@ -41,7 +41,7 @@ from typing import Iterable
 import torch
 
 from compress.draft.speculative import (MODES, Calibrator, SpecResult, _check_positive, _cut_at_eos, _eos_set,
-                                        as_prompt, check_gamma, process_logits, verify_round)
+                                        accept_greedy, as_prompt, check_gamma, process_logits, verify_round)
 from compress.errors import CompressError
 
 
@@ -265,7 +265,7 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
     target_calls = drafter_calls = 0
     while seq.numel() - n_prompt < max_new_tokens:
         if tree:  # k = the tree's depth drafted, n of them accepted
-            proposed, n = _tree_round(target, drafter, seq, clock)
+            proposed, n, host = _tree_round(target, drafter, seq, clock)
             k = gamma
         else:
             budget = min(gamma, max_new_tokens - (seq.numel() - n_prompt) - 1)  # never draft past the end
@@ -280,15 +280,19 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
             else:
                 logits = target(feed, k + 1)
             clock.stop()
-            n, nxt = verify_round(logits, _full_q(q_rows, logits.shape[-1]), draft_ids, sample=sample,
-                                  temperature=temperature, top_p=top_p, generator=rule.generator)
-            proposed = torch.cat([draft_ids[:n], nxt.reshape(1)])
+            if sample:
+                n, nxt = verify_round(logits, _full_q(q_rows, logits.shape[-1]), draft_ids, sample=True,
+                                      temperature=temperature, top_p=top_p, generator=rule.generator)
+                proposed, host = torch.cat([draft_ids[:n], nxt.reshape(1)]), None
+            else:  # the round's one host read: accepted count and new ids together
+                n, proposed, host = accept_greedy(logits, draft_ids)
         target_calls, drafter_calls = target_calls + 1, drafter_calls + k
         for j in range(k):
             drafted[j] += 1
             accepted[j] += j < n
         # a tree's path can run past the end; a linear round never drafts past it
-        new, stop = _cut_at_eos(proposed[:max_new_tokens - (seq.numel() - n_prompt)], eos)
+        room = max_new_tokens - (seq.numel() - n_prompt)
+        new, stop = _cut_at_eos(proposed[:room], eos, None if host is None else host[:room])
         seq = torch.cat([seq, new])
         target.rewind(seq.numel() - 1)
         drafter.rewind(seq.numel() - 1)
@@ -303,10 +307,10 @@ def run_speculative(target, drafter, input_ids, *, max_new_tokens: int, gamma: i
                       wall_time_s=wall)
 
 
-def _tree_round(target, drafter, seq: torch.Tensor, clock: RoundClock) -> tuple[torch.Tensor, int]:
+def _tree_round(target, drafter, seq: torch.Tensor, clock: RoundClock) -> tuple[torch.Tensor, int, list[int]]:
     """One tree round: the whole tree drafted, then verified, accepted and committed on the device;
     the host reads the path's length and tokens (the round's one sync). Returns (path tokens + the
-    target's next one, the path's length)."""
+    target's next one, the path's length, the same tokens on the host)."""
     clock.start("draft")
     nodes = drafter.draft_tree(seq[drafter.length:])
     clock.stop()
@@ -314,7 +318,7 @@ def _tree_round(target, drafter, seq: torch.Tensor, clock: RoundClock) -> tuple[
     verified = target.verify_tree(seq[target.length:], nodes)
     clock.stop()
     new = target.accept_tree(verified.tolist())
-    return torch.tensor(new, device=seq.device), len(new) - 1
+    return torch.tensor(new, device=seq.device), len(new) - 1, new
 
 
 def _full_q(q_rows, vocab: int):

@@ -162,6 +162,18 @@ def verify_greedy(target_argmax: torch.Tensor, drafts: torch.Tensor) -> tuple[in
     return n, target_argmax[n]
 
 
+def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[int, torch.Tensor, list[int]]:
+    """Greedy acceptance with ONE device-to-host read per round: logits [k+1, V], drafts [k] ->
+    (n accepted, the new tokens [n+1] on the device, the same ids on the host). The accepted drafts
+    equal the target's argmax there, so the new tokens are the argmax's first n + 1."""
+    target_argmax = logits.argmax(-1)
+    k = drafts.numel()
+    both = torch.cat([target_argmax, drafts.to(target_argmax.dtype)]).tolist()
+    wanted, drafted = both[:k + 1], both[k + 1:]
+    n = next((i for i in range(k) if drafted[i] != wanted[i]), k)
+    return n, target_argmax[:n + 1], wanted[:n + 1]
+
+
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact speculative sampling, batched over leading dims.
@@ -194,10 +206,11 @@ def _eos_set(eos_token_id) -> set[int]:
     return {int(eos_token_id)} if isinstance(eos_token_id, int) else {int(t) for t in eos_token_id}
 
 
-def _cut_at_eos(new: torch.Tensor, eos: set[int]) -> tuple[torch.Tensor, bool]:
+def _cut_at_eos(new: torch.Tensor, eos: set[int], host: list[int] | None = None) -> tuple[torch.Tensor, bool]:
+    """``new`` up to and including its first EOS; ``host``: the same ids already on the host (no read)."""
     if not eos:
         return new, False
-    hits = [i for i, t in enumerate(new.tolist()) if t in eos]
+    hits = [i for i, t in enumerate(new.tolist() if host is None else host) if t in eos]
     return (new[: hits[0] + 1], True) if hits else (new, False)
 
 

@@ -157,7 +157,10 @@ class SelfSpecPair:
         return torch.cat(drafts)
 
     def _positions(self, start: int, n: int) -> torch.Tensor:
-        return torch.arange(start, start + n, device=self.engine.device)
+        # a view of the engine's slot indices: no kernel launch on the host's per-round path
+        if not 0 <= start <= start + n <= self.engine.max_len:
+            raise CompressError(f"internal: positions {start}..{start + n - 1} outside the engine's {self.engine.max_len}")
+        return self.engine.slots[start:start + n]
 
     def _run(self, key, fn, *inputs):
         """A program as a recorded graph for decode-sized passes; prefills (the first call of a
@@ -261,16 +264,36 @@ class _Drafter:
         p.head_len = start + n
 
     def record_catch_ups(self, depth: int) -> None:
-        """A deep head: record its catch-up program for every count of accepted drafts a round can leave
-        (1..``depth``). Which counts a warm-up run meets depends on its acceptance, and one met first in a
-        timed run is a graph capture (and a compile for the new row count) charged to that run. It writes
-        head KV at positions 1..depth only, which every later sequence rewrites before reading (the head
-        runs positions in order, each attending to earlier ones)."""
+        """Record the catch-up programs for every count of accepted drafts a round can leave (1..``depth``):
+        alone (a deep head's), and fused with a greedy round of every budget 1..``depth``. Which counts a
+        warm-up run meets depends on its acceptance, and one met first in a timed run is a graph capture
+        (and a compile for a new row count) charged to that run. It writes state at positions 1..2·depth
+        only, which every later sequence rewrites before reading (positions run in order, each attending
+        to earlier ones; a deep head's drafted final states are read only by the round that drafts them)."""
         p = self.pair
-        if not p.deep or p.deep_len == 0:
+        if p.deep_len == 0:
             return
+        token = torch.zeros(1, dtype=torch.long, device=self.device)
         for n in range(1, depth + 1):
-            p._run(("head-kv", n), self._kv_program(), p._positions(1, n))
+            if p.deep:
+                p._run(("head-kv", n), self._kv_program(), p._positions(1, n))
+            for budget in range(1, depth + 1):
+                self._fused_round(1, n, token, budget)
+
+    def _fused_round(self, start: int, n: int, feed: torch.Tensor, budget: int) -> torch.Tensor:
+        """One recorded program: the exit head's catch-up over the ``n`` committed positions from ``start``
+        (their shallow state exists), then ``budget`` greedy drafts from the one token ``feed`` after them.
+        A round then costs one graph launch, not two, on the host's path from the last verify's read to
+        the next draft; ``n`` = 0 is the round alone."""
+        p = self.pair
+        pos0 = p._positions(start + n, 1)
+        if n == 0:
+            return p.graphs.run(("round", budget, 0), lambda t, q: p._round(t, q, budget), feed, pos0)
+
+        def program(catch, t, q):
+            p._head_kv(p.hidden[catch], catch)
+            return p._round(t, q, budget)
+        return p.graphs.run(("round", budget, n), program, p._positions(start, n), feed, pos0)
 
     def prefill(self, ids: torch.Tensor) -> None:
         if self.pair.deep:  # no final state exists yet: the head catches up at the first draft
@@ -282,20 +305,27 @@ class _Drafter:
         p = self.pair
         if budget < 1:
             return torch.zeros(0, dtype=torch.long, device=self.device), ([] if rule.sample else None)
+        fused = not rule.sample and rule.threshold is None and p.deep_len > 0
+        catch = 0
         if feed.numel() > 1:
             # after a fully accepted round the last draft has shallow state (the verifier ran it) but
             # no exit-head state (a deep head: no committed head state for any accepted draft, nor for
             # the prompt at the first round): catch up on all but the newest token, then draft from it
-            self._catch_up(feed[:-1])
+            # (a greedy round after the prompt's: in the round's own recorded program)
+            if fused and self.length > 0 and feed.numel() - 1 <= GRAPH_ROWS:
+                catch = feed.numel() - 1
+                p.shallow_upto(feed[:-1], self.length, "drafter")  # nothing, unless a caller skipped a step
+            else:
+                self._catch_up(feed[:-1])
             feed = feed[-1:]
         start = self.length
-        if rule.sample or rule.threshold is not None or p.deep_len == 0:
+        if not fused:
             out = draft_by_steps(self._step, feed, budget, rule, self.device, self.vocab_map)
             if p.deep:  # the drafts' head KV came from the head's own states: redone once committed
                 p.head_len = start + 1
             return out
-        pos0 = p._positions(start, 1)
-        tokens = p.graphs.run(("round", budget), lambda t, q: p._round(t, q, budget), feed, pos0)
+        tokens = self._fused_round(start, catch, feed, budget)
+        start += catch
         p.shallow_len = start + budget
         p.head_len = start + 1 if p.deep else start + budget
         p.shallow_rows["drafter"] += budget
