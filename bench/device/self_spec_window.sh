@@ -20,6 +20,7 @@
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
 #          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's,
 #          UNTRIMMED= the untrimmed head's; ALSO_GAMMA=3 adds the default head at that draft length)
+#   five-more  after five: k1 drafting trees of depth 2 and 3, and the k1 / k2 rows again with k1 at γ = 3
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 # Results go to /tmp/results and back as files in $OUT after every phase.
@@ -99,10 +100,19 @@ case $1 in
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
       ${HF---hf-assisted} "${TREE_ARGS[@]}" ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} --out $R/${NAME:-five-bench}.json 2>&1 \
       | grep -e "^\[" -e Error | cut -c1-300;;
+  five-more)  # after `five`, two more processes on the same exports: trees of depth 2 and 3 for k1, and
+    # a repeat of the k1 / k2 rows with k1 at γ 3 (the spread between processes; five-c's README)
+    timeout 300 python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-five --heads k1 \
+      --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma 2 --device cuda --dtype bfloat16 \
+      --compile --tree '[[0],[1],[2],[0,0],[0,1],[1,0]]' --tree '[[0],[1],[2],[0,0],[0,1],[1,0],[0,0,0],[0,0,1],[0,1,0]]' \
+      --out $R/five-tree-3.json 2>&1 | grep -e "^\[" -e Error | cut -c1-250
+    timeout 200 python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-five --heads k1,k2 \
+      --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma 2 --also-gamma 3 --device cuda \
+      --dtype bfloat16 --compile --out $R/five-repeat-3.json 2>&1 | grep -e "^\[" -e Error | cut -c1-250;;
   profile)
     timeout ${T:-300} python3 bench/self_spec_profile.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEAD:+--head $HEAD} --prompts bench/draft_bench_prompts/code.txt --max-prompts 2 --gamma ${GAMMA:-2} \
       --device cuda --compile --out $R/${NAME:-profile}.json 2>&1 | quiet | tail -6;;
-  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|profile" >&2; exit 2;;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|profile" >&2; exit 2;;
 esac
 [ -z "${OUT:-}" ] || { cp $R/*.json $R/*.txt $R/*.log "$OUT"/ 2>/dev/null; ls "$OUT"; }
