@@ -105,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--also-gamma", type=int, action="append", default=[],
                     help="more draft lengths for the export's default head (linear rows, no stop); repeatable")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="time every prompt this many times per row and keep the median run (damps jitter)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--compile", action="store_true")
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON file, rewritten after every row")
     args = ap.parse_args(argv)
 
-    device, gamma, n_new = resolve_device(args.device), args.gamma, args.max_new_tokens
+    device, gamma, n_new, reps = resolve_device(args.device), args.gamma, args.max_new_tokens, args.repeats
     t0 = time.perf_counter()
     t = load_model(args.target, dtype=args.dtype, device=device)
     sets = {Path(p).stem: [torch.tensor(t.tokenizer(x, return_attention_mask=False)["input_ids"])
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     engine = target_engine(t.model, max_len, compile=args.compile)
     target = EngineDecoder(engine, graphs=args.compile and device.type == "cuda", name="target")
     result = {"command": " ".join(sys.argv), "machine": {**versions(), "torch_threads": torch.get_num_threads()},
-              "gamma": gamma, "max_new_tokens": n_new, "sets": {}}
+              "gamma": gamma, "max_new_tokens": n_new, "repeats": reps, "sets": {}}
     out = Path(args.out)
 
     def save():
@@ -183,9 +185,9 @@ def main(argv=None) -> int:
         run_target_warm = lambda dec, pad=None: time_target(dec, prompts[:1], 4, pad_to=pad)  # noqa: E731
         run_target_warm(target)
         warm_prefills(target, prompts)
-        alone = time_target(target, prompts, n_new)
+        alone = time_target(target, prompts, n_new, repeats=reps)
         run_target_warm(target, gamma + 1)
-        matched_full = time_target(target, prompts, n_new, pad_to=gamma + 1)
+        matched_full = time_target(target, prompts, n_new, pad_to=gamma + 1, repeats=reps)
         rows.append({"row": "target alone", "tokens_per_s": alone["tokens_per_s"], "step_ms": alone["step_ms"],
                      "wall_s": alone["wall_s"], "prefill_s": alone["prefill_s"],
                      "matched_tokens_per_s": matched_full["tokens_per_s"], "matched_step_ms": matched_full["step_ms"],
@@ -205,9 +207,9 @@ def main(argv=None) -> int:
                 warm_up(tdec, ddec, prompts[0], g, **kw)
                 warm_prefills(tdec, prompts, ddec)
                 run_target_warm(tdec, g + 1)
-                matched = time_target(tdec, prompts, n_new, pad_to=g + 1)
+                matched = time_target(tdec, prompts, n_new, pad_to=g + 1, repeats=reps)
                 before, fused = dict(ddec.pair.shallow_total), ddec.rounds_fused
-                spec = time_speculative(tdec, ddec, prompts, n_new, g, **kw)
+                spec = time_speculative(tdec, ddec, prompts, n_new, g, repeats=reps, **kw)
                 label = f"self {name}" + ("" if threshold is None else f" stop@{threshold}") + \
                     ("" if g == gamma else f" gamma={g}")
                 row = _row(label, spec, alone, matched, g, {"exit_layer": heads[name][0].exit_layer, "gamma": g,
@@ -224,8 +226,8 @@ def main(argv=None) -> int:
             warm_up(tdec, ddec, prompts[0], tree.max_depth, **kw)
             warm_prefills(tdec, prompts, ddec)
             run_target_warm(tdec, tree.size + 1)
-            matched = time_target(tdec, prompts, n_new, pad_to=tree.size + 1)
-            spec = time_speculative(tdec, ddec, prompts, n_new, tree.max_depth, **kw)
+            matched = time_target(tdec, prompts, n_new, pad_to=tree.size + 1, repeats=reps)
+            spec = time_speculative(tdec, ddec, prompts, n_new, tree.max_depth, repeats=reps, **kw)
             row = _row(f"self {name} tree ({tree.size} nodes, depth {tree.max_depth})", spec, alone, matched,
                        tree.max_depth, {"exit_layer": heads[name][0].exit_layer, "tree": [list(c) for c in tree.choices],
                                         "vocab_size": heads[name][0].vocab_size})
@@ -236,7 +238,7 @@ def main(argv=None) -> int:
             kw = dict(pad_verify=True)
             warm_up(target, ddec, prompts[0], gamma, **kw)
             warm_prefills(target, prompts, ddec)
-            spec = time_speculative(target, ddec, prompts, n_new, gamma, **kw)
+            spec = time_speculative(target, ddec, prompts, n_new, gamma, repeats=reps, **kw)
             row = _row(f"{name} (our loop)", spec, alone, matched_full, gamma)
             row.update(teacher_forced(t.model, dmodel, prompts, outputs, gamma))
             rows.append(row)

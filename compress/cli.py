@@ -131,6 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--tree", default=None,
                     help='a self-spec drafter drafts a static tree each round: "default" or a JSON list of rank '
                          'paths such as "[[0],[1],[0,0]]" (greedy; γ becomes the tree\'s depth; default: no tree)')
+    db.add_argument("--repeats", type=int, default=1,
+                    help="time every prompt this many times and keep the median run (damps timing jitter)")
     db.add_argument("--no-matched", action="store_true",
                     help="skip the matched target-alone reference (exact identity check) and pad no verify pass")
     db.add_argument("--out", default=None, help="folder for draft_bench.json and draft_bench.png (default: none)")
@@ -344,7 +346,7 @@ def _draft_bench(args) -> dict:
                          confidence_threshold=args.confidence_threshold,
                          calibrator=calibrator if args.confidence_threshold is not None else None,
                          teacher_drafter=teacher, target_model=t.model, hf_baseline=args.hf_baseline,
-                         matched=not args.no_matched, tree=tree is not None)
+                         matched=not args.no_matched, tree=tree is not None, repeats=args.repeats)
     machine = {"device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch_threads": torch.get_num_threads(), **versions()}
     result = {**info, "dtype": args.dtype, "compile": bool(compile),

@@ -283,6 +283,13 @@ def test_cli_draft_bench_writes_json_and_plot(tmp_path, capsys):
     stopped = json.loads(capsys.readouterr().out)
     assert stopped["confidence_threshold"] == 1.0 and stopped["identical"]
     assert stopped["speculative"]["drafted"][1:] == [0, 0] and stopped["speculative"]["drafted"][0] > 0
+    # repeats: each prompt timed 3 times, the median run kept; the counts are one run's, not three
+    assert main([*args[:-2], "--repeats", "3"]) == 0
+    repeated = json.loads(capsys.readouterr().out)
+    assert repeated["repeats"] == 3 and repeated["identical"]
+    assert repeated["speculative"]["target_calls"] == res["speculative"]["target_calls"]
+    assert main([*args[:-2], "--repeats", "0"]) == 2
+    assert "repeats" in capsys.readouterr().err
     assert main([*args[:-2], "--gamma", "0"]) == 2
     assert "gamma" in capsys.readouterr().err
     assert main(["draft-bench", "--target", target, "--drafter", target, "--prompts", str(prompts),
@@ -370,3 +377,17 @@ def test_gpu_cli_draft_bench_compiled_int4(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["int4_drafter"]["linears"] == 21 and res["speculative"]["tau"] > 1
     assert res["hf_static_generate"]["tokens_per_s"] > 0
+
+
+def test_median_run_keeps_the_median_and_refuses_runs_that_differ():
+    from compress.draft.bench import median_run
+    from compress.errors import CompressError
+    walls = iter([3.0, 1.0, 2.0, 9.0, 0.5])
+    run = lambda: SimpleNamespace(wall_time_s=next(walls), tokens=torch.tensor([1, 2]))  # noqa: E731
+    assert median_run(run, 3).wall_time_s == 2.0
+    assert median_run(run, 2).wall_time_s == 0.5  # of two, the faster
+    tokens = iter([[1, 2], [1, 3]])
+    with pytest.raises(CompressError, match="different tokens"):
+        median_run(lambda: SimpleNamespace(wall_time_s=1.0, tokens=torch.tensor(next(tokens))), 2)
+    with pytest.raises(CompressError, match="repeats"):
+        median_run(run, 0)

@@ -140,8 +140,10 @@ def test_the_side_by_side_bench_runs_tree_rows(tmp_path, text_file):
     assert bench.main(["--target", mdir, "--self-spec", str(out), "--heads", "k2", "--prompts", str(prompts),
                        "--gamma", "3", "--max-new-tokens", "10", "--device", "cpu", "--dtype", "float32",
                        "--tree", "[[0],[1],[0,0],[0,1],[0,0,0]]", "--tree", "default", "--untrimmed",
-                       "--also-gamma", "2", "--out", str(res_path)]) == 0
-    rows = json.loads(res_path.read_text())["sets"]["prompts"]["rows"]
+                       "--also-gamma", "2", "--repeats", "2", "--out", str(res_path)]) == 0
+    res = json.loads(res_path.read_text())
+    rows = res["sets"]["prompts"]["rows"]
+    assert res["repeats"] == 2
     other = next(r for r in rows if r["row"] == "self k2 gamma=2")  # the same head at another draft length
     assert other["gamma"] == 2 and len(other["speculative"]["drafted"]) == 2 and other["identical_prompts"] == 2
     full = next(r for r in rows if r["row"] == "self k2 untrimmed")  # the same head over every LM row

@@ -19,7 +19,8 @@
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
 #          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's,
-#          UNTRIMMED= the untrimmed head's; ALSO_GAMMA=3 adds the default head at that draft length)
+#          UNTRIMMED= the untrimmed head's; ALSO_GAMMA=3 adds the default head at that draft length;
+#          REPEATS=3 times every prompt 3 times a row and keeps the median run)
 #   five-more  after five: k1 drafting trees of depth 2 and 3, and the k1 / k2 rows again with k1 at γ = 3
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
@@ -98,7 +99,7 @@ case $1 in
     timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 $OLD \
       --self-spec /tmp/out/self-spec-five ${UNTRIMMED---untrimmed} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
-      ${HF---hf-assisted} "${TREE_ARGS[@]}" ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} --out $R/${NAME:-five-bench}.json 2>&1 \
+      ${HF---hf-assisted} "${TREE_ARGS[@]}" ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} ${REPEATS:+--repeats $REPEATS} --out $R/${NAME:-five-bench}.json 2>&1 \
       | grep -e "^\[" -e Error | cut -c1-300;;
   five-more)  # after `five`, two more processes on the same exports: trees of depth 2 and 3 for k1, and
     # a repeat of the k1 / k2 rows with k1 at γ 3 (the spread between processes; five-c's README)

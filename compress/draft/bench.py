@@ -63,9 +63,25 @@ def teacher_forced(target, drafter, prompts, outputs, gamma: int) -> dict:
             "tau_teacher_forced": sum(r["tokens"] for r in runs) / sum(r["rounds"] for r in runs)}
 
 
-def time_target(decoder, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, pad_to: int | None = None) -> dict:
-    """The target alone on every prompt: outputs, tokens/s and the mean decode-step seconds."""
-    runs = [run_target(decoder, p, max_new_tokens, pad_to=pad_to) for p in prompts]
+def median_run(run, repeats: int = 1):
+    """``run()`` ``repeats`` times; the run of median wall time. A row times ~1,000 tokens in ~2 s, where a
+    few ms of host or clock jitter show (up to 0.18× between processes on the H200,
+    bench/results/draft/h200-selfspec-five-c/README.md); the median of a few runs of each prompt damps it.
+    The runs must decode the same tokens (greedy, or sampling with its seed): else a CompressError."""
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise CompressError(f"repeats must be an integer >= 1, got {repeats!r}")
+    runs = [run() for _ in range(repeats)]
+    if any(r.tokens.tolist() != runs[0].tokens.tolist() for r in runs[1:]):
+        raise CompressError("repeated runs of one prompt decoded different tokens: the decoding is not "
+                            "deterministic, so its timings cannot be pooled")
+    return sorted(runs, key=lambda r: r.wall_time_s)[(repeats - 1) // 2]
+
+
+def time_target(decoder, prompts: Sequence[torch.Tensor], max_new_tokens: int, *, pad_to: int | None = None,
+                repeats: int = 1) -> dict:
+    """The target alone on every prompt (each the median of ``repeats`` runs): outputs, tokens/s and the
+    mean decode-step seconds."""
+    runs = [median_run(lambda: run_target(decoder, p, max_new_tokens, pad_to=pad_to), repeats) for p in prompts]
     n, wall = sum(r.new_tokens for r in runs), sum(r.wall_time_s for r in runs)
     steps, step_s = sum(r.target_calls for r in runs), sum(r.target_time_s for r in runs)
     return {"runs": runs, "tokens_per_s": n / wall, "new_tokens": n, "wall_s": wall,
@@ -73,8 +89,10 @@ def time_target(decoder, prompts: Sequence[torch.Tensor], max_new_tokens: int, *
             "pad_to": pad_to}
 
 
-def time_speculative(target, drafter, prompts, max_new_tokens: int, gamma: int, **kw) -> dict:
-    runs = [run_speculative(target, drafter, p, max_new_tokens=max_new_tokens, gamma=gamma, **kw) for p in prompts]
+def time_speculative(target, drafter, prompts, max_new_tokens: int, gamma: int, *, repeats: int = 1, **kw) -> dict:
+    """Speculative decoding of every prompt, each the median of ``repeats`` runs (``median_run``)."""
+    runs = [median_run(lambda: run_speculative(target, drafter, p, max_new_tokens=max_new_tokens, gamma=gamma, **kw),
+                       repeats) for p in prompts]
     return {"runs": runs}
 
 
@@ -182,11 +200,13 @@ def _cudagraph_counters() -> dict:
 
 def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int = 128,
                 confidence_threshold: float | None = None, calibrator=None, teacher_drafter=None,
-                target_model=None, hf_baseline: bool = False, matched: bool = True, tree: bool = False) -> dict:
+                target_model=None, hf_baseline: bool = False, matched: bool = True, tree: bool = False,
+                repeats: int = 1) -> dict:
     """Time the target alone (decoder ``target``) and speculative decoding with ``drafter`` (a decoder
     or a drafter) on the same prompts; see the module docstring. ``teacher_drafter`` / ``target_model``:
     the two as models, for the teacher-forced numbers (skipped when absent). ``tree``: the self-drafter
-    pair drafts its static tree (γ is the tree's depth; the matched reference pads to the tree's rows)."""
+    pair drafts its static tree (γ is the tree's depth; the matched reference pads to the tree's rows).
+    ``repeats``: every timed prompt is the median of that many runs (``median_run``)."""
     pad = gamma + 1
     if tree:
         gamma, pad = target.tree.max_depth, target.tree.size + 1
@@ -204,11 +224,12 @@ def draft_bench(target, drafter, prompts, *, gamma: int = 4, max_new_tokens: int
     run_target(target, prompts[0], 4)
     if matched:
         run_target(target, prompts[0], 4, pad_to=pad)
-    alone = time_target(target, prompts, max_new_tokens)
-    ref = time_target(target, prompts, max_new_tokens, pad_to=pad) if matched else None
-    spec = time_speculative(target, drafter, prompts, max_new_tokens, gamma, **stop)
+    alone = time_target(target, prompts, max_new_tokens, repeats=repeats)
+    ref = time_target(target, prompts, max_new_tokens, pad_to=pad, repeats=repeats) if matched else None
+    spec = time_speculative(target, drafter, prompts, max_new_tokens, gamma, repeats=repeats, **stop)
     row = spec_row(spec, alone, ref, gamma)
     result = {"gamma": gamma, "max_new_tokens": max_new_tokens, "prompts": len(prompts), "device": str(target.device),
+              "repeats": repeats,
               "confidence_threshold": confidence_threshold,
               "calibrator": None if calibrator is None else (
                   calibrator.describe() if hasattr(calibrator, "describe") else repr(calibrator)),
