@@ -159,7 +159,8 @@ class SelfSpecPair:
     def _positions(self, start: int, n: int) -> torch.Tensor:
         # a view of the engine's slot indices: no kernel launch on the host's per-round path
         if not 0 <= start <= start + n <= self.engine.max_len:
-            raise CompressError(f"internal: positions {start}..{start + n - 1} outside the engine's {self.engine.max_len}")
+            raise CompressError(f"internal: positions {start}..{start + n - 1} outside the engine's "
+                                f"{self.engine.max_len}")
         return self.engine.slots[start:start + n]
 
     def _run(self, key, fn, *inputs):
@@ -265,7 +266,7 @@ class _Drafter:
 
     def record_catch_ups(self, depth: int) -> None:
         """Record the catch-up programs for every count of accepted drafts a round can leave (1..``depth``):
-        alone (a deep head's), and fused with a greedy round of every budget 1..``depth``. Which counts a
+        alone (a deep head's), and fused with a greedy linear round of every budget 1..``depth``. Which counts a
         warm-up run meets depends on its acceptance, and one met first in a timed run is a graph capture
         (and a compile for a new row count) charged to that run. It writes state at positions 1..2·depth
         only, which every later sequence rewrites before reading (positions run in order, each attending
@@ -277,7 +278,7 @@ class _Drafter:
         for n in range(1, depth + 1):
             if p.deep:
                 p._run(("head-kv", n), self._kv_program(), p._positions(1, n))
-            for budget in range(1, depth + 1):
+            for budget in range(1, depth + 1 if p.tree is None else 1):  # a tree pair is warmed for tree rounds
                 self._fused_round(1, n, token, budget)
 
     def _fused_round(self, start: int, n: int, feed: torch.Tensor, budget: int) -> torch.Tensor:
