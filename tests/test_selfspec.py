@@ -270,3 +270,6 @@ def test_gpu_compiled_graphs_self_drafter_is_identical_to_the_matched_reference(
                                   confidence_threshold=threshold, pad_verify=True)
             assert got.tokens.tolist() == ref
     assert pair.drafter.rounds_fused > 0 and pair.graphs.enabled and pair.graphs.error is None
+    # prefills ran padded to their buckets as recorded graphs of their own (engine.prefill_bucket)
+    assert pair.prefill_buckets and pair.prefill_graphs.enabled and pair.prefill_graphs.error is None
+    assert {k[0] for k in pair.prefill_graphs._graphs} >= {"shallow", "deep"}

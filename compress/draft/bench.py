@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 
 from compress.draft.agreement import replay_greedy_rounds, score_positions
-from compress.draft.loop import as_drafter, run_speculative, run_target
+from compress.draft.loop import DraftRule, as_drafter, run_speculative, run_target
 from compress.draft.speculative import SpecResult, as_prompt, check_gamma
 from compress.errors import CompressError
 
@@ -100,7 +100,9 @@ def warm_prefills(target, prompts, drafter=None) -> None:
     """Prefill every prompt once, untimed. A prefill runs eagerly at the prompt's own length, and the
     first pass at a new length pays one-time costs (allocator growth, kernel selection: 35-100 ms a
     prompt on an H200) that would otherwise land in whichever loop is timed first — the H200 run of
-    2026-12-02 charged them to the target alone (bench/results/draft/h200-selfspec/README.md)."""
+    2026-12-02 charged them to the target alone (bench/results/draft/h200-selfspec/README.md). With
+    prefill buckets (engine.prefill_bucket) this records each bucket's graphs. A drafter also drafts
+    one token after the prefill: a deep self-spec head catches up over the prompt there."""
     drafter = None if drafter is None else as_drafter(drafter)
     with torch.no_grad():
         for p in prompts:
@@ -111,6 +113,8 @@ def warm_prefills(target, prompts, drafter=None) -> None:
                 drafter.prefill(p[:-1])
             target.reset()
             target(p[:-1], 1)
+            if drafter is not None:
+                drafter.draft(p[drafter.length:], 1, DraftRule())
 
 
 def warm_up(target, drafter, prompt: torch.Tensor, gamma: int, **kw) -> None:

@@ -18,6 +18,8 @@ fixed order of plain tensor ops, so the same code runs on every transformers 5.x
 - ``compile=True`` compiles the per-layer function once per (rows, layer shape) — every layer
   of a model shares the compiled code, whatever range it runs in — and ``graphs=True`` (CUDA)
   records each named step program as a CUDA graph of our own on first use (``StepGraphs``).
+- Prefills run the eager layers (no prompt length compiles anything); with graphs they are padded
+  to one of a few row counts (``prefill_bucket``) and replayed as graphs of those eager layers.
 
 Numerics: a token's hidden state depends on the row count M of the pass that computed it only
 through the kernels that M selects (GEMM tiling, attention blocking); rows of one pass never mix.
@@ -41,7 +43,8 @@ from compress.errors import CompressError
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
-GRAPH_ROWS = 16  # passes of at most this many rows are compiled and recorded; longer ones (prefills) run eagerly
+GRAPH_ROWS = 16  # passes of at most this many rows are compiled and recorded; longer ones (prefills) run eager layers
+PREFILL_BUCKETS = (32, 64, 128, 256, 512)  # prefill row counts recorded as graphs of the eager layers
 _ACTS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
          "relu": F.relu}
 
@@ -257,6 +260,26 @@ class BlockEngine:
         return self.lm_head(self.norm(h))
 
 
+def prefill_bucket(rows: int, start: int, room: int) -> int | None:
+    """The row count a prefill of ``rows`` rows written from ``start`` is padded to: the smallest of
+    ``PREFILL_BUCKETS`` that holds it, so five recorded graphs serve every prompt length. An eager
+    prefill of the 1.5B spends ~25 ms on the host launching ~1,000 small kernels (12% of a bench row's
+    wall time on the H200, bench/results/draft/h200-selfspec-five-c/README.md); replayed, its kernels
+    run back to back. The padding rows (the last id again, at the next positions) write keys and
+    values past the prompt, which the next passes overwrite before any row reads them (positions are
+    explicit; a row reads only slots at or before its own). None: no bucket fits below ``room``
+    positions, or the prompt is longer than the largest: run it unpadded."""
+    for b in PREFILL_BUCKETS:
+        if rows <= b:
+            return b if start + b <= room else None
+    return None
+
+
+def pad_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """``ids`` [n] padded to ``rows`` by repeating its last id."""
+    return torch.cat([ids, ids[-1:].expand(rows - ids.numel())]) if rows > ids.numel() else ids
+
+
 class StepGraphs:
     """Named step programs, each recorded once per key as a CUDA graph of our own and replayed.
 
@@ -312,13 +335,19 @@ class EngineDecoder:
     """A whole model on the block engine, as compress/draft/loop.py's decoder (target or drafter).
 
     Rows of a call are written at positions ``length ..``; ``pad_to`` P runs the pass with P rows
-    (the extra rows repeat the last id, at the next positions; later calls overwrite their KV)."""
+    (the extra rows repeat the last id, at the next positions; later calls overwrite their KV).
+    ``prefill_buckets`` (default: with graphs) pads a prefill to a bucket's rows (``prefill_bucket``)
+    and replays it as a recorded graph of the eager layers (its own ``StepGraphs``: a failed capture
+    there leaves the decode graphs on)."""
 
-    def __init__(self, engine: BlockEngine, *, graphs: bool = False, name: str = "model"):
+    def __init__(self, engine: BlockEngine, *, graphs: bool = False, name: str = "model",
+                 prefill_buckets: bool | None = None):
         self.engine, self.name = engine, name
         self.device = engine.device
         self.context = engine.max_len
         self.graphs = StepGraphs(engine.device, graphs)
+        self.prefill_graphs = StepGraphs(engine.device, graphs)
+        self.prefill_buckets = bool(graphs) if prefill_buckets is None else bool(prefill_buckets)
         self.length = 0
 
     def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
@@ -341,8 +370,16 @@ class EngineDecoder:
             # rows are kept (a 1-row GEMM can round differently from an n-row one)
             return self.engine.final(h).float()[first:real]
 
+        bucket = None if not self.prefill_buckets else prefill_bucket(n, self.length, self.engine.max_len)
         if self.length > 0 and n <= GRAPH_ROWS:
             logits = self.graphs.run(("full", n, first, real), program, ids, positions).clone()
+        elif bucket is not None:  # a prefill, padded to its bucket, replayed (no compile: eager layers)
+            def states(ids_, pos_):
+                return self.engine.run_layers(self.engine.embed(ids_), pos_, 0, self.engine.num_layers)
+            with self.engine.eager():
+                h = self.prefill_graphs.run(("prefill", bucket), states, pad_rows(ids, bucket),
+                                            self.engine.slots[self.length:self.length + bucket])
+                logits = self.engine.final(h[first:real]).float()
         else:  # a prefill: eager and uncompiled, so no prompt length compiles anything
             with self.engine.eager():
                 logits = program(ids, positions)

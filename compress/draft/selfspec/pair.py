@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import torch
 
-from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms
+from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms, pad_rows, prefill_bucket
 from compress.draft.loop import DraftRule, draft_by_steps
 from compress.draft.selfspec.head import ExitHead
 from compress.draft.selfspec.tree import TreeBuffers, as_tree, tree_draft, tree_verify
@@ -56,7 +56,8 @@ def head_tensors(head: ExitHead, dtype: torch.dtype, device) -> tuple[LayerTenso
 class SelfSpecPair:
     """The shared state; ``.drafter`` and ``.target`` are its two views for the loop."""
 
-    def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False, tree=None):
+    def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False, tree=None,
+                 prefill_buckets: bool | None = None):
         self.deep = getattr(head, "wf", None) is not None
         if head.fingerprint["num_hidden_layers"] != engine.num_layers:
             raise CompressError(f"the head was trained for a {head.fingerprint['num_hidden_layers']}-block target, "
@@ -72,6 +73,10 @@ class SelfSpecPair:
         self.wf = head.wf.detach().to(device=e.device, dtype=e.dtype) if self.deep else None
         self.final = torch.zeros_like(self.hidden) if self.deep else None
         self.graphs = StepGraphs(e.device, graphs)
+        # prefills padded to a bucket's rows and replayed (engine.prefill_bucket); their own graphs, so a
+        # failed capture there leaves the decode graphs on
+        self.prefill_graphs = StepGraphs(e.device, graphs)
+        self.prefill_buckets = bool(graphs) if prefill_buckets is None else bool(prefill_buckets)
         self.shallow_len = self.head_len = self.deep_len = 0
         self.shallow_rows = {"drafter": 0, "verifier": 0}  # since the last reset (one sequence)
         self.shallow_total = {"drafter": 0, "verifier": 0}  # since construction
@@ -135,14 +140,18 @@ class SelfSpecPair:
             self.final.index_copy_(0, slots, state)
         return torch.nn.functional.linear(state, self.lm_rows).float()
 
-    def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
+    def _deep_states(self, pos: torch.Tensor) -> torch.Tensor:
+        """The deep blocks on the rows at ``pos`` (reading h_k from the buffer) and the final norm: the
+        states the LM head reads, kept in ``final`` for a deep head."""
         e = self.engine
-        h = e.run_layers(self.hidden[pos], pos, self.k, e.num_layers)
-        if self.final is None:
-            return e.final(h).float()[first:real]  # all rows: a row's logits never depend on `keep`
-        state = e.norm(h)  # engine.final(h) = lm_head(norm(h)), split to keep the final states
-        self.final.index_copy_(0, pos, state)
-        return e.lm_head(state).float()[first:real]
+        state = e.norm(e.run_layers(self.hidden[pos], pos, self.k, e.num_layers))
+        if self.final is not None:
+            self.final.index_copy_(0, pos, state)
+        return state
+
+    def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
+        # the head over all rows: a row's logits never depend on `keep` (engine.final = lm_head(norm(h)))
+        return self.engine.lm_head(self._deep_states(pos)).float()[first:real]
 
     def _round(self, tok: torch.Tensor, pos0: torch.Tensor, gamma: int) -> torch.Tensor:
         """γ greedy drafts [γ] from ``tok`` at position pos0 (the argmax of the logits: a fused round reads
@@ -156,6 +165,15 @@ class SelfSpecPair:
             drafts.append(tok)
         return torch.cat(drafts)
 
+    def _bucket(self, start: int, n: int) -> int | None:
+        """A prefill's padded row count (engine.prefill_bucket), below the tree's scratch slots; None: unpadded."""
+        return prefill_bucket(n, start, self.context) if self.prefill_buckets else None
+
+    def _prefill(self, key, fn, *inputs):
+        """A padded prefill program, replayed from its own graphs; the eager layers (no compile)."""
+        with self.engine.eager():
+            return self.prefill_graphs.run(key, fn, *inputs)
+
     def _positions(self, start: int, n: int) -> torch.Tensor:
         # a view of the engine's slot indices: no kernel launch on the host's per-round path
         if not 0 <= start <= start + n <= self.engine.max_len:
@@ -165,7 +183,8 @@ class SelfSpecPair:
 
     def _run(self, key, fn, *inputs):
         """A program as a recorded graph for decode-sized passes; prefills (the first call of a
-        sequence, or many rows) run eagerly and uncompiled, so no prompt length compiles anything."""
+        sequence, or many rows) run eagerly and uncompiled, so no prompt length compiles anything
+        (the callers pad a prefill to a bucket and replay it through ``_prefill`` where one fits)."""
         if key[1] <= GRAPH_ROWS and self.deep_len > 0:
             return self.graphs.run(key, fn, *inputs)
         with self.engine.eager():
@@ -176,8 +195,13 @@ class SelfSpecPair:
         skip = max(self.shallow_len - start, 0)
         todo = ids[skip:]
         if todo.numel():
-            pos = self._positions(start + skip, todo.numel())
-            self._run(("shallow", todo.numel()), self._shallow, todo, pos)
+            n = todo.numel()
+            bucket = None if n <= GRAPH_ROWS and self.deep_len > 0 else self._bucket(start + skip, n)
+            if bucket is None:
+                self._run(("shallow", n), self._shallow, todo, self._positions(start + skip, n))
+            else:  # a prefill's rows
+                self._prefill(("shallow", bucket), self._shallow, pad_rows(todo, bucket),
+                              self._positions(start + skip, bucket))
             self.shallow_rows[who] += todo.numel()
             self.shallow_total[who] += todo.numel()
             self.shallow_len = start + ids.numel()
@@ -256,12 +280,14 @@ class _Drafter:
         start = self.length
         p.shallow_upto(feed, start, "drafter")
         n = feed.numel()
-        pos = p._positions(start, n)
-        if start == 0:  # over the prompt: a prefill, eager, so no prompt length records a graph
+        bucket = p._bucket(start, n) if start == 0 or n > GRAPH_ROWS else None
+        if bucket is not None:  # over the prompt: a prefill, padded to its bucket and replayed
+            p._prefill(("head-kv", bucket), self._kv_program(), p._positions(start, bucket))
+        elif start == 0:  # over the prompt: a prefill, eager, so no prompt length records a graph
             with p.engine.eager():
-                self._kv_program()(pos)
+                self._kv_program()(p._positions(start, n))
         else:
-            p._run(("head-kv", n), self._kv_program(), pos)
+            p._run(("head-kv", n), self._kv_program(), p._positions(start, n))
         p.head_len = start + n
 
     def record_catch_ups(self, depth: int) -> None:
@@ -299,8 +325,8 @@ class _Drafter:
     def prefill(self, ids: torch.Tensor) -> None:
         if self.pair.deep:  # no final state exists yet: the head catches up at the first draft
             self.pair.shallow_upto(ids, 0, "drafter")
-        else:
-            self._step(ids)
+        else:  # the head's keys and values of the prompt: the head layer's own first part, no logits
+            self._catch_up(ids)
 
     def draft(self, feed: torch.Tensor, budget: int, rule: DraftRule):
         p = self.pair
@@ -408,9 +434,14 @@ class _Verifier:
             raise CompressError("internal: shallow state behind the deep state")  # the loop never does this
         p.shallow_upto(ids, start, "verifier")
         # padding rows read whatever h the buffer holds there: their rows never touch the real ones
-        pos = p._positions(start, n)
         first = real - keep
-        logits = p._run(("deep", n, first, real), lambda pos_: p._deep(pos_, first, real), pos).clone()
+        bucket = None if n <= GRAPH_ROWS and p.deep_len > 0 else p._bucket(start, n)
+        if bucket is None:
+            logits = p._run(("deep", n, first, real), lambda pos_: p._deep(pos_, first, real),
+                            p._positions(start, n)).clone()
+        else:  # a prefill, padded to its bucket: the LM head on the kept rows only, after the replay
+            states = p._prefill(("deep", bucket), p._deep_states, p._positions(start, bucket))
+            logits = p.engine.lm_head(states[first:real]).float()
         p.deep_len = start + n
         return logits
 
