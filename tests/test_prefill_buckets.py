@@ -43,7 +43,7 @@ def test_the_self_drafter_with_padded_prefills_is_identical_to_its_reference(con
     kw = dict(tree=True) if tree else dict(pad_verify=True)
     gamma = pair.tree.max_depth if tree else 3
     pad = pair.tree.size + 1 if tree else gamma + 1
-    for prompt in _prompts():
+    for prompt in _prompts() + [_prompts()[0][:1]]:  # and a one-token prompt: no prefill, a bucketed first step
         ref = run_target(pair.target, prompt, NEW, pad_to=pad).tokens.tolist()
         got = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=gamma, **kw)
         assert got.tokens.tolist() == ref

@@ -435,7 +435,8 @@ class _Verifier:
         p.shallow_upto(ids, start, "verifier")
         # padding rows read whatever h the buffer holds there: their rows never touch the real ones
         first = real - keep
-        bucket = None if n <= GRAPH_ROWS and p.deep_len > 0 else p._bucket(start, n)
+        # a prefill is bucketed; a padded call (pad_to: a verify pass and its matched reference) keeps its rows
+        bucket = None if n <= GRAPH_ROWS and (p.deep_len > 0 or pad_to) else p._bucket(start, n)
         if bucket is None:
             logits = p._run(("deep", n, first, real), lambda pos_: p._deep(pos_, first, real),
                             p._positions(start, n)).clone()
