@@ -74,3 +74,6 @@ def test_greedy_acceptance_in_one_read_agrees_with_the_rule(seed):
         n, nxt = verify_greedy(argmax, drafts)
         m, new, host = accept_greedy(logits, drafts)
         assert m == n and new.tolist() == host == drafts[:n].tolist() + [int(nxt)]
+        # the rule itself, written out: the first disagreement ends the accepted prefix
+        want = next((i for i in range(k) if int(drafts[i]) != int(argmax[i])), k)
+        assert n == want and int(nxt) == int(argmax[want])

@@ -8,7 +8,7 @@ from typing import Iterable
 import torch
 
 from compress.draft.loop import run_speculative, run_target
-from compress.draft.speculative import Calibrator, SpecResult, context_length, model_device
+from compress.draft.speculative import Calibrator, SpecResult, context_length, model_device, pad_rows
 
 
 class EagerDecoder:
@@ -24,8 +24,8 @@ class EagerDecoder:
     def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
         ids = ids.to(self.device)
         real = ids.numel()
-        if pad_to is not None and pad_to > real:  # padding rows repeat the last id; their results are dropped
-            ids = torch.cat([ids, ids[-1:].expand(pad_to - real)])
+        if pad_to is not None:  # padding rows repeat the last id; their results are dropped
+            ids = pad_rows(ids, pad_to)
         n = ids.numel()
         out = self.model(input_ids=ids[None], past_key_values=self.cache, use_cache=True,
                          logits_to_keep=n - real + keep)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.draft.fast import raise_recompile_limit
+from compress.draft.speculative import pad_rows
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -275,11 +276,6 @@ def prefill_bucket(rows: int, start: int, room: int) -> int | None:
     return None
 
 
-def pad_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
-    """``ids`` [n] padded to ``rows`` by repeating its last id."""
-    return torch.cat([ids, ids[-1:].expand(rows - ids.numel())]) if rows > ids.numel() else ids
-
-
 class StepGraphs:
     """Named step programs, each recorded once per key as a CUDA graph of our own and replayed.
 
@@ -353,38 +349,39 @@ class EngineDecoder:
     def __call__(self, ids: torch.Tensor, keep: int = 1, pad_to: int | None = None) -> torch.Tensor:
         ids = ids.to(self.device).reshape(-1)
         real = ids.numel()
-        if pad_to is not None and pad_to > real:
-            ids = torch.cat([ids, ids[-1:].expand(pad_to - real)])
+        if pad_to is not None:
+            ids = pad_rows(ids, pad_to)
         n = ids.numel()
         if not 1 <= keep <= real:
             raise CompressError(f"{self.name}: feed at least one token and keep 1..{real} positions (keep={keep})")
         if self.length + n > self.engine.max_len:
             raise CompressError(f"{self.name}: {self.length} cached + {n} new tokens exceed the engine's "
                                 f"{self.engine.max_len} positions; size it for prompt + new tokens (+ γ when padding)")
-        positions = torch.arange(self.length, self.length + n, device=self.device)
+        positions = self.engine.slots[self.length:self.length + n]  # a view: no kernel launch per step
         first = real - keep  # the kept rows: real - keep .. real - 1
 
+        def states(ids_, pos_):
+            return self.engine.run_layers(self.engine.embed(ids_), pos_, 0, self.engine.num_layers)
+
         def program(ids_, pos_):
-            h = self.engine.run_layers(self.engine.embed(ids_), pos_, 0, self.engine.num_layers)
             # the head over every row, then the kept ones: a row's logits must not depend on how many
             # rows are kept (a 1-row GEMM can round differently from an n-row one)
-            return self.engine.final(h).float()[first:real]
+            return self.engine.final(states(ids_, pos_)).float()[first:real]
 
+        if self.length > 0 and n <= GRAPH_ROWS:
+            logits = self.graphs.run(("full", n, first, real), program, ids, positions).clone()
+            self.length += n
+            return logits
         # a prefill is bucketed; a padded call (pad_to: a verify pass and its matched reference) keeps its rows
         bucket = (prefill_bucket(n, self.length, self.engine.max_len)
                   if self.prefill_buckets and not (pad_to and n <= GRAPH_ROWS) else None)
-        if self.length > 0 and n <= GRAPH_ROWS:
-            logits = self.graphs.run(("full", n, first, real), program, ids, positions).clone()
-        elif bucket is not None:  # a prefill, padded to its bucket, replayed (no compile: eager layers)
-            def states(ids_, pos_):
-                return self.engine.run_layers(self.engine.embed(ids_), pos_, 0, self.engine.num_layers)
-            with self.engine.eager():
+        with self.engine.eager():  # a prefill: the eager layers, so no prompt length compiles anything
+            if bucket is None:
+                logits = program(ids, positions)
+            else:  # padded to its bucket and replayed
                 h = self.prefill_graphs.run(("prefill", bucket), states, pad_rows(ids, bucket),
                                             self.engine.slots[self.length:self.length + bucket])
                 logits = self.engine.final(h[first:real]).float()
-        else:  # a prefill: eager and uncompiled, so no prompt length compiles anything
-            with self.engine.eager():
-                logits = program(ids, positions)
         self.length += n
         return logits
 

@@ -148,30 +148,40 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0,
     return probs
 
 
+def pad_rows(ids: torch.Tensor, rows: int) -> torch.Tensor:
+    """``ids`` [n] padded to ``rows`` by repeating its last id (padding rows of a pass, whose results
+    are thrown away)."""
+    return torch.cat([ids, ids[-1:].expand(rows - ids.numel())]) if rows > ids.numel() else ids
+
+
 def pad_vocab(probs: torch.Tensor, size: int) -> torch.Tensor:
     """Zero probability for ids a model's head does not have (heads padded to different sizes)."""
     extra = size - probs.shape[-1]
     return probs if extra <= 0 else torch.nn.functional.pad(probs, (0, extra))
 
 
+def _greedy_prefix(target_argmax: torch.Tensor, drafts: torch.Tensor) -> tuple[int, list[int]]:
+    """(accepted count n, the target's argmax ids 0..n) with ONE device-to-host read."""
+    k = drafts.numel()
+    both = torch.cat([target_argmax[:k + 1], drafts.to(target_argmax.dtype)]).tolist()
+    wanted, drafted = both[:k + 1], both[k + 1:]
+    n = next((i for i in range(k) if drafted[i] != wanted[i]), k)
+    return n, wanted[:n + 1]
+
+
 def verify_greedy(target_argmax: torch.Tensor, drafts: torch.Tensor) -> tuple[int, torch.Tensor]:
     """target_argmax [γ+1], drafts [γ] -> (accepted count n, next token = target_argmax[n])."""
-    gamma = drafts.numel()
-    mismatch = (drafts != target_argmax[:gamma]).nonzero()
-    n = int(mismatch[0, 0]) if mismatch.numel() else gamma
+    n, _ = _greedy_prefix(target_argmax, drafts)
     return n, target_argmax[n]
 
 
 def accept_greedy(logits: torch.Tensor, drafts: torch.Tensor) -> tuple[int, torch.Tensor, list[int]]:
-    """Greedy acceptance with ONE device-to-host read per round: logits [k+1, V], drafts [k] ->
-    (n accepted, the new tokens [n+1] on the device, the same ids on the host). The accepted drafts
-    equal the target's argmax there, so the new tokens are the argmax's first n + 1."""
+    """Greedy acceptance in one read per round: logits [k+1, V], drafts [k] -> (n accepted, the new
+    tokens [n+1] on the device, the same ids on the host). The accepted drafts equal the target's
+    argmax there, so the new tokens are the argmax's first n + 1."""
     target_argmax = logits.argmax(-1)
-    k = drafts.numel()
-    both = torch.cat([target_argmax, drafts.to(target_argmax.dtype)]).tolist()
-    wanted, drafted = both[:k + 1], both[k + 1:]
-    n = next((i for i in range(k) if drafted[i] != wanted[i]), k)
-    return n, target_argmax[:n + 1], wanted[:n + 1]
+    n, host = _greedy_prefix(target_argmax, drafts)
+    return n, target_argmax[:n + 1], host
 
 
 def verify_sampled(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,

@@ -39,10 +39,11 @@ from __future__ import annotations
 
 import torch
 
-from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms, pad_rows, prefill_bucket
+from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms, prefill_bucket
 from compress.draft.loop import DraftRule, draft_by_steps
 from compress.draft.selfspec.head import ExitHead
 from compress.draft.selfspec.tree import TreeBuffers, as_tree, tree_draft, tree_verify
+from compress.draft.speculative import pad_rows
 from compress.errors import CompressError
 
 
