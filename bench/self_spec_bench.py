@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--also-gamma", type=int, action="append", default=[],
-                    help="more draft lengths for the export's default head (linear rows, no stop); repeatable")
+                    help="more draft lengths for the export's default head, or the first of --heads without it "
+                         "(linear rows, no stop); repeatable")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=1,
                     help="time every prompt this many times per row and keep the median run (damps jitter)")
@@ -198,8 +199,8 @@ def main(argv=None) -> int:
         outputs = [r.tokens for r in alone["runs"]]
         for name, (tdec, ddec, teacher, cal) in pairs.items():
             default = name == result["self_spec"]["default"]
-            threshold = result["self_spec"]["confidence_threshold"]
-            variants = [(None, gamma)] + ([(threshold, gamma)] if default and threshold is not None else [])
+            stop_at = result["self_spec"]["confidence_threshold"]
+            variants = [(None, gamma)] + ([(stop_at, gamma)] if default and stop_at is not None else [])
             variants += [(None, g) for g in args.also_gamma if name == base and g != gamma]
             for threshold, g in variants:
                 kw = dict(confidence_threshold=threshold, calibrator=cal if threshold is not None else None,
@@ -212,7 +213,7 @@ def main(argv=None) -> int:
                 spec = time_speculative(tdec, ddec, prompts, n_new, g, repeats=reps, **kw)
                 label = f"self {name}" + ("" if threshold is None else f" stop@{threshold}") + \
                     ("" if g == gamma else f" gamma={g}")
-                row = _row(label, spec, alone, matched, g, {"exit_layer": heads[name][0].exit_layer, "gamma": g,
+                row = _row(label, spec, alone, matched, g, {"exit_layer": heads[name][0].exit_layer,
                                                             "vocab_size": heads[name][0].vocab_size, "threshold": threshold,
                                                             "shallow_rows": {k: v - before[k] for k, v in
                                                                              ddec.pair.shallow_total.items()},
