@@ -127,6 +127,29 @@ def test_pack_calls_fills_calls_first_fit_and_refuses_what_cannot_fit():
         stage.pack_calls([("big", 61 * mib)], budget=60 * mib)
 
 
+def _git_tree(tmp_path, tracked_bytes):
+    repo = tmp_path / "repo"
+    repo.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "big.bin").write_bytes(b"\0" * tracked_bytes)
+    return repo
+
+
+def test_the_default_chunk_is_the_largest_that_fits_beside_the_working_tree(tmp_path):
+    mib = stage.MiB
+    assert stage.largest_chunk_bytes(_git_tree(tmp_path / "small", 1000)) == 57 * mib  # the 60 MB cap
+    repo = _git_tree(tmp_path / "grown", 10 * mib)  # a tree that grew past 6 MiB: 57 MiB no longer fits
+    chunk = stage.largest_chunk_bytes(repo)
+    assert chunk == 52 * mib
+    budget = stage.CALL_LIMIT - stage.tree_bytes(repo) - mib  # plan()'s budget
+    folder = chunk + 4096  # a chunk folder: the chunk and its manifest copy
+    assert stage.pack_calls([("p01", folder)], budget) == [["p01"]]
+    with pytest.raises(stage.StageError, match="does not fit"):
+        stage.pack_calls([("p01", chunk + mib + 4096)], budget)  # one MiB more would not
+    with pytest.raises(stage.StageError, match="no room for a chunk"):
+        stage.largest_chunk_bytes(_git_tree(tmp_path / "full", 63 * mib))
+
+
 @pytest.mark.skipif(shutil.which("python3") is None, reason="gpu_setup.sh runs python3")
 def test_gpu_setup_stage_adds_carried_chunks_and_joins_once_complete(source, tmp_path):
     """The GPU-side script over two calls: each sees only what it carried in .stage/."""

