@@ -25,12 +25,15 @@
 #               in a hold of its own (no resume: 80 finished blocks, 136 GB, would not fit the disk); drops the 8B
 #               and 14B folders first
 #   host8b      write8b and ours8b, then the streaming GPU tests: the host-memory changes made after the ninth
-#               session (first shard written a slice at a time, the embedding kept on the GPU), ~4 min
+#               session (first shard written a slice at a time, the embedding kept on the GPU), ~4 min. The tests
+#               read the BBC corpus: carry .stage/pkgs once before (`bash bench/device/gpu_setup.sh stage`)
 #   chain       write8b, ours8b, peer8b, then ours70b at 80 blocks, one after another, under bg.sh (17 min on
 #               2026-12-03: 73 + 78 + 198 + 645 s; bench/results/scale/h200-2026-12-03-chain/)
 # Calibration: N x L random token ids (default 128 x 2048; N=32 L=2048 if a phase does not fit).
 set -uo pipefail
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# the cache gpu_setup.sh stages into: the GPU tests of host8b calibrate on the BBC corpus (.stage/pkgs)
+export COMPRESS_CACHE=${COMPRESS_CACHE:-/tmp/compress-cache} PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 \
+  TOKENIZERS_PARALLELISM=false
 R=/tmp/results; S=/tmp/scale; mkdir -p $R $S
 N=${N:-128} L=${L:-2048} T=${PHASE_TIMEOUT:-560} LAYERS70=${LAYERS70:-16}
 [ -d /tmp/site/pydantic ] || bash bench/device/gpu_setup.sh install >/dev/null 2>&1 || echo "setup: wheels not installed (carry .whl)"
