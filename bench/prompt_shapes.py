@@ -9,6 +9,8 @@ target. Also the share of continuation tokens that close a 4-gram seen earlier i
 repeats). Kinds, per corpus and its bench prompt file:
   window_starts  the first P tokens of validation windows (what the recipe's held-out generations use)
   unit_ends      P tokens ending after a docstring or a paragraph (generation_prompts: unit_ends)
+  units          a function's header and docstring alone, an article's title and first paragraph, up to P
+                 tokens (generation_prompts: units)
   bench          the draft bench's own prompts (bench/draft_bench_prompts/), each alone
 
     python bench/prompt_shapes.py --model qwen2.5-coder-0.5b --out bench/results/draft/prompt-shapes-cpu.json
@@ -22,7 +24,7 @@ import time
 import torch
 
 from compress.draft.agreement import read_prompts
-from compress.draft.selfspec.generations import greedy_continuations, unit_end_prompts
+from compress.draft.selfspec.generations import greedy_continuations, unit_end_prompts, unit_prompts
 from compress.draft.selfspec.step import _documents, _prompt_lines, _windows
 from compress.models import load_model
 from compress.runtime import versions
@@ -61,6 +63,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128, help="as the draft bench generates")
     ap.add_argument("--depths", default="", help="comma-separated exit depths (default: L/4, L/2, 3L/4)")
     ap.add_argument("--corpora", default=",".join(PAIRS), help=f"comma-separated, among {', '.join(PAIRS)}")
+    ap.add_argument("--kinds", default="window_starts,unit_ends,units,bench", help="comma-separated kinds to run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     loaded = load_model(args.model)
@@ -71,17 +74,29 @@ def main() -> None:
     results, start = {}, time.perf_counter()
     for corpus in args.corpora.split(","):
         bench_file, p = PAIRS[corpus], args.prompt_tokens
-        windows, _ = _windows(tok, [corpus], "validation", p + args.new_tokens, args.prompts, exclude)
-        kinds = {"window_starts": windows[:, :p],
-                 "unit_ends": unit_end_prompts(tok, _documents(corpus, "validation", exclude)[0], p, args.prompts)}
+        wanted = args.kinds.split(",")
+        texts = _documents(corpus, "validation", exclude)[0]
+        kinds = {}  # kind -> prompts of one length ([N, P]) or each alone (a list of [1, P_i])
+        if "window_starts" in wanted:
+            kinds["window_starts"] = _windows(tok, [corpus], "validation", p + args.new_tokens, args.prompts,
+                                              exclude)[0][:, :p]
+        if "unit_ends" in wanted:
+            kinds["unit_ends"] = unit_end_prompts(tok, texts, p, args.prompts)
+        if "units" in wanted:
+            kinds["units"] = [u[None] for u in unit_prompts(tok, texts, p, args.prompts)]
+        if "bench" in wanted:
+            kinds["bench"] = [torch.tensor(tok(t)["input_ids"])[None] for t in read_prompts(bench_file, args.prompts)]
         for kind, prompts in kinds.items():
-            seqs = greedy_continuations(model, prompts, args.new_tokens, batch_size=args.prompts, progress=False)
-            results[f"{corpus}/{kind}"] = probe(model, list(seqs), [p] * len(seqs), depths)
+            if isinstance(prompts, torch.Tensor):
+                seqs = list(greedy_continuations(model, prompts, args.new_tokens, batch_size=args.prompts,
+                                                 progress=False))
+                lens = [p] * len(seqs)
+            else:
+                seqs = [greedy_continuations(model, b, args.new_tokens, batch_size=1, progress=False)[0]
+                        for b in prompts]
+                lens = [b.shape[1] for b in prompts]
+            results[f"{corpus}/{kind}"] = probe(model, seqs, lens, depths)
             print(corpus, kind, results[f"{corpus}/{kind}"], flush=True)
-        bench = [torch.tensor(tok(t)["input_ids"])[None] for t in read_prompts(bench_file, args.prompts)]
-        seqs = [greedy_continuations(model, b, args.new_tokens, batch_size=1, progress=False)[0] for b in bench]
-        results[f"{corpus}/bench"] = probe(model, seqs, [b.shape[1] for b in bench], depths)
-        print(corpus, "bench", results[f"{corpus}/bench"], flush=True)
     report = {"model": args.model, "layers": layers, "depths": depths, "prompts_per_kind": args.prompts,
               "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "results": results,
               "seconds": round(time.perf_counter() - start, 1),

@@ -261,7 +261,7 @@ def test_unit_end_prompts_feed_the_generations_of_a_recipe(tmp_path, text_file, 
     assert prompts.shape[0] == 6 and torch.equal(seen["train"][:, :10], prompts)
     assert torch.equal(seen["train"], greedy_continuations(load_model(mdir).model, prompts, 14, progress=False))
     assert all(bytes(p.tolist()).decode().endswith(".") for p in prompts)
-    with pytest.raises(RecipeError, match="generation_prompts: Input should be 'window_starts' or 'unit_ends'"):
+    with pytest.raises(RecipeError, match="generation_prompts: Input should be 'window_starts', 'unit_ends' or 'units'"):
         SelfSpecConfig(generation_prompts="docstrings")
 
 
@@ -283,3 +283,79 @@ def test_the_depth_curves_are_also_reported_per_corpus(tmp_path, text_file):
         pooled = sum(n * by[c][k]["greedy_agreement"] for n, c in zip(counts, by)) / sum(counts)
         assert pooled == pytest.approx(step["depth_curve"][k]["greedy_agreement"], abs=1e-12)
     assert by[text_file]["k1"]["greedy_agreement"] != by[str(other)]["k1"]["greedy_agreement"]
+
+
+def test_units_are_a_functions_header_and_docstring_alone_or_an_articles_title_and_first_paragraph():
+    from compress.draft.selfspec.generations import units
+    assert units(PY_SOURCE) == [
+        'def area(w, h):\n    """Width times height (ünïcode before the end moves byte offsets)."""',
+        'def volume(self, d):\n    """Its volume.\n\n    Over two lines.\n    """']  # dedented; no class, no bare def
+    article = "A title\n\nFirst paragraph ends here. Still.\n\nA second one?\n\nThe last one."
+    assert units(article) == ["A title\nFirst paragraph ends here. Still."]  # as the bench's prose prompts are
+    assert units("Two lines\nare no title\n\nA paragraph.\n\nMore.") == []
+    assert units("A title\n\nOnly one paragraph.") == []  # nothing follows it to draft
+
+
+def test_unit_prompts_differ_in_length_within_the_bounds_and_are_seeded():
+    from compress.draft.selfspec.generations import unit_prompts, units
+    tok = byte_tokenizer()
+    texts = [PY_SOURCE, "A title\n\nFirst paragraph ends here. Still.\n\nMore text."]
+    every = unit_prompts(tok, texts, 200, 100)
+    assert sorted(bytes(p.tolist()).decode() for p in every) == sorted(units(texts[0]) + units(texts[1]))
+    assert len({p.numel() for p in every}) == 3
+    short = unit_prompts(tok, texts, 60, 100)
+    assert [p.numel() for p in short] == [41] and bytes(short[0].tolist()).decode().startswith("A title")
+    assert [p.tolist() for p in unit_prompts(tok, texts, 200, 2, seed=1)] == \
+        [p.tolist() for p in unit_prompts(tok, texts, 200, 2, seed=1)]
+    with pytest.raises(CompressError, match="none of the 3 units .* has 8 to 20 tokens"):
+        unit_prompts(tok, texts, 20, 5)
+
+
+def test_greedy_fill_continues_prompts_of_different_lengths_as_each_alone():
+    from compress.draft.selfspec.generations import greedy_fill
+    model = _target()
+    ids = byte_tokenizer()(TEXT)["input_ids"]
+    prompts = [torch.tensor(ids[i * 41:i * 41 + n]) for i, n in enumerate([5, 12, 9, 12, 3])]
+    got, lens = greedy_fill(model, prompts, 24, batch_size=2, progress=False)  # padded batches: (3, 5), (9, 12), (12)
+    assert got.shape == (5, 24) and lens.tolist() == [5, 12, 9, 12, 3]
+    for row, prompt in zip(got, prompts):
+        alone = greedy_continuations(model, prompt[None], 24 - prompt.numel(), progress=False)[0]
+        assert row.tolist() == alone.tolist()
+    with pytest.raises(CompressError, match="prompts of 1..23 tokens"):
+        greedy_fill(model, [torch.tensor(ids[:24])], 24, progress=False)
+
+
+def test_continuation_mask_takes_each_rows_prompt_length():
+    seqs = torch.tensor([[1, 2, 3, 4, 5, 6], [1, 2, 3, EOS, 5, 6], [1, EOS, 3, 4, 5, 6]])
+    mask = continuation_mask(seqs, torch.tensor([2, 3, 1]), {EOS})
+    assert mask.tolist() == [[0, 1, 1, 1, 1, 1], [0, 0, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]]
+    assert torch.equal(continuation_mask(seqs, torch.tensor([3, 3, 3])), continuation_mask(seqs, 3))
+    with pytest.raises(CompressError, match="one per row \\(3\\), got \\[2, 3\\]"):
+        continuation_mask(seqs, torch.tensor([2, 3]))
+
+
+def test_unit_prompts_feed_the_generations_of_a_recipe(tmp_path, text_file, monkeypatch):
+    """generation_prompts: units continues each unit alone to seq_len tokens; the loss starts at each row's own
+    prompt end; the report gives the prompts' lengths."""
+    from compress.draft.selfspec.generations import greedy_fill, unit_prompts
+    from compress.models import load_model
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    sources = [PY_SOURCE.replace("area", f"area{i}").replace("volume", "v" * (i + 1)) for i in range(4)]
+    monkeypatch.setattr(selfspec_step, "_documents", lambda corpus, split, exclude=(): (sources, 0))
+    monkeypatch.setattr(selfspec_step, "_corpus_windows", lambda tok, corpora, split, seq_len, n, exclude=(): (
+        [torch.tensor(tok(TEXT)["input_ids"][:n * seq_len]).view(n, seq_len)], 0))
+    seen = _spy_training(monkeypatch)
+    result = _run(_recipe(mdir, text_file, train_source="generations", generation_prompts="units", seq_len=128,
+                          prompt_tokens=100))
+    training = result.report["stages"][0]["steps"][0]["training"]
+    prompts = unit_prompts(byte_tokenizer(), sources, 100, 6)
+    assert len(prompts) == 6 and len({p.numel() for p in prompts}) > 1
+    want, lens = greedy_fill(load_model(mdir).model, prompts, 128, progress=False)
+    assert torch.equal(seen["train"], want)
+    assert torch.equal(seen["mask"], continuation_mask(want, lens, {EOS}))
+    assert training["prompts"] == "units" and training["prompt_tokens_max"] == 100 and training["sequence_tokens"] == 128
+    assert training["prompt_lengths"] == {"min": int(lens.min()), "median": float(lens.float().median()),
+                                          "max": int(lens.max())}
+    assert training["held_out_generations"]["prompts"] == "units"
+    with pytest.raises(RecipeError, match="generate_tokens \\(300\\): with generation_prompts: units"):
+        SelfSpecConfig(generation_prompts="units", generate_tokens=300)

@@ -40,12 +40,16 @@ class SelfSpecConfig(UntargetedStepConfig):
                               "prompt_tokens of each training window (self-distillation, as Medusa-2 and EAGLE), "
                               "the text the drafter meets at decode time; mixed: both, every corpus window and its "
                               "continuation in one pool")
-    generation_prompts: Literal["window_starts", "unit_ends"] = Field(
+    generation_prompts: Literal["window_starts", "unit_ends", "units"] = Field(
         "window_starts", description="where the generations' prompts come from: window_starts, the first "
                                      "prompt_tokens of each training window; unit_ends, the prompt_tokens of text "
                                      "ending where a unit ends, as a user's prompt does (after a function's or "
-                                     "class's docstring in Python source, after a paragraph in other text), "
-                                     "train_windows of them per corpus (eval_windows for the held-out generations)")
+                                     "class's docstring in Python source, after a paragraph in other text); units, "
+                                     "the unit alone, as the draft bench's prompts are (a function's header and "
+                                     "docstring, dedented; an article's title and first paragraph), of up to "
+                                     "prompt_tokens tokens, each continued to seq_len tokens in all. unit_ends and "
+                                     "units: train_windows of them per corpus (eval_windows for the held-out "
+                                     "generations)")
     prompt_tokens: int | None = Field(None, ge=1, description="prompt length of the generations (training with "
                                       "train_source: generations or mixed, and the held-out generations); null: "
                                       "seq_len // 4")
@@ -90,6 +94,9 @@ class SelfSpecConfig(UntargetedStepConfig):
         if self.prompt_tokens is not None and self.prompt_tokens >= self.seq_len:
             raise ValueError(f"prompt_tokens ({self.prompt_tokens}) must be below seq_len ({self.seq_len}): a "
                              f"prompt is the first prompt_tokens of a seq_len-token window")
+        if self.generation_prompts == "units" and self.generate_tokens is not None:
+            raise ValueError(f"generate_tokens ({self.generate_tokens}): with generation_prompts: units each prompt "
+                             f"is continued to seq_len ({self.seq_len}) tokens in all; leave generate_tokens unset")
         p, g = self.generation_shape
         if p + g > 8192:
             raise ValueError(f"generate_tokens: prompt_tokens + generate_tokens = {p} + {g} exceeds 8192 tokens")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import io
 import re
+import textwrap
 
 import torch
 from tqdm.auto import tqdm
@@ -51,20 +52,25 @@ def greedy_continuations(target, prompts: torch.Tensor, new_tokens: int, *, batc
     return torch.cat(out)
 
 
-def continuation_mask(seqs: torch.Tensor, prompt_tokens: int, eos: set[int] = frozenset()) -> torch.Tensor:
+def continuation_mask(seqs: torch.Tensor, prompt_tokens: int | torch.Tensor,
+                      eos: set[int] = frozenset()) -> torch.Tensor:
     """[N, T] bool: the positions whose next-token prediction a decoder drafts — from the last prompt
     position (it predicts the first generated token) up to the one that predicts the first
-    generated EOS; positions after an EOS are text a decoder that stops there never produces."""
+    generated EOS; positions after an EOS are text a decoder that stops there never produces.
+    ``prompt_tokens``: one length for every row, or each row's ([N], as ``greedy_fill`` returns)."""
     n, t = seqs.shape
-    if not 1 <= prompt_tokens < t:
-        raise CompressError(f"prompt_tokens must be in 1..{t - 1} for sequences of {t} tokens, got {prompt_tokens}")
-    pos = torch.arange(t)
-    mask = (pos >= prompt_tokens - 1).expand(n, t).clone()
+    p = torch.as_tensor(prompt_tokens)
+    shown = p.tolist()
+    p = p.expand(n) if p.dim() == 0 else p
+    if p.shape != (n,) or int(p.min()) < 1 or int(p.max()) >= t:
+        raise CompressError(f"prompt_tokens must be in 1..{t - 1} for sequences of {t} tokens, one or one per row "
+                            f"({n}), got {shown}")
+    pos = torch.arange(t)[None]
+    mask = pos >= p[:, None] - 1
     if eos:
-        gen = seqs[:, prompt_tokens:]
-        is_eos = torch.isin(gen, torch.tensor(sorted(eos), dtype=seqs.dtype))
-        first = torch.where(is_eos.any(1), is_eos.int().argmax(1) + prompt_tokens, torch.full((n,), t))
-        mask &= pos[None] < first[:, None]  # position first−1 predicts the EOS: kept
+        is_eos = torch.isin(seqs, torch.tensor(sorted(eos), dtype=seqs.dtype)) & (pos >= p[:, None])
+        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((n,), t))
+        mask &= pos < first[:, None]  # position first−1 predicts the EOS: kept
     return mask
 
 
@@ -75,29 +81,39 @@ def continuation_mask(seqs: torch.Tensor, prompt_tokens: int, eos: set[int] = fr
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]?$")
 
 
+def _documented(text: str) -> list[tuple[ast.AST, int, int]] | None:
+    """In Python source (a text that parses), each function and class with a docstring, as (node,
+    character offset of its header line's start, character offset just after the docstring); None for
+    any other text."""
+    try:
+        tree = ast.parse(text)
+    except (SyntaxError, ValueError, RecursionError):  # not Python (or null bytes, or nested past the parser)
+        return None
+    # ast's lines end at \n, \r\n or \r only (str.splitlines also breaks at form feeds and others)
+    lines = io.StringIO(text, newline="").readlines()
+    starts = [0]  # character offset of each line
+    for line in lines:
+        starts.append(starts[-1] + len(line))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
+            doc = node.body[0]
+            if (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
+                    and isinstance(doc.value.value, str) and doc.end_lineno is not None):
+                row = doc.end_lineno - 1  # end_col_offset counts UTF-8 bytes
+                col = len(lines[row].encode()[:doc.end_col_offset].decode(errors="ignore"))
+                out.append((node, starts[node.lineno - 1], starts[row] + col))  # lineno: the def line, not a decorator
+    return out
+
+
 def unit_ends(text: str) -> list[int]:
     """Character offsets in ``text`` where a unit ends and more text follows: in Python source (a text
     that parses), just after the docstring of each function and class; in any other text, the end of
     each paragraph (blank-line separated, ending a sentence) but the last."""
-    try:
-        tree = ast.parse(text)
-    except (SyntaxError, ValueError, RecursionError):  # not Python (or null bytes, or nested past the parser)
-        tree = None
+    documented = _documented(text)
     ends = []
-    if tree is not None:
-        # ast's lines end at \n, \r\n or \r only (str.splitlines also breaks at form feeds and others)
-        lines = io.StringIO(text, newline="").readlines()
-        starts = [0]  # character offset of each line
-        for line in lines:
-            starts.append(starts[-1] + len(line))
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
-                doc = node.body[0]
-                if (isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)
-                        and isinstance(doc.value.value, str) and doc.end_lineno is not None):
-                    row = doc.end_lineno - 1  # end_col_offset counts UTF-8 bytes
-                    col = len(lines[row].encode()[:doc.end_col_offset].decode(errors="ignore"))
-                    ends.append(starts[row] + col)
+    if documented is not None:
+        ends = [end for _, _, end in documented]
     else:
         pos = 0
         for para in text.split("\n\n"):
@@ -106,6 +122,88 @@ def unit_ends(text: str) -> list[int]:
                 ends.append(pos - (len(para) - len(para.rstrip())))
             pos += 2
     return sorted(e for e in ends if 0 < e < len(text.rstrip()))
+
+
+def units(text: str) -> list[str]:
+    """Each unit of ``text`` alone, shaped as the draft bench's prompts are (``generation_prompts: units``):
+    in Python source, each function's header and docstring, dedented, without the file around it; in other
+    text (an article: a title line, then blank-line separated paragraphs), the title and the first paragraph
+    on the next line."""
+    documented = _documented(text)
+    if documented is None:
+        parts = [p.strip() for p in text.split("\n\n") if p.strip()]
+        ok = len(parts) >= 3 and "\n" not in parts[0] and _SENTENCE_END.search(parts[1])  # more text follows
+        return [parts[0] + "\n" + parts[1]] if ok else []
+    return [textwrap.dedent(text[start:end]) for node, start, end in documented
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and end < len(text.rstrip())]
+
+
+def unit_prompts(tokenizer, texts: list[str], max_tokens: int, count: int, *, min_tokens: int = 8,
+                 seed: int = 0) -> list[torch.Tensor]:
+    """Up to ``count`` of the texts' ``units``, chosen at random (``seed``), each tokenised alone as a
+    prompt is: the ones of ``min_tokens`` to ``max_tokens`` tokens, so the prompts differ in length."""
+    found = [u for text in texts for u in units(text)]
+    order = torch.randperm(len(found), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = []
+    for i in order:
+        if len(out) == count:
+            break
+        ids = tokenizer(found[i], add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        if min_tokens <= len(ids) <= max_tokens:
+            out.append(torch.tensor(ids, dtype=torch.long))
+    if not out:
+        raise CompressError(f"none of the {len(found)} units (a function's header and docstring, an article's title "
+                            f"and first paragraph) in these {len(texts)} documents has {min_tokens} to {max_tokens} "
+                            f"tokens; raise prompt_tokens or use generation_prompts: unit_ends")
+    return out
+
+
+@torch.no_grad()
+def greedy_fill(target, prompts: list[torch.Tensor], length: int, *, batch_size: int = 32, pad_id: int = 0,
+                progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts of different lengths, each continued greedily to ``length`` tokens in all: ([N, length],
+    the prompt lengths [N]). Batched with the prompts padded on the left and masked (the pad's id is
+    never attended to), positions counted from each prompt's first token; prompts of similar length go
+    together, so little is padded."""
+    lens = torch.tensor([p.numel() for p in prompts])
+    if not prompts or int(lens.min()) < 1 or int(lens.max()) >= length:
+        raise CompressError(f"greedy_fill needs prompts of 1..{length - 1} tokens, got lengths "
+                            f"{sorted(set(lens.tolist()))[:5]}... ({len(prompts)} prompts)")
+    device = next(target.parameters()).device
+    order = torch.argsort(lens, stable=True).tolist()
+    out = torch.empty(len(prompts), length, dtype=torch.long)
+    bar = tqdm(total=len(prompts), desc="generations", unit="seq", disable=not progress)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        width = int(lens[idx].max())
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, width - lens[i]:] = prompts[i]
+            mask[r, width - lens[i]:] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        steps = length - int(lens[idx].min())  # the shortest prompt needs the most
+        logits = target(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                        logits_to_keep=1).logits
+        new = [logits[:, -1].argmax(-1, keepdim=True)]
+        nxt = pos[:, -1:] + 1
+        for _ in range(steps - 1):
+            mask = torch.cat([mask, torch.ones_like(new[-1])], 1)
+            logits = target(input_ids=new[-1], attention_mask=mask, position_ids=nxt, past_key_values=cache,
+                            use_cache=True).logits
+            new.append(logits[:, -1].argmax(-1, keepdim=True))
+            nxt = nxt + 1
+        gen = torch.cat(new, 1).cpu()
+        for r, i in enumerate(idx):
+            p = int(lens[i])
+            out[i, :p] = prompts[i]
+            out[i, p:] = gen[r, :length - p]
+        bar.update(len(idx))
+        del cache
+    bar.close()
+    return out, lens
 
 
 def unit_end_prompts(tokenizer, texts: list[str], prompt_tokens: int, count: int, *, seed: int = 0) -> torch.Tensor:

@@ -7,8 +7,8 @@
       train_corpora: [stdlib, bbc]    # distillation text (train split)
       train_source: generations       # or corpus (default), or mixed (both): the target's own greedy continuations
       generation_prompts: unit_ends   #   of prompts ending after a docstring or a paragraph (default: window_starts,
-      prompt_tokens: 128              #   each window's first tokens); 128-token prompts, 384 new tokens each
-      generate_tokens: 384
+      prompt_tokens: 128              #   each window's first tokens; units: a function's header and docstring
+      generate_tokens: 384            #   alone, as the bench's prompts are); 128-token prompts, 384 new tokens
       context: deep                   # or shallow (default): also read the target's final state
       unroll: 3                       #   of the previous position; train 3 drafts of a round together
       shallow_layers: [3]             #   (+ shallow heads on the same batches, for comparison)
@@ -36,7 +36,8 @@ from compress.algorithms import StepContext
 from compress.draft.agreement import read_prompts
 from compress.draft.confidence import fit_drafter_calibrator
 from compress.draft.selfspec.config import SelfSpecConfig
-from compress.draft.selfspec.generations import continuation_mask, greedy_continuations, unit_end_prompts
+from compress.draft.selfspec.generations import (continuation_mask, greedy_continuations, greedy_fill, unit_end_prompts,
+                                                 unit_prompts)
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
 from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
@@ -93,8 +94,25 @@ def _prompts(cfg: SelfSpecConfig, tokenizer, windows: list[torch.Tensor], split:
     p_len = cfg.generation_shape[0]
     if cfg.generation_prompts == "window_starts":
         return [w[:, :p_len] for w in windows]
-    return [unit_end_prompts(tokenizer, _documents(c, split, exclude)[0], p_len, per_corpus, seed=cfg.seed)
+    pick = unit_prompts if cfg.generation_prompts == "units" else unit_end_prompts
+    return [pick(tokenizer, _documents(c, split, exclude)[0], p_len, per_corpus, seed=cfg.seed)
             for c in cfg.train_corpora]
+
+
+def _continue(cfg: SelfSpecConfig, model, prompts: list, progress: bool) -> tuple[torch.Tensor, torch.Tensor | int]:
+    """The target's greedy continuations of every corpus's prompts, in order, and the prompt length (each
+    row's, for ``units``: prompts of different lengths, each continued to seq_len tokens in all)."""
+    if cfg.generation_prompts == "units":
+        return greedy_fill(model, [p for part in prompts for p in part], cfg.seq_len,
+                           batch_size=cfg.generate_batch_size, progress=progress)
+    p_len, g_len = cfg.generation_shape
+    return greedy_continuations(model, torch.cat(prompts), g_len, batch_size=cfg.generate_batch_size,
+                                progress=progress), p_len
+
+
+def _lengths(p_lens) -> dict:
+    lens = torch.as_tensor(p_lens).reshape(-1).float()
+    return {"min": int(lens.min()), "median": float(lens.median()), "max": int(lens.max())}
 
 
 def _curves_by_corpus(events: dict, corpora: list[str], counts: list[int], heads, layers: int, gammas) -> dict:
@@ -157,10 +175,9 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         # drafts from at decode time, which is the point of this text; the prompt positions are
         # corpus text, what train_source: corpus already trains on, and keeping them would make the
         # comparison of the two sources a mixture. They still run through the target as context.
-        prompts = torch.cat(_prompts(cfg, ctx.tokenizer, train_parts, "train", cfg.train_windows, exclude))
-        generated = greedy_continuations(model, prompts, g_len, batch_size=cfg.generate_batch_size,
-                                         progress=ctx.progress)
-        loss_mask = continuation_mask(generated, p_len, eos)
+        prompts = _prompts(cfg, ctx.tokenizer, train_parts, "train", cfg.train_windows, exclude)
+        generated, train_p = _continue(cfg, model, prompts, ctx.progress)
+        loss_mask = continuation_mask(generated, train_p, eos)
         if cfg.train_source == "mixed":  # corpus windows (every position) beside their continuations
             loss_mask = torch.cat([torch.ones_like(train, dtype=torch.bool), loss_mask])
             generated = torch.cat([train, generated])
@@ -183,12 +200,11 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
         gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
-        held_gen = greedy_continuations(model, torch.cat(gen_prompts), g_len, batch_size=cfg.generate_batch_size,
-                                        progress=ctx.progress)
-        events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, p_len, eos), steps=steps)
+        held_gen, held_p = _continue(cfg, model, gen_prompts, ctx.progress)
+        events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, held_p, eos), steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
         by_corpus["depth_curve_generations_by_corpus"] = _curves_by_corpus(
-            events_gen, cfg.train_corpora, [p.shape[0] for p in gen_prompts], heads, layers, cfg.gammas)
+            events_gen, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
     gamma = curve[best]["best_gamma"]
@@ -214,11 +230,17 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     # less: an optimistic choice there, like the replay's own, said in choose_threshold)
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
-    generation_info = ({"source": cfg.train_source, "prompts": cfg.generation_prompts, "prompt_tokens": p_len,
-                        "generate_tokens": g_len} if cfg.train_source != "corpus" else {"source": "corpus"})
+    shape = ({"prompt_tokens": p_len, "generate_tokens": g_len} if cfg.generation_prompts != "units" else
+             {"prompt_tokens_max": p_len, "sequence_tokens": cfg.seq_len})
+    generation_info = ({"source": cfg.train_source, "prompts": cfg.generation_prompts, **shape}
+                       if cfg.train_source != "corpus" else {"source": "corpus"})
+    if cfg.train_source != "corpus" and cfg.generation_prompts == "units":
+        generation_info["prompt_lengths"] = _lengths(train_p)
     if cfg.eval_generations:
-        generation_info["held_out_generations"] = {"prompts": cfg.generation_prompts, "prompt_tokens": p_len,
-                                                   "generate_tokens": g_len, "sequences": int(held_gen.shape[0])}
+        generation_info["held_out_generations"] = {"prompts": cfg.generation_prompts, **shape,
+                                                   "sequences": int(held_gen.shape[0])}
+        if cfg.generation_prompts == "units":
+            generation_info["held_out_generations"]["prompt_lengths"] = _lengths(held_p)
     manifest = {"format": FORMAT, "target": {"source": getattr(model.config, "_name_or_path", None),
                                              **target_fingerprint(model)},
                 "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "context": h.context,
