@@ -187,6 +187,10 @@ def greedy_fill(target, prompts: list[torch.Tensor], length: int, *, batch_size:
         steps = length - int(lens[idx].min())  # the shortest prompt needs the most
         logits = target(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
                         logits_to_keep=1).logits
+        if not bool(torch.isfinite(logits).all()):  # a pad row's state must never reach a prompt's (e.g. NaN from
+            # an attention row with every key masked, on stacks that do not guard it): its text would be garbage
+            raise CompressError(f"greedy_fill: the target's logits for left-padded prompts of {int(lens[idx].min())}"
+                                f"..{width} tokens are not finite; generate with generation_prompts: unit_ends")
         new = [logits[:, -1].argmax(-1, keepdim=True)]
         nxt = pos[:, -1:] + 1
         for _ in range(steps - 1):
