@@ -38,6 +38,7 @@ def probe(model, seqs: list[torch.Tensor], prompt_lens: list[int], depths: list[
     share of continuation tokens closing a 4-gram seen before in their sequence."""
     hits = {d: 0 for d in depths}
     n = repeats = 0
+    per_seq = []  # each sequence's own repeat share: a mean over 8 prompts can be one degenerate continuation
     for seq, p in zip(seqs, prompt_lens):
         out = model(input_ids=seq[None], output_hidden_states=True, use_cache=False)
         target = out.logits[0, p - 1:-1].argmax(-1)
@@ -47,11 +48,15 @@ def probe(model, seqs: list[torch.Tensor], prompt_lens: list[int], depths: list[
         n += target.numel()
         ids = seq.tolist()
         seen = {tuple(ids[i - 3:i + 1]) for i in range(3, p)}
+        mine = 0
         for i in range(p, len(ids)):
             gram = tuple(ids[i - 3:i + 1])
-            repeats += gram in seen
+            mine += gram in seen
             seen.add(gram)
+        repeats += mine
+        per_seq.append(round(mine / max(1, len(ids) - p), 3))
     return {"positions": n, "repeat_4gram_share": round(repeats / n, 4),
+            "repeat_4gram_share_per_sequence": per_seq,
             "lens_agreement": {str(d): round(hits[d] / n, 4) for d in depths}}
 
 
