@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--kinds", default="window_starts,unit_ends,units,bench", help="comma-separated kinds to run")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    unknown = set(args.kinds.split(",")) - {"window_starts", "unit_ends", "units", "bench"}
+    if unknown:
+        ap.error(f"--kinds: unknown {sorted(unknown)}; among window_starts, unit_ends, units, bench")
     loaded = load_model(args.model)
     model, tok = loaded.model.eval(), loaded.tokenizer
     layers = model.config.num_hidden_layers
