@@ -1,11 +1,12 @@
 """Self-distillation text: the target's own greedy continuations of corpus prompts (Medusa-2, EAGLE).
 
 At decode time the exit head drafts continuations of the target's own greedy text, not of human
-text; training on that text matches the decode-time distribution. Each prompt is the first
-``prompt_tokens`` of a corpus window (all prompts have one length, so batches need no padding);
-the target continues it greedily for exactly ``new_tokens`` tokens with its KV cache, one batch of
-prompts at a time. The length is fixed and generation does not stop at EOS: rows stay rectangular,
-and ``continuation_mask`` leaves out what a decoder that stops at EOS never sees.
+text; training on that text matches the decode-time distribution. A prompt is the first
+``prompt_tokens`` of a corpus window, or text ending at a unit's end (both of one length, so batches
+need no padding), or a unit alone (``units``: lengths differ; batches are padded on the left). The
+target continues each greedily with its KV cache, one batch of prompts at a time, to a fixed length;
+generation does not stop at EOS: rows stay rectangular, and ``continuation_mask`` leaves out what a
+decoder that stops at EOS never sees.
 
 Greedy decoding draws no random numbers: the sequences depend only on the prompts, the target's
 weights and the batch split (fixed here), so a seed does not enter. (Batched and one-at-a-time
@@ -25,31 +26,16 @@ from transformers import DynamicCache
 from compress.errors import CompressError
 
 
-@torch.no_grad()
 def greedy_continuations(target, prompts: torch.Tensor, new_tokens: int, *, batch_size: int = 32,
                          progress: bool = True) -> torch.Tensor:
-    """``prompts`` [N, P] -> [N, P + new_tokens] on the CPU: each prompt and its greedy continuation."""
+    """``prompts`` [N, P] -> [N, P + new_tokens] on the CPU: each prompt and its greedy continuation
+    (``greedy_fill`` of prompts of one length: batches need no padding)."""
     if prompts.dim() != 2 or prompts.shape[0] == 0 or prompts.shape[1] == 0:
         raise CompressError(f"greedy continuations need a non-empty [N, P] batch of prompts, got {tuple(prompts.shape)}")
     if new_tokens < 1 or batch_size < 1:
         raise CompressError(f"new_tokens and batch_size must be >= 1, got {new_tokens} and {batch_size}")
-    device = next(target.parameters()).device
-    out = []
-    bar = tqdm(total=prompts.shape[0] * new_tokens, desc="generations", unit="tok", disable=not progress)
-    for s in range(0, prompts.shape[0], batch_size):
-        ids = prompts[s:s + batch_size].to(device)
-        cache = DynamicCache()
-        logits = target(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        new = [logits[:, -1].argmax(-1, keepdim=True)]
-        for _ in range(new_tokens - 1):
-            logits = target(input_ids=new[-1], past_key_values=cache, use_cache=True).logits
-            new.append(logits[:, -1].argmax(-1, keepdim=True))
-            bar.update(ids.shape[0])
-        bar.update(ids.shape[0])
-        out.append(torch.cat([ids, *new], 1).cpu())
-        del cache
-    bar.close()
-    return torch.cat(out)
+    return greedy_fill(target, list(prompts), prompts.shape[1] + new_tokens, batch_size=batch_size,
+                       progress=progress)[0]
 
 
 def continuation_mask(seqs: torch.Tensor, prompt_tokens: int | torch.Tensor,
@@ -164,47 +150,50 @@ def greedy_fill(target, prompts: list[torch.Tensor], length: int, *, batch_size:
     """Prompts of different lengths, each continued greedily to ``length`` tokens in all: ([N, length],
     the prompt lengths [N]). Batched with the prompts padded on the left and masked (the pad's id is
     never attended to), positions counted from each prompt's first token; prompts of similar length go
-    together, so little is padded."""
+    together, so little is padded. A batch of one length runs unmasked, as a plain prompt does."""
     lens = torch.tensor([p.numel() for p in prompts])
     if not prompts or int(lens.min()) < 1 or int(lens.max()) >= length:
         raise CompressError(f"greedy_fill needs prompts of 1..{length - 1} tokens, got lengths "
                             f"{sorted(set(lens.tolist()))[:5]}... ({len(prompts)} prompts)")
     device = next(target.parameters()).device
     order = torch.argsort(lens, stable=True).tolist()
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
     out = torch.empty(len(prompts), length, dtype=torch.long)
-    bar = tqdm(total=len(prompts), desc="generations", unit="seq", disable=not progress)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        width = int(lens[idx].max())
+    bar = tqdm(total=sum(length - int(lens[idx].min()) for idx in batches), desc="generations", unit="step",
+               disable=not progress)
+    for idx in batches:
+        width, shortest = int(lens[idx].max()), int(lens[idx].min())
         ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
         mask = torch.zeros(len(idx), width, dtype=torch.long)
         for r, i in enumerate(idx):
             ids[r, width - lens[i]:] = prompts[i]
             mask[r, width - lens[i]:] = 1
         ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        padded = shortest < width
+        pos = (mask.cumsum(1) - 1).clamp(min=0) if padded else None
         cache = DynamicCache()
-        steps = length - int(lens[idx].min())  # the shortest prompt needs the most
-        logits = target(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
-                        logits_to_keep=1).logits
+        logits = target(input_ids=ids, attention_mask=mask if padded else None, position_ids=pos,
+                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         if not bool(torch.isfinite(logits).all()):  # a pad row's state must never reach a prompt's (e.g. NaN from
             # an attention row with every key masked, on stacks that do not guard it): its text would be garbage
-            raise CompressError(f"greedy_fill: the target's logits for left-padded prompts of {int(lens[idx].min())}"
-                                f"..{width} tokens are not finite; generate with generation_prompts: unit_ends")
+            raise CompressError(f"greedy_fill: the target's logits for prompts of {shortest}..{width} tokens are "
+                                f"not finite")
         new = [logits[:, -1].argmax(-1, keepdim=True)]
-        nxt = pos[:, -1:] + 1
-        for _ in range(steps - 1):
-            mask = torch.cat([mask, torch.ones_like(new[-1])], 1)
-            logits = target(input_ids=new[-1], attention_mask=mask, position_ids=nxt, past_key_values=cache,
-                            use_cache=True).logits
+        nxt = pos[:, -1:] + 1 if padded else None
+        for _ in range(length - shortest - 1):  # the shortest prompt needs the most
+            if padded:
+                mask = torch.cat([mask, torch.ones_like(new[-1])], 1)
+            logits = target(input_ids=new[-1], attention_mask=mask if padded else None, position_ids=nxt,
+                            past_key_values=cache, use_cache=True).logits
             new.append(logits[:, -1].argmax(-1, keepdim=True))
-            nxt = nxt + 1
+            nxt = nxt + 1 if padded else None
+            bar.update(1)
+        bar.update(1)
         gen = torch.cat(new, 1).cpu()
         for r, i in enumerate(idx):
             p = int(lens[i])
             out[i, :p] = prompts[i]
             out[i, p:] = gen[r, :length - p]
-        bar.update(len(idx))
         del cache
     bar.close()
     return out, lens
