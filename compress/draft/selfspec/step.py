@@ -36,8 +36,7 @@ from compress.algorithms import StepContext
 from compress.draft.agreement import read_prompts
 from compress.draft.confidence import fit_drafter_calibrator
 from compress.draft.selfspec.config import SelfSpecConfig
-from compress.draft.selfspec.generations import (continuation_mask, greedy_continuations, greedy_fill, unit_end_prompts,
-                                                 unit_prompts)
+from compress.draft.selfspec.generations import continuation_mask, greedy_fill, unit_end_prompts, unit_prompts
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
 from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
@@ -99,15 +98,13 @@ def _prompts(cfg: SelfSpecConfig, tokenizer, windows: list[torch.Tensor], split:
             for c in cfg.train_corpora]
 
 
-def _continue(cfg: SelfSpecConfig, model, prompts: list, progress: bool) -> tuple[torch.Tensor, torch.Tensor | int]:
-    """The target's greedy continuations of every corpus's prompts, in order, and the prompt length (each
-    row's, for ``units``: prompts of different lengths, each continued to seq_len tokens in all)."""
-    if cfg.generation_prompts == "units":
-        return greedy_fill(model, [p for part in prompts for p in part], cfg.seq_len,
-                           batch_size=cfg.generate_batch_size, progress=progress)
+def _continue(cfg: SelfSpecConfig, model, prompts: list, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's greedy continuations of every corpus's prompts, in order, and each row's prompt length
+    (``units``: prompts of different lengths, each continued to seq_len tokens in all)."""
     p_len, g_len = cfg.generation_shape
-    return greedy_continuations(model, torch.cat(prompts), g_len, batch_size=cfg.generate_batch_size,
-                                progress=progress), p_len
+    length = cfg.seq_len if cfg.generation_prompts == "units" else p_len + g_len
+    return greedy_fill(model, [p for part in prompts for p in part], length, batch_size=cfg.generate_batch_size,
+                       progress=progress)
 
 
 def _lengths(p_lens) -> dict:
