@@ -117,7 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--target", required=True, help="a zoo id or a model / export folder")
     db.add_argument("--drafter", required=True, help="a zoo id or a model / export folder")
     db.add_argument("--prompts", required=True, help=".txt (blank-line separated) or .jsonl ('text')")
-    db.add_argument("--gamma", type=int, default=4, help="draft length")
+    db.add_argument("--gamma", type=int, default=None,
+                    help="draft length (default: the one a self-spec drafter export chose, else 4)")
     db.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     db.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts (default: all)")
     db.add_argument("--int4-drafter", action="store_true", help="run a gptq drafter's 4-bit linears on the int4 kernel")
@@ -298,7 +299,9 @@ def _draft_bench(args) -> dict:
     from compress.models import load_model
     from compress.runtime import resolve_device, versions
 
-    check_gamma(args.gamma)
+    manifest = read_manifest(args.drafter)
+    # a self-spec export ships the draft length its recipe chose; anything else drafts 4 unless told
+    gamma = check_gamma(args.gamma if args.gamma is not None else manifest.get("gamma", 4) if manifest else 4)
     tree = None
     if args.tree is not None:
         import json
@@ -308,17 +311,17 @@ def _draft_bench(args) -> dict:
             tree = as_tree(args.tree if args.tree == "default" else json.loads(args.tree))
         except (ValueError, TypeError) as exc:
             raise CompressError(f"--tree {args.tree!r}: expected \"default\" or a JSON list of rank lists ({exc})")
-        if read_manifest(args.drafter) is None:
+        if manifest is None:
             raise CompressError("--tree is for a self-spec drafter export (its heads draft the tree)")
     device = resolve_device(args.device)
     texts = read_prompts(args.prompts, args.max_prompts)
     t = load_model(args.target, dtype=args.dtype, device=device)
     ids = [t.tokenizer(p, return_attention_mask=False)["input_ids"] for p in texts]
-    max_len = cache_len([len(i) for i in ids], args.max_new_tokens, args.gamma + (tree.size if tree else 0))
+    max_len = cache_len([len(i) for i in ids], args.max_new_tokens, gamma + (tree.size if tree else 0))
     compile = args.compile
     info: dict = {"target": args.target, "drafter": args.drafter, "prompts_file": args.prompts}
     calibrator = teacher = None
-    if read_manifest(args.drafter) is not None:  # a self-spec drafter: heads on the target's own blocks
+    if manifest is not None:  # a self-spec drafter: heads on the target's own blocks
         from compress.draft.selfspec.head import HeadAsModel
         from compress.draft.selfspec.step import load_self_spec
         if args.int4_drafter:
@@ -339,10 +342,10 @@ def _draft_bench(args) -> dict:
             info["int4_drafter"] = {"linears": len(int4["converted"]), "kept_float": len(int4["kept_float"])}
         calibrator = d.calibrator if getattr(d.calibrator, "target", None) == "drafter" else None
         target = model_decoder(t.model, max_len, compile=compile, name="target",
-                               step_shapes={(1, 1), (args.gamma + 1, args.gamma + 1)})
+                               step_shapes={(1, 1), (gamma + 1, gamma + 1)})
         drafter = model_decoder(d.model, max_len, compile=compile, name="drafter")
         teacher = d.model
-    result = draft_bench(target, drafter, ids, gamma=args.gamma, max_new_tokens=args.max_new_tokens,
+    result = draft_bench(target, drafter, ids, gamma=gamma, max_new_tokens=args.max_new_tokens,
                          confidence_threshold=args.confidence_threshold,
                          calibrator=calibrator if args.confidence_threshold is not None else None,
                          teacher_drafter=teacher, target_model=t.model, hf_baseline=args.hf_baseline,

@@ -205,7 +205,7 @@ def _self_spec_export(tmp_path, text_file, arch="qwen2"):
     recipe = validate_recipe({"version": 1, "model": {"id": mdir, "device": "cpu"}, "stages": [{"name": "draft", "steps": [
         {"algorithm": "self_spec", "exit_layers": [1, 2], "vocab_size": 64, "full_vocab_layers": [1],
          "train_corpora": [text_file], "train_windows": 8, "eval_windows": 4, "seq_len": 32, "steps": 4,
-         "batch_size": 2, "lr": 1e-3}]}], "export": {"format": "self-spec"}})
+         "batch_size": 2, "lr": 1e-3, "gamma": 3}]}], "export": {"format": "self-spec"}})
     result = run_recipe(recipe, out_dir=tmp_path / "drafter", progress=False, log=lambda *_: None)
     return mdir, tmp_path / "drafter", result
 
@@ -218,6 +218,7 @@ def test_recipe_trains_exports_and_reloads_heads(tmp_path, text_file):
     assert set(step["depth_curve"]) == {"k1", "k2", "k1-full"} and step["default"] in ("k1", "k2")
     assert {"before", "after"} <= set(step["stop"]["acceptance_calibration"])
     manifest = json.loads((out / "self_spec.json").read_text())
+    assert manifest["gamma"] == 3 and step["stop"]["gamma_from"] == "recipe"  # pinned, not the curve's choice
     assert manifest["heads"]["k1"]["vocab_size"] == 64 and manifest["heads"]["k1-full"]["vocab_size"] == 264
     assert not (out / "model.safetensors").exists()  # the target is referenced, never copied
     target = load_model(mdir).model
@@ -236,10 +237,11 @@ def test_cli_draft_bench_with_a_self_spec_drafter(tmp_path, text_file, capsys):
     mdir, out, _ = _self_spec_export(tmp_path, text_file, "llama")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("def add(a, b):\n    return\n\nThe quick brown fox\n")
-    args = ["draft-bench", "--target", mdir, "--drafter", str(out), "--prompts", str(prompts), "--gamma", "3",
+    args = ["draft-bench", "--target", mdir, "--drafter", str(out), "--prompts", str(prompts),
             "--max-new-tokens", "12", "--device", "cpu", "--head", "k2", "--out", str(tmp_path / "b")]
     assert main(args) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["gamma"] == 3 and len(res["speculative"]["drafted"]) == 3  # the export's draft length
     assert res["self_spec"]["exit_layer"] == 2 and res["identical"] and res["identical_prompts"] == 2
     assert res["decoders"] == {"target": "_Verifier", "drafter": "_Drafter"}
     assert set(res["time_split"]) == {"draft", "verify", "prefill", "bookkeeping"}

@@ -148,6 +148,9 @@ def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_
     manifest = json.loads((tmp_path / "drafter" / "self_spec.json").read_text())
     assert manifest["heads"]["k1"]["context"] == "deep" and manifest["heads"]["k1-shallow"]["context"] == "shallow"
     assert manifest["default"] == "k1"  # the comparison heads are reported, never chosen
+    # no gamma in the recipe: the export ships the corpus curve's best draft length
+    assert manifest["gamma"] == step["gamma"] == step["depth_curve"]["k1"]["best_gamma"]
+    assert step["stop"]["gamma_from"] == "held-out corpus curve"
     target = load_model(mdir).model
     head, _, _ = load_self_spec(tmp_path / "drafter", target)
     assert head.context == "deep"
@@ -161,7 +164,8 @@ def test_config_names_a_bad_context_and_unroll():
 
     base = {"algorithm": "self_spec", "exit_layers": [1]}
     for bad, field in (({"context": "middle"}, "context"), ({"unroll": 0}, "unroll"),
-                       ({"shallow_layers": [1]}, "shallow_layers adds shallow heads beside deep ones")):
+                       ({"shallow_layers": [1]}, "shallow_layers adds shallow heads beside deep ones"),
+                       ({"gamma": 7}, r"gamma \(7\) must be one of gammas \[2, 3, 4, 5, 6\]")):
         with pytest.raises(RecipeError, match=field):
             validate_recipe({"version": 1, "model": {"id": "smollm2-135m"},
                              "stages": [{"name": "d", "steps": [{**base, **bad}]}]})

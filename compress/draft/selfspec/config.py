@@ -71,6 +71,8 @@ class SelfSpecConfig(UntargetedStepConfig):
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0, le=1)
     gammas: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6], min_length=1)
+    gamma: int | None = Field(None, description="the draft length the export ships (one of gammas); null: the one "
+                                                "with the best predicted speedup on the held-out corpus windows")
     calibrator: Literal["platt", "isotonic", "temperature", "hcal"] | None = "platt"
     seed: int = 0
 
@@ -103,6 +105,13 @@ class SelfSpecConfig(UntargetedStepConfig):
         if self.train_source == "mixed" and p + g != self.seq_len:
             raise ValueError(f"train_source: mixed pools corpus windows and continuations of one length: "
                              f"prompt_tokens + generate_tokens = {p} + {g} must equal seq_len ({self.seq_len})")
+        return self
+
+    @model_validator(mode="after")
+    def _gamma_scored(self) -> "SelfSpecConfig":
+        # the curve and the stop's replay score only the listed draft lengths
+        if self.gamma is not None and self.gamma not in self.gammas:
+            raise ValueError(f"gamma ({self.gamma}) must be one of gammas {self.gammas}: only those are scored")
         return self
 
     @property

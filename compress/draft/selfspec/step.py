@@ -204,9 +204,10 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
             events_gen, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
-    gamma = curve[best]["best_gamma"]
+    gamma = curve[best]["best_gamma"] if cfg.gamma is None else cfg.gamma
     (fit_a, fit_c), (rep_a, rep_c) = _split_events(events[best]["agree"], events[best]["confidence"])
-    stop = {"gamma": gamma, "calibrator": None}
+    stop = {"gamma": gamma, "gamma_from": "held-out corpus curve" if cfg.gamma is None else "recipe",
+            "calibrator": None}
     calibrator = None
     conf_rep = torch.tensor(_flat(rep_c), dtype=torch.float64)
     acc_rep = torch.tensor(_flat(rep_a))
