@@ -55,6 +55,14 @@ def test_continuation_mask_starts_at_the_last_prompt_token_and_stops_at_eos():
     assert continuation_mask(seqs, 3).sum() == 16
     with pytest.raises(CompressError, match="prompt_tokens must be in 1..5"):
         continuation_mask(seqs, 6)
+    # the first 2 generated tokens only: positions 2 and 3, less where an EOS came first
+    assert continuation_mask(seqs, 3, {EOS}, first=2).tolist() == [[0, 0, 1, 1, 0, 0], [0, 0, 1, 0, 0, 0],
+                                                                    [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]]
+    # all 3 generated tokens: the whole mask but its last position, which predicts no token of the row
+    assert torch.equal(continuation_mask(seqs, 3, first=3)[:, :-1], continuation_mask(seqs, 3)[:, :-1])
+    assert continuation_mask(seqs, torch.tensor([2, 3, 1, 4]), first=1).sum(1).tolist() == [1, 1, 1, 1]
+    with pytest.raises(CompressError, match="first must be >= 1"):
+        continuation_mask(seqs, 3, first=0)
 
 
 def test_the_loss_mask_restricts_the_loss_and_an_all_ones_mask_is_the_plain_mean():
@@ -134,6 +142,10 @@ def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, t
     assert step["training"]["source"] == "generations" and step["training"]["seq_len"] == 24
     assert set(step["depth_curve"]) == set(step["depth_curve_generations"]) == {"k1", "k2"}
     assert step["training"]["held_out_generations"]["sequences"] == 4
+    # the curve on each continuation's first 128 tokens: here all 14 of them, so the whole curve again
+    assert step["training"]["held_out_generations"]["first_tokens"] == 128
+    assert step["depth_curve_generations_first"] == step["depth_curve_generations"]
+    assert list(step["depth_curve_generations_first_by_corpus"]) == [text_file]
     # the training text: each corpus window's first 10 tokens, continued greedily by the target
     target = load_model(mdir).model
     windows, _ = selfspec_step._windows(byte_tokenizer(), [text_file], "train", 32, 6)
@@ -163,6 +175,7 @@ def test_corpus_source_is_the_unchanged_default(tmp_path, text_file, monkeypatch
     rep = default.report["stages"][0]["steps"][0]
     assert rep["training"]["source"] == "corpus" and "depth_curve_generations" in rep
     assert "depth_curve_generations" not in explicit.report["stages"][0]["steps"][0]
+    assert "depth_curve_generations_first" not in explicit.report["stages"][0]["steps"][0]
 
 
 def test_generations_longer_than_the_targets_positions_are_refused(tmp_path, text_file):

@@ -59,6 +59,9 @@ class SelfSpecConfig(UntargetedStepConfig):
                                                            "time)")
     eval_generations: bool = Field(True, description="also report the depth curve on the target's greedy "
                                                      "continuations of the held-out windows' prompts")
+    eval_first_tokens: int | None = Field(128, ge=1, description="with eval_generations, the same curve again on "
+                                          "each continuation's first N tokens (a draft bench's length: long "
+                                          "greedy continuations settle into repeats); null skips it")
     context: Literal["shallow", "deep"] = Field(
         "shallow", description="what the exit heads read: shallow, the state after the exit block only (Kangaroo); "
                                "deep, also the target's final state of the previous position, which verification "

@@ -39,11 +39,12 @@ def greedy_continuations(target, prompts: torch.Tensor, new_tokens: int, *, batc
 
 
 def continuation_mask(seqs: torch.Tensor, prompt_tokens: int | torch.Tensor,
-                      eos: set[int] = frozenset()) -> torch.Tensor:
+                      eos: set[int] = frozenset(), first: int | None = None) -> torch.Tensor:
     """[N, T] bool: the positions whose next-token prediction a decoder drafts — from the last prompt
     position (it predicts the first generated token) up to the one that predicts the first
     generated EOS; positions after an EOS are text a decoder that stops there never produces.
-    ``prompt_tokens``: one length for every row, or each row's ([N], as ``greedy_fill`` returns)."""
+    ``prompt_tokens``: one length for every row, or each row's ([N], as ``greedy_fill`` returns).
+    ``first``: only the positions predicting the first ``first`` generated tokens."""
     n, t = seqs.shape
     p = torch.as_tensor(prompt_tokens)
     shown = p.tolist()
@@ -51,12 +52,16 @@ def continuation_mask(seqs: torch.Tensor, prompt_tokens: int | torch.Tensor,
     if p.shape != (n,) or int(p.min()) < 1 or int(p.max()) >= t:
         raise CompressError(f"prompt_tokens must be in 1..{t - 1} for sequences of {t} tokens, one or one per row "
                             f"({n}), got {shown}")
+    if first is not None and first < 1:
+        raise CompressError(f"first must be >= 1 generated tokens, got {first}")
     pos = torch.arange(t)[None]
     mask = pos >= p[:, None] - 1
+    if first is not None:
+        mask &= pos < p[:, None] - 1 + first
     if eos:
         is_eos = torch.isin(seqs, torch.tensor(sorted(eos), dtype=seqs.dtype)) & (pos >= p[:, None])
-        first = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((n,), t))
-        mask &= pos < first[:, None]  # position first−1 predicts the EOS: kept
+        at = torch.where(is_eos.any(1), is_eos.int().argmax(1), torch.full((n,), t))
+        mask &= pos < at[:, None]  # position at−1 predicts the EOS: kept
     return mask
 
 

@@ -17,8 +17,8 @@
 The step leaves the target unchanged. It trains the heads (compress/draft/selfspec/train.py),
 measures the depth curve on held-out windows (validation split) and, reported beside it, on the
 target's greedy continuations of held-out prompts (the text a drafter meets when decoding;
-``eval_generations``; both also per corpus), picks the depth and draft
-length with the best predicted speedup, fits a calibrator of the chosen head's confidence against
+``eval_generations``; again on their first ``eval_first_tokens``; all also per corpus), picks the
+depth and draft length with the best predicted speedup on the windows (``gamma`` pins the length), fits a calibrator of the chosen head's confidence against
 acceptance on one half of the held-out events (reporting ECE / AUROC on the other half, before
 and after) and picks the stopping threshold there. ``export: {format: self-spec}`` writes the
 heads, the manifest and the calibrator — no copy of the target: ``compress draft-bench --target
@@ -202,6 +202,12 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
         by_corpus["depth_curve_generations_by_corpus"] = _curves_by_corpus(
             events_gen, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
+        if cfg.eval_first_tokens is not None:  # a bench's length: the text before repeats set in
+            keep = continuation_mask(held_gen, held_p, eos, first=cfg.eval_first_tokens)
+            events_first = head_events(model, heads, held_gen, keep=keep, steps=steps)
+            by_corpus["depth_curve_generations_first"] = summarise_heads(events_first, heads, layers, cfg.gammas)
+            by_corpus["depth_curve_generations_first_by_corpus"] = _curves_by_corpus(
+                events_first, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
     gamma = curve[best]["best_gamma"] if cfg.gamma is None else cfg.gamma
@@ -236,7 +242,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         generation_info["prompt_lengths"] = _lengths(train_p)
     if cfg.eval_generations:
         generation_info["held_out_generations"] = {"prompts": cfg.generation_prompts, **shape,
-                                                   "sequences": int(held_gen.shape[0])}
+                                                   "sequences": int(held_gen.shape[0]),
+                                                   "first_tokens": cfg.eval_first_tokens}
         if cfg.generation_prompts == "units":
             generation_info["held_out_generations"]["prompt_lengths"] = _lengths(held_p)
     manifest = {"format": FORMAT, "target": {"source": getattr(model.config, "_name_or_path", None),
