@@ -18,9 +18,10 @@ The step leaves the target unchanged. It trains the heads (compress/draft/selfsp
 measures the depth curve on held-out windows (validation split) and, reported beside it, on the
 target's greedy continuations of held-out prompts (the text a drafter meets when decoding;
 ``eval_generations``; again on their first ``eval_first_tokens``; all also per corpus), picks the
-depth and draft length with the best predicted speedup on the windows (``gamma`` pins the length), fits a calibrator of the chosen head's confidence against
-acceptance on one half of the held-out events (reporting ECE / AUROC on the other half, before
-and after) and picks the stopping threshold there. ``export: {format: self-spec}`` writes the
+depth and draft length with the best predicted speedup on the windows (``gamma`` pins the length),
+fits a calibrator of the chosen head's confidence against acceptance on one half of the held-out
+events (reporting ECE / AUROC on the other half, before and after) and picks the stopping threshold
+there. ``export: {format: self-spec}`` writes the
 heads, the manifest and the calibrator — no copy of the target: ``compress draft-bench --target
 T --drafter DIR`` rebuilds the drafter from the target's own blocks.
 """
@@ -192,7 +193,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     steps = max(cfg.gammas) if cfg.context == "deep" else 1
     events = head_events(model, heads, held, steps=steps)
     curve = summarise_heads(events, heads, layers, cfg.gammas)
-    by_corpus = {"depth_curve_by_corpus": _curves_by_corpus(events, cfg.train_corpora,
+    more_curves = {"depth_curve_by_corpus": _curves_by_corpus(events, cfg.train_corpora,
                                                             [w.shape[0] for w in held_parts], heads, layers, cfg.gammas)}
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
@@ -200,13 +201,13 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         held_gen, held_p = _continue(cfg, model, gen_prompts, ctx.progress)
         events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, held_p, eos), steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
-        by_corpus["depth_curve_generations_by_corpus"] = _curves_by_corpus(
+        more_curves["depth_curve_generations_by_corpus"] = _curves_by_corpus(
             events_gen, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
         if cfg.eval_first_tokens is not None:  # a bench's length: the text before repeats set in
             keep = continuation_mask(held_gen, held_p, eos, first=cfg.eval_first_tokens)
             events_first = head_events(model, heads, held_gen, keep=keep, steps=steps)
-            by_corpus["depth_curve_generations_first"] = summarise_heads(events_first, heads, layers, cfg.gammas)
-            by_corpus["depth_curve_generations_first_by_corpus"] = _curves_by_corpus(
+            more_curves["depth_curve_generations_first"] = summarise_heads(events_first, heads, layers, cfg.gammas)
+            more_curves["depth_curve_generations_first_by_corpus"] = _curves_by_corpus(
                 events_first, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
@@ -257,11 +258,11 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 "depth_curve": curve, "stop": stop}
     if curve_gen is not None:
         manifest["depth_curve_generations"] = curve_gen
-    manifest.update(by_corpus)
+    manifest.update(more_curves)
     ctx.state.self_spec = SelfSpecResult(heads, manifest, calibrator, curve)
     return {"heads": list(heads), "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
             "training": manifest["training"], "depth_curve": curve,
-            **({} if curve_gen is None else {"depth_curve_generations": curve_gen}), **by_corpus, "stop": stop}
+            **({} if curve_gen is None else {"depth_curve_generations": curve_gen}), **more_curves, "stop": stop}
 
 
 def write_self_spec(model, tokenizer, folder: Path, state, spec) -> None:
