@@ -70,6 +70,11 @@ class SelfSpecConfig(UntargetedStepConfig):
                                                    "read the head's own states, as at decode time)")
     shallow_layers: list[int] = Field(default_factory=list, description="deep context: extra shallow heads (named "
                                       "k<N>-shallow) trained on the same batches, for comparison")
+    mid_layers: list[int] = Field(default_factory=list, description="deep context: extra deep heads (named k<N>-mid) "
+                                  "that also read the target's state after block mid_depth of the previous position "
+                                  "(EAGLE-3's middle layer), trained on the same batches, for comparison")
+    mid_depth: int | None = Field(None, ge=2, description="the block whose output the k<N>-mid heads read; null: "
+                                                          "half the target's blocks")
     steps: int = Field(600, ge=1)
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0, le=1)
@@ -79,7 +84,7 @@ class SelfSpecConfig(UntargetedStepConfig):
     calibrator: Literal["platt", "isotonic", "temperature", "hcal"] | None = "platt"
     seed: int = 0
 
-    @field_validator("exit_layers", "full_vocab_layers", "shallow_layers")
+    @field_validator("exit_layers", "full_vocab_layers", "shallow_layers", "mid_layers")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         bad = [k for k in v if k < 1]
@@ -92,6 +97,10 @@ class SelfSpecConfig(UntargetedStepConfig):
         if self.shallow_layers and self.context != "deep":
             raise ValueError("shallow_layers adds shallow heads beside deep ones: set context: deep, or list the "
                              "depths in exit_layers")
+        if self.mid_layers and self.context != "deep":
+            raise ValueError("mid_layers adds deep heads that also read a middle block: set context: deep")
+        if self.mid_depth is not None and not self.mid_layers:
+            raise ValueError(f"mid_depth ({self.mid_depth}) is for the heads of mid_layers, and there are none")
         return self
 
     @model_validator(mode="after")

@@ -14,7 +14,11 @@ zero-initialised linear map added to h_k: at the start of a round the head knows
 target made of the context, not only what k blocks did. For the second and later drafts of a round
 that state does not exist yet, so the head feeds itself its own normed output of the previous draft
 (the same space: it goes into the same LM head). ``forward_unrolled`` trains and scores exactly that
-recurrence on whole windows at once (EAGLE-3's "training-time test").
+recurrence on whole windows at once (EAGLE-3's "training-time test"). A deep head with a ``mid_layer``
+m (k < m < L) also reads the target's state after block m of the previous position, RMS-normalised,
+through a second zero-initialised map (EAGLE-3 fuses a low, a middle and a high layer); the verify pass
+computes that state anyway. A round's later drafts have none (their previous position is a draft): the
+term is zero there.
 
 Files (an export folder, ``self_spec.json`` naming everything): ``head-<name>.safetensors`` per
 head (layer, norm and the vocabulary map; the trimmed LM-head rows are re-gathered from the
@@ -118,7 +122,8 @@ class ExitHead(nn.Module):
     """One decoder layer + RMSNorm + a trimmed LM head, reading the target's hidden state after
     block ``exit_layer`` (parameters float32 for training; cast for inference)."""
 
-    def __init__(self, target, exit_layer: int, vocab_map: torch.Tensor, context: str = "shallow"):
+    def __init__(self, target, exit_layer: int, vocab_map: torch.Tensor, context: str = "shallow",
+                 mid_layer: int | None = None):
         super().__init__()
         if context not in CONTEXTS:
             raise CompressError(f"head context must be one of {', '.join(CONTEXTS)}, got {context!r}")
@@ -131,6 +136,12 @@ class ExitHead(nn.Module):
                                 f"{len(layers)} blocks; the drafter runs the first exit_layer of them), got {exit_layer!r}")
         check_vocabulary(vocab_map, target.lm_head.weight.shape[0], eos_ids(target))
         self.exit_layer = exit_layer
+        if mid_layer is not None and (context != "deep" or isinstance(mid_layer, bool) or not isinstance(mid_layer, int)
+                                      or not exit_layer < mid_layer < len(layers)):
+            raise CompressError(f"mid_layer must be an integer in {exit_layer + 1}..{len(layers) - 1} (after the exit "
+                                f"block, before the last; the verify pass computes its state) and needs context "
+                                f"'deep', got {mid_layer!r} with context {context!r}")
+        self.mid_layer = mid_layer
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.act = getattr(cfg, "hidden_act", "silu")
@@ -147,6 +158,8 @@ class ExitHead(nn.Module):
         # deep context: the previous position's final (normed) state, mapped into the residual stream;
         # zero at the start, so a deep head begins as the shallow head it extends
         self.wf = nn.Parameter(torch.zeros_like(self.wo, dtype=torch.float32)) if context == "deep" else None
+        # ... and (mid_layer) the previous position's normed state after block m, the same way
+        self.wm = nn.Parameter(torch.zeros_like(self.wo, dtype=torch.float32)) if mid_layer is not None else None
         self.n_q, self.n_kv = a.q_proj.out_features // self.head_dim, a.k_proj.out_features // self.head_dim
         self.register_buffer("vocab_map", vocab_map.long().clone())
         # the trimmed LM head: rows of the target's head, frozen (not a parameter, not saved)
@@ -161,7 +174,7 @@ class ExitHead(nn.Module):
     def with_vocabulary(self, target, vocab_map: torch.Tensor) -> "ExitHead":
         """The same trained head over another vocabulary (e.g. ``torch.arange(V)``, untrimmed): its
         LM rows are the target's, frozen, so only the rows it scores change."""
-        head = ExitHead(target, self.exit_layer, vocab_map, context=self.context)
+        head = ExitHead(target, self.exit_layer, vocab_map, context=self.context, mid_layer=self.mid_layer)
         missing, unexpected = head.load_state_dict({k: v for k, v in self.state_dict().items() if k != "vocab_map"},
                                                    strict=False)
         if missing != ["vocab_map"] or unexpected:
@@ -171,13 +184,22 @@ class ExitHead(nn.Module):
     def trainable(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def fuse(self, h: torch.Tensor, prev: torch.Tensor | None) -> torch.Tensor:
-        """The head's input: h_k, plus (deep context) the mapped final state ``prev`` of the position before."""
+    def fuse(self, h: torch.Tensor, prev: torch.Tensor | None, prev_mid: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's input: h_k, plus (deep context) the mapped final state ``prev`` of the position before,
+        plus (a mid layer) its mapped normed state ``prev_mid`` after block m (None: the term is zero)."""
         if self.wf is None:
             return h
         if prev is None:
             raise CompressError("a deep-context head needs the previous positions' final states")
-        return h + F.linear(prev.to(h.dtype), self.wf.to(h.dtype))
+        x = h + F.linear(prev.to(h.dtype), self.wf.to(h.dtype))
+        if self.wm is not None and prev_mid is not None:
+            x = x + F.linear(prev_mid.to(h.dtype), self.wm.to(h.dtype))
+        return x
+
+    def mid_state(self, h: torch.Tensor) -> torch.Tensor:
+        """What the mid map reads: the state after block m, RMS-normalised without a weight (the residual
+        stream's scale grows with depth)."""
+        return _rms(h, torch.ones(h.shape[-1], dtype=h.dtype, device=h.device), self.eps)
 
     def _qkv(self, x: torch.Tensor, cos, sin):
         b, t, _ = x.shape
@@ -205,15 +227,16 @@ class ExitHead(nn.Module):
         return F.linear(state, self.lm_rows.to(state.dtype)).float()
 
     def forward_sequence(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         final: torch.Tensor | None = None) -> torch.Tensor:
+                         final: torch.Tensor | None = None, mid: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced: h [B, T, hidden] (the target's state after ``exit_layer`` blocks) at
         positions 0..T−1 (``cos``/``sin`` [T, head_dim]) -> trimmed logits [B, T, N] (float32).
         A deep head also takes ``final`` [B, T, hidden], the target's final-normed states: each
-        position reads the one before it (zeros at position 0) — a round's first draft."""
-        return self.forward_unrolled(h, cos, sin, final, steps=1)[0]
+        position reads the one before it (zeros at position 0) — a round's first draft; a head with a
+        mid layer also ``mid`` [B, T, hidden], the target's states after block m (un-normed)."""
+        return self.forward_unrolled(h, cos, sin, final, steps=1, mid=mid)[0]
 
     def forward_unrolled(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         final: torch.Tensor | None, steps: int) -> list[torch.Tensor]:
+                         final: torch.Tensor | None, steps: int, mid: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Trimmed logits [B, T, N] of drafts 1..``steps`` of a round, teacher-forced on every window position.
 
         Step s at position p is the s-th draft of a round begun at r = p − s + 1: its input is h_k(p) plus the
@@ -221,12 +244,16 @@ class ExitHead(nn.Module):
         the committed positions ≤ r through their step-1 keys (the loop recomputes a committed position's
         head state from the target's final states) and to r+1..p through the keys of the steps that drafted
         them. Positions p < s − 1 (a round begun before the window) hold no meaning. A shallow head's drafts
-        do not depend on the step: its steps are all step 1."""
+        do not depend on the step: its steps are all step 1. A head with a mid layer reads ``mid`` (the
+        target's states after block m) of p − 1 at step 1 only: at later steps p − 1 is a draft."""
         if steps < 1:
             raise CompressError(f"steps must be >= 1, got {steps}")
+        if (self.wm is not None) != (mid is not None):
+            raise CompressError(f"a head with mid_layer {self.mid_layer} needs the target's states after that "
+                                f"block, and only such a head takes them")
         b, t, _ = h.shape
         shift = lambda z: F.pad(z[:, :-1], (0, 0, 1, 0))  # noqa: E731  position p reads p − 1; zeros at 0
-        x = self.fuse(h, None if final is None else shift(final))
+        x = self.fuse(h, None if final is None else shift(final), None if mid is None else shift(self.mid_state(mid)))
         q, k1, v1 = self._qkv(x, cos, sin)
         attn = F.scaled_dot_product_attention(q, k1, v1, is_causal=True, scale=self.head_dim ** -0.5)
         state = self._finish(x, attn)
@@ -272,18 +299,23 @@ class ExitHead(nn.Module):
 
     def save_as(self, folder: Path, name: str, dtype: torch.dtype = torch.bfloat16) -> str:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in self.state().items()}
-        save_file(tensors, str(Path(folder) / name), metadata={"exit_layer": str(self.exit_layer),
-                                                               "context": self.context})
+        meta = {"exit_layer": str(self.exit_layer), "context": self.context,
+                **({} if self.mid_layer is None else {"mid_layer": str(self.mid_layer)})}
+        save_file(tensors, str(Path(folder) / name), metadata=meta)
         return name
 
     @classmethod
     def load(cls, target, path: Path, exit_layer: int, fingerprint: dict | None,
-             context: str = "shallow") -> "ExitHead":
+             context: str = "shallow", mid_layer: int | None = None) -> "ExitHead":
         if fingerprint is not None and fingerprint != target_fingerprint(target):
             raise CompressError(f"{path} holds a head trained for another target ({fingerprint}); the target "
                                 f"given is {target_fingerprint(target)}: train a head for this target")
         tensors = load_file(str(path))
-        head = cls(target, exit_layer, tensors.pop("vocab_map"), context="deep" if "wf" in tensors else context)
+        if ("wm" in tensors) != (mid_layer is not None):
+            raise CompressError(f"{path}: the manifest gives mid_layer {mid_layer}, the file "
+                                f"{'has' if 'wm' in tensors else 'lacks'} its map (wm)")
+        head = cls(target, exit_layer, tensors.pop("vocab_map"), context="deep" if "wf" in tensors else context,
+                   mid_layer=mid_layer)
         own = dict(head.named_parameters())
         if set(tensors) != set(own):
             raise CompressError(f"{path}: head tensors {sorted(tensors)} do not match {sorted(own)}")
@@ -320,8 +352,9 @@ class HeadAsModel(nn.Module):
         # a deep head reads the previous position's final state (a round's first draft)
         out, final = forward_with_final(self.target, input_ids=input_ids, output_hidden_states=True, use_cache=False)
         x = out.hidden_states[self.head.exit_layer]
+        mid = None if self.head.mid_layer is None else out.hidden_states[self.head.mid_layer]
         cos, sin = self.target.model.rotary_emb(x, torch.arange(x.shape[1], device=x.device)[None])
-        trimmed = self.head.forward_sequence(x, cos[0], sin[0], final)
+        trimmed = self.head.forward_sequence(x, cos[0], sin[0], final, mid)
         full = trimmed.new_full((*trimmed.shape[:-1], self.target.lm_head.weight.shape[0]), float("-inf"))
         full[..., self.head.vocab_map.to(full.device)] = trimmed
         return SimpleNamespace(logits=full[:, -logits_to_keep:] if logits_to_keep else full)

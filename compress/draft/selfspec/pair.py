@@ -73,6 +73,11 @@ class SelfSpecPair:
         # deep context: the map of the previous position's final state, and the final states themselves
         self.wf = head.wf.detach().to(device=e.device, dtype=e.dtype) if self.deep else None
         self.final = torch.zeros_like(self.hidden) if self.deep else None
+        # a mid layer: its map and the target's normed states after block m (zero rows for drafts)
+        self.mid_layer = getattr(head, "mid_layer", None)
+        self.wm = None if self.mid_layer is None else head.wm.detach().to(device=e.device, dtype=e.dtype)
+        self.mid = None if self.mid_layer is None else torch.zeros_like(self.hidden)
+        self.ones = torch.ones(e.config.hidden_size, device=e.device, dtype=e.dtype)
         self.graphs = StepGraphs(e.device, graphs)
         # prefills padded to a bucket's rows and replayed (engine.prefill_bucket); their own graphs, so a
         # failed capture there leaves the decode graphs on
@@ -100,15 +105,21 @@ class SelfSpecPair:
                                       t.wd, self.head_k, self.head_v, slots, t.n_q, t.n_kv, e.head_dim, e.eps,
                                       e.scale, e.act)
 
-    def _prev_final(self, pos: torch.Tensor) -> torch.Tensor:
-        """The final states of positions pos − 1 (zeros at position 0), graph-safe."""
-        prev = self.final.index_select(0, (pos - 1).clamp(min=0))
+    @staticmethod
+    def _prev(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``rows`` of positions pos − 1 (zeros at position 0), graph-safe."""
+        prev = rows.index_select(0, (pos - 1).clamp(min=0))
         return prev * (pos > 0).unsqueeze(-1).to(prev.dtype)
 
     def _fuse(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The head's input for rows h at ``pos``: a deep head adds the mapped final state of each row's
-        position before (``final``); a shallow head reads h alone."""
-        return h + torch.nn.functional.linear(self._prev_final(pos), self.wf) if self.deep else h
+        position before (``final``), a mid layer its mapped mid state (``mid``); a shallow head reads h alone."""
+        if not self.deep:
+            return h
+        x = h + torch.nn.functional.linear(self._prev(self.final, pos), self.wf)
+        if self.mid is not None:
+            x = x + torch.nn.functional.linear(self._prev(self.mid, pos), self.wm)
+        return x
 
     def _head(self, h: torch.Tensor, pos: torch.Tensor, write: bool = False) -> torch.Tensor:
         """Exit head on rows h at ``pos`` (writing its KV): trimmed logits of the last row, float32.
@@ -120,6 +131,8 @@ class SelfSpecPair:
         state = _rms(x[-1:], self.norm, self.engine.eps)
         if self.deep and write:
             self.final.index_copy_(0, pos[-1:], state)
+            if self.mid is not None:  # a drafted position has no mid state: the next draft reads zeros
+                self.mid.index_fill_(0, pos[-1:], 0)
         return torch.nn.functional.linear(state, self.lm_rows).float()[0]
 
     def _head_kv(self, h: torch.Tensor, pos: torch.Tensor) -> None:
@@ -144,11 +157,22 @@ class SelfSpecPair:
     def _deep_states(self, pos: torch.Tensor) -> torch.Tensor:
         """The deep blocks on the rows at ``pos`` (reading h_k from the buffer) and the final norm: the
         states the LM head reads, kept in ``final`` for a deep head."""
-        e = self.engine
-        state = e.norm(e.run_layers(self.hidden[pos], pos, self.k, e.num_layers))
+        state = self.engine.norm(self.deep_blocks(self.hidden[pos], pos))
         if self.final is not None:
             self.final.index_copy_(0, pos, state)
         return state
+
+    def deep_blocks(self, h: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks k..L−1 on rows h (``engine.run_layers``); with a mid layer m the pass stops after block m
+        to keep the rows' normed states in ``mid`` (at ``slots``, default the positions): the same layers,
+        in the same order, so the target's numbers do not change."""
+        e = self.engine
+        if self.mid is None:
+            return e.run_layers(h, pos, self.k, e.num_layers, slots=slots, mask=mask)
+        h = e.run_layers(h, pos, self.k, self.mid_layer, slots=slots, mask=mask)
+        self.mid.index_copy_(0, pos if slots is None else slots, _rms(h, self.ones, e.eps))
+        return e.run_layers(h, pos, self.mid_layer, e.num_layers, slots=slots, mask=mask)
 
     def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
         # the head over all rows: a row's logits never depend on `keep` (engine.final = lm_head(norm(h)))

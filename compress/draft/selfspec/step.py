@@ -12,6 +12,7 @@
       context: deep                   # or shallow (default): also read the target's final state
       unroll: 3                       #   of the previous position; train 3 drafts of a round together
       shallow_layers: [3]             #   (+ shallow heads on the same batches, for comparison)
+      mid_layers: [3]                 #   (+ deep heads that also read block mid_depth's state, likewise)
       steps: 600
 
 The step leaves the target unchanged. It trains the heads (compress/draft/selfspec/train.py),
@@ -148,9 +149,13 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     """Shared-prefix self-drafter: distil exit heads at several depths, pick one, calibrate its stop."""
 
     layers = model.config.num_hidden_layers
-    for k in cfg.exit_layers + cfg.full_vocab_layers + cfg.shallow_layers:
+    for k in cfg.exit_layers + cfg.full_vocab_layers + cfg.shallow_layers + cfg.mid_layers:
         if k >= layers:
             raise CompressError(f"{ctx.where}: exit layer {k} must be below the target's {layers} blocks")
+    mid_depth = layers // 2 if cfg.mid_depth is None else cfg.mid_depth
+    if cfg.mid_layers and not max(cfg.mid_layers) < mid_depth < layers:
+        raise CompressError(f"{ctx.where}: mid_depth {mid_depth} must lie after every exit block of mid_layers "
+                            f"{cfg.mid_layers} and before the target's last block ({layers - 1})")
     p_len, g_len = cfg.generation_shape
     max_pos = getattr(model.config, "max_position_embeddings", None)
     uses_generations = cfg.train_source != "corpus" or cfg.eval_generations
@@ -187,6 +192,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     specs = {f"k{k}": (k, trimmed, cfg.context) for k in cfg.exit_layers}
     specs.update({f"k{k}-full": (k, full, cfg.context) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
     specs.update({f"k{k}-shallow": (k, trimmed, "shallow") for k in cfg.shallow_layers})
+    specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth) for k in cfg.mid_layers})
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                    seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll)
     # a deep head's later drafts read its own states: score every draft of the longest round considered
@@ -250,6 +256,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     manifest = {"format": FORMAT, "target": {"source": getattr(model.config, "_name_or_path", None),
                                              **target_fingerprint(model)},
                 "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "context": h.context,
+                              **({} if h.mid_layer is None else {"mid_layer": h.mid_layer}),
                               "file": f"head-{n}.safetensors"} for n, h in heads.items()},
                 "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
                 "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
@@ -288,7 +295,8 @@ def load_self_spec(folder, target, head: str | None = None):
     info = manifest["heads"][name]
     fp = {k: manifest["target"][k] for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size",
                                             "weights_sha256")}
-    exit_head = ExitHead.load(target, folder / info["file"], info["exit_layer"], fp, info.get("context", "shallow"))
+    exit_head = ExitHead.load(target, folder / info["file"], info["exit_layer"], fp, info.get("context", "shallow"),
+                              info.get("mid_layer"))
     cal_dir = folder / CALIBRATOR_DIR
     calibrator = load_lm_calibrator(cal_dir) if cal_dir.is_dir() else None
     return exit_head.to(next(target.parameters()).device), manifest, calibrator

@@ -53,11 +53,22 @@ def _teacher(target, ids: torch.Tensor, exit_layers, final: bool = False):
     return {k: out.hidden_states[k] for k in exit_layers}, out.logits, states
 
 
-def _drafts_loss(head, hidden, cos, sin, final, p, mask, unroll: int) -> torch.Tensor:
+def _depths(heads) -> list[int]:
+    """The blocks whose output the heads read: their exit blocks and their mid layers."""
+    return sorted({h.exit_layer for h in heads.values()} |
+                  {h.mid_layer for h in heads.values() if h.mid_layer is not None})
+
+
+def _unrolled(head, hidden: dict, cos, sin, final, steps: int) -> list[torch.Tensor]:
+    mid = None if head.mid_layer is None else hidden[head.mid_layer]
+    return head.forward_unrolled(hidden[head.exit_layer], cos, sin, final, steps, mid=mid)
+
+
+def _drafts_loss(head, hidden: dict, cos, sin, final, p, mask, unroll: int) -> torch.Tensor:
     """Cross-entropy against the target's distribution ``p``, averaged over a round's first ``unroll``
     drafts (deep context; a shallow head's drafts are all its first): step s counts at positions
     p >= s − 1, where its round begins inside the window."""
-    steps = head.forward_unrolled(hidden, cos, sin, final, unroll if head.context == "deep" else 1)
+    steps = _unrolled(head, hidden, cos, sin, final, unroll if head.context == "deep" else 1)
     total = 0.0
     for s, logits in enumerate(steps, start=1):
         ce = -(p * F.log_softmax(logits, -1)).sum(-1)  # [B, T]
@@ -89,7 +100,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
     device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     heads = {name: ExitHead(target, spec[0], spec[1], *spec[2:]).to(device) for name, spec in specs.items()}
-    depths = sorted({h.exit_layer for h in heads.values()})
+    depths = _depths(heads)
     deep = any(h.context == "deep" for h in heads.values())
     params = [p for h in heads.values() for p in h.trainable()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.95))
@@ -108,7 +119,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
         opt.zero_grad(set_to_none=True)
         for name, head in heads.items():  # backward head by head: one head's activations at a time
             p = p_full[..., head.vocab_map]  # the target's mass on this head's ids
-            loss = _drafts_loss(head, hidden[head.exit_layer], cos, sin, final, p, mask, unroll)
+            loss = _drafts_loss(head, hidden, cos, sin, final, p, mask, unroll)
             loss.backward()
             losses[name].append(float(loss.detach()))
             del p, loss
@@ -145,12 +156,12 @@ def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, ba
                **({"agree_steps": []} if h.context == "deep" and steps > 1 else {})} for k, h in heads.items()}
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s:s + batch_size].to(device)
-        hidden, logits, final = _teacher(target, ids, sorted({h.exit_layer for h in heads.values()}), final=deep)
+        hidden, logits, final = _teacher(target, ids, _depths(heads), final=deep)
         p = torch.softmax(logits.float()[:, :-1], -1)
         t_arg = p.argmax(-1)
         for k, head in heads.items():
             many = "agree_steps" in out[k]
-            all_steps = head.forward_unrolled(hidden[head.exit_layer], cos, sin, final, steps if many else 1)
+            all_steps = _unrolled(head, hidden, cos, sin, final, steps if many else 1)
             q_trim = torch.softmax(all_steps[0][:, :-1], -1)
             conf, idx = q_trim.max(-1)
             vmap = head.vocab_map.to(device)

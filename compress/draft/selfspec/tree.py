@@ -241,7 +241,7 @@ def target_tokens(pair, buf: TreeBuffers, node_tokens: torch.Tensor, root: torch
     slots = torch.cat([root, buf.scratch])
     pos = torch.cat([root, root + buf.offset])
     mask = torch.cat([e.slots.unsqueeze(0) <= root, node_mask(pair, buf, everyone, root)])
-    h = e.run_layers(pair.hidden.index_select(0, slots), pos, pair.k, e.num_layers, slots=slots, mask=mask)
+    h = pair.deep_blocks(pair.hidden.index_select(0, slots), pos, slots=slots, mask=mask)
     if pair.final is None:
         return e.final(h).float().argmax(-1)
     state = e.norm(h)  # engine.final(h) = lm_head(norm(h)), split to keep the target's final states
@@ -251,7 +251,7 @@ def target_tokens(pair, buf: TreeBuffers, node_tokens: torch.Tensor, root: torch
 
 def tree_commit(pair, src: torch.Tensor, dst: torch.Tensor) -> None:
     """Copy the accepted nodes' state (every layer's KV, the head's KV, h_k and, with a deep head, the
-    target's final states) from scratch slots to the positions after the root."""
+    target's final states and mid states) from scratch slots to the positions after the root."""
     e = pair.engine
     caches = (pair.head_k, pair.head_v)
     if e.kv is not None:  # every layer's keys and values in one tensor [2, layers, heads, slots, dim]
@@ -260,6 +260,6 @@ def tree_commit(pair, src: torch.Tensor, dst: torch.Tensor) -> None:
         caches = (*e.k, *e.v, *caches)
     for cache in caches:
         cache.index_copy_(1, dst, cache.index_select(1, src))
-    for rows in (pair.hidden, pair.final):
+    for rows in (pair.hidden, pair.final, pair.mid):
         if rows is not None:
             rows.index_copy_(0, dst, rows.index_select(0, src))
