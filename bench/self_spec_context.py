@@ -1,14 +1,15 @@
 """Shallow vs deep-context exit heads at the same depth, trained together on the same batches.
 
     python bench/self_spec_context.py --model smollm2-135m --exit-layer 2 --steps 300 \
-        --out bench/results/draft/context-smollm2-cpu.json [--device cuda --dtype bfloat16]
+        --out bench/results/draft/context-smollm2-cpu.json [--device cuda --dtype bfloat16] [--mid-depth M]
 
 Both heads read h_k after block k; the deep one also reads the target's final state of the previous
 position (compress/draft/selfspec/head.py). One target forward per batch serves both (distill_heads),
 so the two differ only in what they read. Held-out: validation windows of the same corpora; every
 draft of a round scored (per-draft agreement, τ(γ) by a round-by-round replay, the predicted speedup
 τ / (v + γ·c) of train.py's cost model). A CPU run here says which head agrees more; the speed
-question needs the GPU (compress draft-bench).
+question needs the GPU (compress draft-bench). ``--mid-depth M`` adds a third head, deep and also reading
+the target's state after block M of the previous position (``ExitHead(mid_layer=M)``).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--gammas", default="1,2,3,4")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--mid-depth", type=int, default=None, help="add a deep head that also reads block M's state")
+    ap.add_argument("--no-shallow", action="store_true", help="leave the shallow head out (deep against mid)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -58,7 +61,10 @@ def main(argv=None) -> dict:
     lm_rows = model.lm_head.weight.shape[0]
     vocab = trimmed_vocabulary(train.tolist(), args.vocab_size, vocab_size=lm_rows, always=eos_ids(model))
     k = args.exit_layer
-    specs = {f"shallow-k{k}": (k, vocab, "shallow"), f"deep-k{k}": (k, vocab, "deep")}
+    specs = {} if args.no_shallow else {f"shallow-k{k}": (k, vocab, "shallow")}
+    specs[f"deep-k{k}"] = (k, vocab, "deep")
+    if args.mid_depth is not None:
+        specs[f"mid{args.mid_depth}-k{k}"] = (k, vocab, "deep", args.mid_depth)
     t0 = time.perf_counter()
     heads, history = distill_heads(model, train, specs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    seed=args.seed, unroll=args.unroll)
