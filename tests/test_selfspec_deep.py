@@ -27,20 +27,16 @@ def _causal_states(head, xs, cos, sin):
     return head._finish(xs, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head.head_dim ** -0.5))
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_unrolled_steps_equal_drafting_a_round_position_by_position(arch):
-    """Step s at p = the s-th draft of a round begun at p - s + 1, built the slow way: the committed positions
-    from the target's final states, then each draft from the head's own state of the draft before."""
-    model, head, h, final, cos, sin = _setup(arch)
-    steps, t = 3, h.shape[1]
-    got = head.forward_unrolled(h, cos, sin, final, steps)
-    prev = F.pad(final[:, :-1], (0, 0, 1, 0))
-    checked = 0
+def check_round_by_round(head, got, h, first, cos, sin) -> int:
+    """``got`` (``forward_unrolled``'s steps) against rounds built the slow way: a round begun at r reads
+    ``first`` (the head's fused step-1 inputs) at the committed positions ≤ r, then each draft the head's own
+    state of the draft before. Returns how many later drafts were checked."""
+    t, checked = h.shape[1], 0
     for r in range(t):
-        xs = head.fuse(h[:, :r + 1], prev[:, :r + 1])
+        xs = first[:, :r + 1]
         states = _causal_states(head, xs, cos, sin)
         assert torch.allclose(got[0][:, r], head.logits(states[:, -1]), atol=1e-5)
-        for s in range(2, steps + 1):
+        for s in range(2, len(got) + 1):
             p = r + s - 1
             if p >= t:
                 break
@@ -48,7 +44,17 @@ def test_unrolled_steps_equal_drafting_a_round_position_by_position(arch):
             states = _causal_states(head, xs, cos, sin)
             assert torch.allclose(got[s - 1][:, p], head.logits(states[:, -1]), atol=1e-5), (r, s)
             checked += 1
-    assert checked == 2 * t - 3  # every (round start, step) pair inside the window
+    return checked
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_unrolled_steps_equal_drafting_a_round_position_by_position(arch):
+    """Step s at p = the s-th draft of a round begun at p - s + 1, built the slow way: the committed positions
+    from the target's final states, then each draft from the head's own state of the draft before."""
+    model, head, h, final, cos, sin = _setup(arch)
+    got = head.forward_unrolled(h, cos, sin, final, 3)
+    checked = check_round_by_round(head, got, h, head.fuse(h, F.pad(final[:, :-1], (0, 0, 1, 0))), cos, sin)
+    assert checked == 2 * h.shape[1] - 3  # every (round start, step) pair inside the window
 
 
 def test_a_new_deep_head_starts_as_the_shallow_head():

@@ -37,6 +37,17 @@ def _record_tree_rounds(pair):
     return rounds
 
 
+def node_inputs(tree, seq: torch.Tensor, root: int, nodes: list[int]):
+    """Per node of a round rooted at ``root``: (node, the committed prefix up to the root + its ancestors'
+    tokens, its depth, its rank) — what the head run by hand reads to draft it."""
+    for i in range(tree.size):
+        path, j = [], tree.parent[i]
+        while j >= 0:
+            path.insert(0, nodes[j])
+            j = tree.parent[j]
+        yield i, torch.cat([seq[:root + 1], torch.tensor(path, dtype=seq.dtype)]), tree.depth[i], tree.rank[i]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_deep_head_tree_drafting_is_token_identical_to_the_targets_greedy_output(arch):
     model = _target(arch)
@@ -104,13 +115,7 @@ def test_every_deep_tree_node_is_the_heads_choice_along_its_path(k):
         accepted += sum(res.accepted)
         seq = torch.cat([prompt, res.tokens])
         for root, nodes in rounds:
-            for i in range(tree.size):
-                path, j = [], tree.parent[i]
-                while j >= 0:
-                    path.insert(0, nodes[j])
-                    j = tree.parent[j]
-                d, rank = tree.depth[i], tree.rank[i]
-                inputs = torch.cat([seq[:root + 1], torch.tensor(path, dtype=seq.dtype)])
+            for i, inputs, d, rank in node_inputs(tree, seq, root, nodes):
                 logits = _unrolled_logits(model, head, inputs, d)[d - 1][root + d - 1]
                 want = int(head.vocab_map[logits.topk(rank + 1).indices[rank]])
                 assert nodes[i] == want, (root, i, d, rank)

@@ -13,6 +13,7 @@ from compress.draft.selfspec.head import ExitHead, forward_with_final, trimmed_v
 from compress.draft.selfspec.pair import SelfSpecPair
 from compress.errors import CompressError, RecipeError
 from tests.test_selfspec import EOS, NEW, _prompts, _target
+from tests.test_selfspec_deep import check_round_by_round
 from tests.test_selfspec_deep_pair import _Recorder
 from tests.tiny import tiny_model, tiny_model_dir
 
@@ -38,11 +39,6 @@ def _states(model, ids: torch.Tensor):
     return h, mid, final, cos[0], sin[0]
 
 
-def _causal_states(head, xs, cos, sin):
-    q, k, v = head._qkv(xs, cos[:xs.shape[1]], sin[:xs.shape[1]])
-    return head._finish(xs, F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=head.head_dim ** -0.5))
-
-
 def test_unrolled_steps_read_the_mid_state_at_the_first_draft_only():
     """Step 1 at p reads the target's final and mid states of p − 1; step s ≥ 2 the head's own state of the
     draft before and no mid state (a draft has none) — built round by round the slow way."""
@@ -50,24 +46,10 @@ def test_unrolled_steps_read_the_mid_state_at_the_first_draft_only():
     head = _mid_head(model, scale=0.05)
     ids = torch.randint(0, 200, (2, 10), generator=torch.Generator().manual_seed(1))
     h, mid, final, cos, sin = _states(model, ids)
-    steps, t = 3, h.shape[1]
-    got = head.forward_unrolled(h, cos, sin, final, steps, mid=mid)
+    got = head.forward_unrolled(h, cos, sin, final, 3, mid=mid)
     shift = lambda z: F.pad(z[:, :-1], (0, 0, 1, 0))  # noqa: E731
-    prev, prev_mid = shift(final), shift(head.mid_state(mid))
-    checked = 0
-    for r in range(t):
-        xs = head.fuse(h[:, :r + 1], prev[:, :r + 1], prev_mid[:, :r + 1])
-        states = _causal_states(head, xs, cos, sin)
-        assert torch.allclose(got[0][:, r], head.logits(states[:, -1]), atol=1e-5)
-        for s in range(2, steps + 1):
-            p = r + s - 1
-            if p >= t:
-                break
-            xs = torch.cat([xs, head.fuse(h[:, p:p + 1], states[:, -1:])], 1)
-            states = _causal_states(head, xs, cos, sin)
-            assert torch.allclose(got[s - 1][:, p], head.logits(states[:, -1]), atol=1e-5), (r, s)
-            checked += 1
-    assert checked == 2 * t - 3
+    first = head.fuse(h, shift(final), shift(head.mid_state(mid)))  # later drafts: fuse(h, own state), no mid
+    assert check_round_by_round(head, got, h, first, cos, sin) == 2 * h.shape[1] - 3
     # the mid term counts: without it step 1 differs; with a zero map the head is the plain deep head
     deep = ExitHead(model, 1, head.vocab_map, context="deep")
     with torch.no_grad():
@@ -200,7 +182,7 @@ def test_every_tree_node_of_a_mid_head_is_its_choice_along_the_path_and_commits_
     hand along its path; accepted nodes' mid states are copied to their positions (the next round's catch-up
     reads them), so afterwards every committed position holds the target's normed state after block m."""
     from compress.draft.selfspec.tree import DraftTree
-    from tests.test_selfspec_deep_tree import WIDE, _record_tree_rounds
+    from tests.test_selfspec_deep_tree import WIDE, _record_tree_rounds, node_inputs
     model = _skipping_target()
     tree = DraftTree(WIDE)
     head = _mid_head(model, scale=1e-4)
@@ -213,13 +195,7 @@ def test_every_tree_node_of_a_mid_head_is_its_choice_along_the_path_and_commits_
         accepted += sum(res.accepted)
         seq = torch.cat([prompt, res.tokens])
         for root, nodes in rounds:
-            for i in range(tree.size):
-                path, j = [], tree.parent[i]
-                while j >= 0:
-                    path.insert(0, nodes[j])
-                    j = tree.parent[j]
-                d, rank = tree.depth[i], tree.rank[i]
-                inputs = torch.cat([seq[:root + 1], torch.tensor(path, dtype=seq.dtype)])
+            for i, inputs, d, rank in node_inputs(tree, seq, root, nodes):
                 h, mid, final, cos, sin = _states(model, inputs[None])
                 logits = head.forward_unrolled(h, cos, sin, final, d, mid=mid)[d - 1][0, root + d - 1]
                 assert nodes[i] == int(head.vocab_map[logits.topk(rank + 1).indices[rank]]), (root, i)
