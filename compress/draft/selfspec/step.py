@@ -22,9 +22,9 @@ target's greedy continuations of held-out prompts (the text a drafter meets when
 depth and draft length with the best predicted speedup on the windows (``gamma`` pins the length),
 fits a calibrator of the chosen head's confidence against acceptance on one half of the held-out
 events (reporting ECE / AUROC on the other half, before and after) and picks the stopping threshold
-there. ``export: {format: self-spec}`` writes the
-heads, the manifest and the calibrator — no copy of the target: ``compress draft-bench --target
-T --drafter DIR`` rebuilds the drafter from the target's own blocks.
+there. ``export: {format: self-spec}`` writes the heads, the manifest and the calibrator — no copy of
+the target: ``compress draft-bench --target T --drafter DIR`` rebuilds the drafter from the target's
+own blocks.
 """
 from __future__ import annotations
 
@@ -200,7 +200,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     events = head_events(model, heads, held, steps=steps)
     curve = summarise_heads(events, heads, layers, cfg.gammas)
     more_curves = {"depth_curve_by_corpus": _curves_by_corpus(events, cfg.train_corpora,
-                                                            [w.shape[0] for w in held_parts], heads, layers, cfg.gammas)}
+                                                              [w.shape[0] for w in held_parts], heads, layers,
+                                                              cfg.gammas)}
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
         gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
