@@ -10,7 +10,7 @@ from compress.draft import target_generate
 from compress.draft.selfspec import step as selfspec_step
 from compress.draft.selfspec.config import SelfSpecConfig
 from compress.draft.selfspec.generations import continuation_mask, greedy_continuations
-from compress.draft.selfspec.train import distill_heads, head_events
+from compress.draft.selfspec.train import distill_heads, first_events, head_events
 from compress.errors import CompressError, RecipeError
 from tests.tiny import TEXT, byte_tokenizer, tiny_model, tiny_model_dir
 
@@ -63,6 +63,33 @@ def test_continuation_mask_starts_at_the_last_prompt_token_and_stops_at_eos():
     assert continuation_mask(seqs, torch.tensor([2, 3, 1, 4]), first=1).sum(1).tolist() == [1, 1, 1, 1]
     with pytest.raises(CompressError, match="first must be >= 1"):
         continuation_mask(seqs, 3, first=0)
+
+
+def test_cutting_the_events_to_the_first_tokens_is_a_pass_with_the_cut_mask():
+    """The report's first-N curve reuses the held-out pass: its events cut to each row's first N kept positions
+    equal a second pass over the mask cut at N, for rows of different prompt lengths, an EOS inside the cut and
+    later drafts of a deep head."""
+    from compress.draft.selfspec.head import ExitHead
+    model = _target()
+    seqs = greedy_continuations(model, _prompts(3, 8), 10, progress=False)
+    seqs[1, 9] = EOS  # row 1 (prompt 6): its 4th generated token, inside the first 5
+    lens = torch.tensor([8, 6, 4])
+    torch.manual_seed(0)
+    deep = ExitHead(model, 1, torch.arange(264), context="deep")
+    with torch.no_grad():
+        deep.wf.normal_(0, 1e-3)
+    heads = {"k1": ExitHead(model, 2, torch.arange(264)), "k1d": deep}
+    full = head_events(model, heads, seqs, keep=continuation_mask(seqs, lens, {EOS}), steps=3)
+    want = head_events(model, heads, seqs, keep=continuation_mask(seqs, lens, {EOS}, first=5), steps=3)
+    got = first_events(full, 5)
+    for name in heads:
+        assert set(got[name]) == set(want[name])
+        assert got[name]["agree"] == want[name]["agree"] and got[name]["confidence"] == want[name]["confidence"]
+        assert all(torch.equal(a, b) for a, b in zip(got[name]["overlap"], want[name]["overlap"]))
+    assert got["k1d"]["agree_steps"] == want["k1d"]["agree_steps"]
+    assert [len(a) for a in got["k1"]["agree"]] == [5, 4, 5]  # row 1: up to the position predicting its EOS
+    with pytest.raises(CompressError, match="first must be >= 1"):
+        first_events(full, 0)
 
 
 def test_the_loss_mask_restricts_the_loss_and_an_all_ones_mask_is_the_plain_mean():

@@ -41,8 +41,8 @@ from compress.draft.selfspec.config import SelfSpecConfig
 from compress.draft.selfspec.generations import continuation_mask, greedy_fill, unit_end_prompts, unit_prompts
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
-from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, head_events,
-                                           summarise_heads)
+from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, first_events,
+                                           head_events, summarise_heads)
 from compress.errors import CompressError
 from compress.formats.calibrator import load_lm_calibrator
 
@@ -211,8 +211,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         more_curves["depth_curve_generations_by_corpus"] = _curves_by_corpus(
             events_gen, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
         if cfg.eval_first_tokens is not None:  # a bench's length: the text before repeats set in
-            keep = continuation_mask(held_gen, held_p, eos, first=cfg.eval_first_tokens)
-            events_first = head_events(model, heads, held_gen, keep=keep, steps=steps)
+            events_first = first_events(events_gen, cfg.eval_first_tokens)  # the same pass, cut: no second one
             more_curves["depth_curve_generations_first"] = summarise_heads(events_first, heads, layers, cfg.gammas)
             more_curves["depth_curve_generations_first_by_corpus"] = _curves_by_corpus(
                 events_first, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)

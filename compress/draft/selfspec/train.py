@@ -179,6 +179,16 @@ def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, ba
     return out
 
 
+def first_events(events: dict, n: int) -> dict:
+    """``head_events`` cut to each window's first ``n`` kept positions: what a second pass with
+    ``continuation_mask(..., first=n)`` gives, since a continuation's kept positions are one run from its
+    prompt's end (the EOS, if any, only shortens it)."""
+    if n < 1:
+        raise CompressError(f"first must be >= 1 positions, got {n}")
+    return {k: {key: [[s[:n] for s in w] if key == "agree_steps" else w[:n] for w in rows]
+                for key, rows in ev.items()} for k, ev in events.items()}
+
+
 def replay_rounds(agree_steps: list[list[bool]], gamma: int) -> dict:
     """The greedy loop on one window where draft j of a round begun at i is accepted iff
     ``agree_steps[j][i + j]`` (drafts past the evaluated steps use the last one's agreement): tokens
