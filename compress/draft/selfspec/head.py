@@ -118,6 +118,13 @@ def forward_with_final(target, **inputs):
     return out, seen[-1]
 
 
+def mid_norm(h: torch.Tensor, eps: float, ones: torch.Tensor | None = None) -> torch.Tensor:
+    """What a head's mid map reads: the state after block m, RMS-normalised without a weight (the residual
+    stream's scale grows with depth) — one definition for training and the pair (which passes its own
+    ``ones`` [hidden], allocated once)."""
+    return _rms(h, torch.ones(h.shape[-1], dtype=h.dtype, device=h.device) if ones is None else ones, eps)
+
+
 class ExitHead(nn.Module):
     """One decoder layer + RMSNorm + a trimmed LM head, reading the target's hidden state after
     block ``exit_layer`` (parameters float32 for training; cast for inference)."""
@@ -197,9 +204,8 @@ class ExitHead(nn.Module):
         return x
 
     def mid_state(self, h: torch.Tensor) -> torch.Tensor:
-        """What the mid map reads: the state after block m, RMS-normalised without a weight (the residual
-        stream's scale grows with depth)."""
-        return _rms(h, torch.ones(h.shape[-1], dtype=h.dtype, device=h.device), self.eps)
+        """What the mid map reads (``mid_norm``)."""
+        return mid_norm(h, self.eps)
 
     def _qkv(self, x: torch.Tensor, cos, sin):
         b, t, _ = x.shape

@@ -41,7 +41,7 @@ import torch
 
 from compress.draft.engine import GRAPH_ROWS, BlockEngine, LayerTensors, StepGraphs, _rms, prefill_bucket
 from compress.draft.loop import DraftRule, draft_by_steps
-from compress.draft.selfspec.head import ExitHead
+from compress.draft.selfspec.head import ExitHead, mid_norm
 from compress.draft.selfspec.tree import TreeBuffers, as_tree, tree_draft, tree_verify
 from compress.draft.speculative import pad_rows
 from compress.errors import CompressError
@@ -77,7 +77,7 @@ class SelfSpecPair:
         self.mid_layer = getattr(head, "mid_layer", None)
         self.wm = None if self.mid_layer is None else head.wm.detach().to(device=e.device, dtype=e.dtype)
         self.mid = None if self.mid_layer is None else torch.zeros_like(self.hidden)
-        self.ones = torch.ones(e.config.hidden_size, device=e.device, dtype=e.dtype)
+        self.ones = None if self.mid_layer is None else torch.ones(e.config.hidden_size, device=e.device, dtype=e.dtype)
         self.graphs = StepGraphs(e.device, graphs)
         # prefills padded to a bucket's rows and replayed (engine.prefill_bucket); their own graphs, so a
         # failed capture there leaves the decode graphs on
@@ -171,7 +171,7 @@ class SelfSpecPair:
         if self.mid is None:
             return e.run_layers(h, pos, self.k, e.num_layers, slots=slots, mask=mask)
         h = e.run_layers(h, pos, self.k, self.mid_layer, slots=slots, mask=mask)
-        self.mid.index_copy_(0, pos if slots is None else slots, _rms(h, self.ones, e.eps))
+        self.mid.index_copy_(0, pos if slots is None else slots, mid_norm(h, e.eps, self.ones))
         return e.run_layers(h, pos, self.mid_layer, e.num_layers, slots=slots, mask=mask)
 
     def _deep(self, pos: torch.Tensor, first: int, real: int) -> torch.Tensor:
