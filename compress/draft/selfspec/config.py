@@ -76,6 +76,10 @@ class SelfSpecConfig(UntargetedStepConfig):
     mid_depth: int | None = Field(None, ge=2, description="the block whose output the k<N>-mid heads read; null: "
                                                           "half the target's blocks")
     steps: int = Field(600, ge=1)
+    teacher_cache: Literal["auto", "off"] = Field(
+        "auto", description="auto: the target runs over the training text once and the steps read what it gave "
+                            "(on the device, else the host, where it fits; teacher.py); off: the target runs every step")
+    tf32: bool = Field(True, description="on CUDA, the heads' float32 training products on TF32 tensor cores")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0, le=1)
     gammas: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6], min_length=1)

@@ -194,7 +194,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     specs.update({f"k{k}-shallow": (k, trimmed, "shallow") for k in cfg.shallow_layers})
     specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth) for k in cfg.mid_layers})
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                   seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll)
+                                   seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll,
+                                   teacher_cache=cfg.teacher_cache, tf32=cfg.tf32)
     # a deep head's later drafts read its own states: score every draft of the longest round considered
     steps = max(cfg.gammas) if cfg.context == "deep" else 1
     events = head_events(model, heads, held, steps=steps)

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from calibration.metrics import expected_calibration_error
 from compress.draft.agreement import replay_greedy_rounds
 from compress.draft.selfspec.head import ExitHead, forward_with_final
+from compress.draft.selfspec.teacher import TeacherCache, place, teacher_outputs, teacher_probs
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -81,13 +82,17 @@ def _drafts_loss(head, hidden: dict, cos, sin, final, p, mask, unroll: int) -> t
 def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps: int,
                   batch_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0, warmup: int = 20,
                   seed: int = 0, progress: bool = True, unroll: int = 1,
-                  loss_mask: torch.Tensor | None = None) -> tuple[dict[str, ExitHead], dict]:
+                  loss_mask: torch.Tensor | None = None, teacher_cache: str = "auto",
+                  tf32: bool = True) -> tuple[dict[str, ExitHead], dict]:
     """Heads ``{name: (exit_layer, vocab_map[, context])}`` trained jointly on windows ``train`` [N, T].
 
     ``loss_mask`` [N, T] bool: the positions the loss averages over (None: all, the mean over the
     batch's every position as always). ``unroll``: a deep-context head's loss is the mean over a
     round's first ``unroll`` drafts (``ExitHead.forward_unrolled``), so it learns to draft from its own
-    states as well as from the target's."""
+    states as well as from the target's. ``teacher_cache``: ``auto`` runs the target over the windows
+    once and keeps what the steps read (teacher.py), ``off`` runs it every step; the same numbers either
+    way. ``tf32``: on CUDA the heads' float32 products run on TF32 tensor cores (10 bits of mantissa
+    in a product's inputs; the target states the heads read are bf16, 8 bits)."""
     if unroll < 1:
         raise CompressError(f"unroll must be >= 1, got {unroll}")
     if steps < 1:
@@ -109,24 +114,36 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
     cos, sin = _rope_tables(target, train.shape[1], device, dtype)
     gen = torch.Generator().manual_seed(seed)
     losses = {k: [] for k in heads}
-    start = time.perf_counter()
-    for step in tqdm(range(steps), desc="exit heads", unit="step", disable=not progress):
-        idx = torch.randint(0, train.shape[0], (batch_size,), generator=gen)
-        hidden, logits, final = _teacher(target, train[idx].to(device), depths, final=deep)
-        p_full = torch.softmax(logits.float(), -1)
-        del logits
-        mask = None if loss_mask is None else loss_mask[idx].to(device=device, dtype=torch.float32)
-        opt.zero_grad(set_to_none=True)
-        for name, head in heads.items():  # backward head by head: one head's activations at a time
-            p = p_full[..., head.vocab_map]  # the target's mass on this head's ids
-            loss = _drafts_loss(head, hidden, cos, sin, final, p, mask, unroll)
-            loss.backward()
-            losses[name].append(float(loss.detach()))
-            del p, loss
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-    seconds = time.perf_counter() - start
+    start = time.perf_counter()  # the cache's build counts: it is training time
+    where = place(target, train, depths, teacher_cache)
+    cache = None if where is None else TeacherCache.build(target, train, depths, where, batch_size=batch_size,
+                                                          progress=progress)
+    rows = {k: target.lm_head.weight.detach()[h.vocab_map.to(device)] for k, h in heads.items()}
+    precision = torch.get_float32_matmul_precision()
+    if tf32 and device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+    try:
+        for step in tqdm(range(steps), desc="exit heads", unit="step", disable=not progress):
+            idx = torch.randint(0, train.shape[0], (batch_size,), generator=gen)
+            hidden, normed, lse = (teacher_outputs(target, train[idx].to(device), depths, check=step == 0)
+                                   if cache is None else cache.take(idx, device))
+            final = normed if deep else None
+            mask = None if loss_mask is None else loss_mask[idx].to(device=device, dtype=torch.float32)
+            opt.zero_grad(set_to_none=True)
+            for name, head in heads.items():  # backward head by head: one head's activations at a time
+                p = teacher_probs(normed, lse, rows[name])  # the target's mass on this head's ids
+                loss = _drafts_loss(head, hidden, cos, sin, final, p, mask, unroll)
+                loss.backward()
+                losses[name].append(float(loss.detach()))
+                del p, loss
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    seconds = time.perf_counter() - start  # with the cache's build (its share: teacher_cache.seconds)
+    teacher_info = None if cache is None else cache.describe()
+    del cache, rows
     for h in heads.values():
         h.requires_grad_(False)
     log.info("exit heads %s: %d steps x %d x %d tokens in %.1f s", ", ".join(heads), steps, batch_size,
@@ -134,6 +151,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
     history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
                **({"unroll": unroll} if deep else {}),
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
+               "teacher_cache": teacher_info, "tf32": bool(tf32 and device.type == "cuda"),
                **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
                "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in losses.items()}}
     return heads, history
