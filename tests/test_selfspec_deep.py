@@ -150,6 +150,7 @@ def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_
     result = run_recipe(recipe, out_dir=tmp_path / "drafter", progress=False, log=lambda *_: None)
     step = result.report["stages"][0]["steps"][0]
     assert step["training"]["unroll"] == 2 and step["training"]["source"] == source
+    assert ("generations" in step["training"]["phase_seconds"]) == (source == "generations")
     assert len(step["depth_curve"]["k1"]["greedy_agreement_by_draft"]) == 3  # max(gammas) drafts scored
     manifest = json.loads((tmp_path / "drafter" / "self_spec.json").read_text())
     assert manifest["heads"]["k1"]["context"] == "deep" and manifest["heads"]["k1-shallow"]["context"] == "shallow"

@@ -169,6 +169,10 @@ def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, t
     assert step["training"]["source"] == "generations" and step["training"]["seq_len"] == 24
     assert set(step["depth_curve"]) == set(step["depth_curve_generations"]) == {"k1", "k2"}
     assert step["training"]["held_out_generations"]["sequences"] == 4
+    assert list(step["training"]["phase_seconds"]) == [  # where the step's time went, in its order
+        "text", "generations", "training", "held_out_windows", "held_out_generations",
+        "held_out_generation_curves", "calibrator_and_stop"]
+    assert step["training"]["teacher_cache"]["device"] == "cpu"  # the recipe's default: auto
     # the curve on each continuation's first 128 tokens: here all 14 of them, so the whole curve again
     assert step["training"]["held_out_generations"]["first_tokens"] == 128
     assert step["depth_curve_generations_first"] == step["depth_curve_generations"]

@@ -22,6 +22,7 @@
 #          UNTRIMMED= the untrimmed head's; ALSO_GAMMA=3 adds the default head at that draft length;
 #          REPEATS=3 times every prompt 3 times a row and keeps the median run)
 #   five-more  after five: k1 drafting trees of depth 2 and 3, and the k1 / k2 rows again with k1 at γ = 3
+#   teacher  exit-head training with the target run every step against the teacher cache (STEPS=200)
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 # Results go to /tmp/results and back as files in $OUT after every phase.
@@ -110,10 +111,15 @@ case $1 in
     timeout 200 python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-five --heads k1,k2 \
       --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma 2 --also-gamma 3 --device cuda \
       --dtype bfloat16 --compile --out $R/five-repeat-3.json 2>&1 | grep -e "^\[" -e Error | cut -c1-250;;
+  teacher)  # exit-head training with the target every step against the teacher cache, side by side
+    # (bench/self_spec_teacher.py; needs the 1.5B converted: after five-train or prep)
+    timeout ${T:-300} python3 bench/self_spec_teacher.py --model qwen2.5-coder-1.5b --device cuda --dtype bfloat16 \
+      --seq-len 512 --train-windows 1024 --batch-size 16 --steps ${STEPS:-200} --exit-layer 1 --mid-depth 14 \
+      --vocab-size 32768 --out $R/teacher-cache.json 2>&1 | quiet | tail -4;;
   profile)
     timeout ${T:-300} python3 bench/self_spec_profile.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEAD:+--head $HEAD} --prompts bench/draft_bench_prompts/code.txt --max-prompts 2 --gamma ${GAMMA:-2} \
       --device cuda --compile --out $R/${NAME:-profile}.json 2>&1 | quiet | tail -6;;
-  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|profile" >&2; exit 2;;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|teacher|profile" >&2; exit 2;;
 esac
 [ -z "${OUT:-}" ] || { cp $R/*.json $R/*.txt $R/*.log "$OUT"/ 2>/dev/null; ls "$OUT"; }

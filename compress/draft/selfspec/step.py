@@ -28,6 +28,7 @@ own blocks.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,6 +164,13 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         raise CompressError(f"{ctx.where}: prompt_tokens + generate_tokens = {p_len} + {g_len} exceeds the target's "
                             f"{max_pos} positions (max_position_embeddings); shorten generate_tokens")
     model.to(ctx.device)
+    phases, mark = {}, [time.perf_counter()]
+
+    def lap(name: str) -> None:  # where the step's time goes (each phase ends in a read of the device)
+        now = time.perf_counter()
+        phases[name] = round(phases.get(name, 0.0) + now - mark[0], 1)
+        mark[0] = now
+
     exclude = _prompt_lines(cfg.exclude_prompts)
     train_parts, dropped = _corpus_windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows,
                                            exclude)
@@ -179,7 +187,9 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         # corpus text, what train_source: corpus already trains on, and keeping them would make the
         # comparison of the two sources a mixture. They still run through the target as context.
         prompts = _prompts(cfg, ctx.tokenizer, train_parts, "train", cfg.train_windows, exclude)
+        lap("text")
         generated, train_p = _continue(cfg, model, prompts, ctx.progress)
+        lap("generations")
         loss_mask = continuation_mask(generated, train_p, eos)
         if cfg.train_source == "mixed":  # corpus windows (every position) beside their continuations
             loss_mask = torch.cat([torch.ones_like(train, dtype=torch.bool), loss_mask])
@@ -193,9 +203,11 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     specs.update({f"k{k}-full": (k, full, cfg.context) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
     specs.update({f"k{k}-shallow": (k, trimmed, "shallow") for k in cfg.shallow_layers})
     specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth) for k in cfg.mid_layers})
+    lap("text")
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                    seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll,
                                    teacher_cache=cfg.teacher_cache, tf32=cfg.tf32)
+    lap("training")
     # a deep head's later drafts read its own states: score every draft of the longest round considered
     steps = max(cfg.gammas) if cfg.context == "deep" else 1
     events = head_events(model, heads, held, steps=steps)
@@ -203,10 +215,12 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     more_curves = {"depth_curve_by_corpus": _curves_by_corpus(events, cfg.train_corpora,
                                                               [w.shape[0] for w in held_parts], heads, layers,
                                                               cfg.gammas)}
+    lap("held_out_windows")
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
         gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
         held_gen, held_p = _continue(cfg, model, gen_prompts, ctx.progress)
+        lap("held_out_generations")
         events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, held_p, eos), steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
         more_curves["depth_curve_generations_by_corpus"] = _curves_by_corpus(
@@ -216,6 +230,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
             more_curves["depth_curve_generations_first"] = summarise_heads(events_first, heads, layers, cfg.gammas)
             more_curves["depth_curve_generations_first_by_corpus"] = _curves_by_corpus(
                 events_first, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
+        lap("held_out_generation_curves")
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
     best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
     gamma = curve[best]["best_gamma"] if cfg.gamma is None else cfg.gamma
@@ -242,6 +257,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     # less: an optimistic choice there, like the replay's own, said in choose_threshold)
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
+    lap("calibrator_and_stop")
     shape = ({"prompt_tokens": p_len, "generate_tokens": g_len} if cfg.generation_prompts != "units" else
              {"prompt_tokens_max": p_len, "sequence_tokens": cfg.seq_len})
     generation_info = ({"source": cfg.train_source, "prompts": cfg.generation_prompts, **shape}
@@ -262,7 +278,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
                 "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
                              "held_out_windows": int(held.shape[0]), "documents_excluded": dropped,
-                             **generation_info},
+                             **generation_info, "phase_seconds": phases},
                 "depth_curve": curve, "stop": stop}
     if curve_gen is not None:
         manifest["depth_curve_generations"] = curve_gen
