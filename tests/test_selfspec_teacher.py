@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from compress.draft.selfspec import teacher as teacher_mod
-from compress.draft.selfspec.teacher import TeacherCache, cache_bytes, place, teacher_probs
+from compress.draft.selfspec.teacher import TeacherCache, cache_bytes, place, teacher_outputs, teacher_probs
 from compress.draft.selfspec.train import distill_heads
 from compress.errors import CompressError
 from tests.tiny import tiny_model
@@ -77,3 +77,25 @@ def test_scaled_logits_refuse_the_cache():
         TeacherCache.build(model, _windows(n=2, t=8), [1], torch.device("cpu"), progress=False)
     with pytest.raises(CompressError, match="scaled or capped logits"):  # and without the cache
         distill_heads(model, _windows(), {"k1": (1, torch.arange(264))}, steps=1, progress=False, teacher_cache="off")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_cache_on_the_device_and_tf32_only_while_training():
+    """bf16 on CUDA: the cache goes to the device, reads back what the target gives, and the heads'
+    TF32 products are switched on for the steps only."""
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    ids = _windows(n=8, t=32)
+    assert place(model, ids, [1, 2], "auto").type == "cuda"
+    cache = TeacherCache.build(model, ids, [1, 2], torch.device("cuda"), batch_size=4, progress=False)
+    idx = torch.tensor([0, 1, 2, 3])  # the build's first batch: the same rows, the same numbers
+    hidden, final, lse = cache.take(idx, torch.device("cuda"))
+    want_h, want_f, want_lse = teacher_outputs(model, ids[idx].cuda(), [1, 2])
+    assert all(torch.equal(hidden[k], want_h[k]) for k in (1, 2))
+    assert torch.equal(final, want_f) and torch.equal(lse, want_lse)
+    before = torch.get_float32_matmul_precision()
+    heads, hist = distill_heads(model, ids, {"k1": (1, torch.arange(264), "deep")}, steps=3, batch_size=4,
+                                progress=False, unroll=2)
+    assert hist["teacher_cache"]["device"].startswith("cuda") and hist["tf32"] is True
+    assert torch.get_float32_matmul_precision() == before
+    assert all(torch.isfinite(p).all() for p in heads["k1"].parameters())
