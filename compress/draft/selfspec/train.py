@@ -1,14 +1,14 @@
 """Training exit heads by distillation, and choosing the exit depth, draft length and stop threshold.
 
 Distillation (DistillSpec's lesson: match the target's distribution, not the data): on windows of
-the training text the frozen target runs once per batch with every hidden state kept; each
+the training text the frozen target runs once per window, its outputs kept for every step that draws
+the window (teacher.py; with ``teacher_cache: off``, once per batch); each
 candidate exit depth k has its own head reading h_k, trained to minimise the cross-entropy of its
 trimmed-vocabulary distribution against the target's next-token distribution restricted to the
 same ids, Σ_v p_target(v) · −log q_head(v) (mass outside the trimmed vocabulary cannot be drafted
 and carries no gradient). The text is corpus windows, or (self-distillation, generations.py) the
 target's own greedy continuations of their prompts, the loss then on the continuation positions.
-All heads share the one target forward per batch, so a sweep over depths costs little more than
-one head. The target's weights never change, so greedy speculative
+All heads share the target's outputs, so a sweep over depths costs little more than one head. The target's weights never change, so greedy speculative
 output stays the target's own.
 
 Held-out evaluation (windows of another split), per head: greedy agreement (head argmax, mapped
