@@ -28,9 +28,13 @@ def text_file(tmp_path):
 
 
 @pytest.fixture(autouse=True)
-def _baseline_cache_per_test(tmp_path_factory, monkeypatch):
-    """run_recipe caches verify's float baseline across runs (compress/baseline_cache.py): each test
-    gets an empty cache of its own, so no test reads another's and none writes to the user's."""
+def _caches_per_test(tmp_path_factory, monkeypatch):
+    """run_recipe caches verify's float baseline across runs (compress/baseline_cache.py), the self_spec
+    step the target's continuations (generation_cache.py): each test gets empty caches of its own, so no
+    test reads another's and none writes to the user's."""
     import compress.baseline_cache
+    import compress.draft.selfspec.generation_cache
     folder = tmp_path_factory.mktemp("baselines")
     monkeypatch.setattr(compress.baseline_cache, "cache_dir", lambda *_: folder)
+    generations = tmp_path_factory.mktemp("generations")  # the self_spec step's continuations, the same way
+    monkeypatch.setattr(compress.draft.selfspec.generation_cache, "cache_dir", lambda *_: generations)

@@ -171,3 +171,20 @@ def test_gpu_setup_stage_adds_carried_chunks_and_joins_once_complete(source, tmp
             assert "toy: missing p01" in run.stdout and not out_file.exists()
     assert "toy: verified" in run.stdout and "toy: complete" in run.stdout
     assert out_file.read_bytes() == data
+
+
+@pytest.mark.skipif(shutil.which("python3") is None, reason="gpu_setup.sh runs python3")
+def test_gpu_setup_stage_puts_carried_generations_in_the_cache(tmp_path):
+    """An earlier window's greedy continuations (.stage/generations/) land where the self_spec step's
+    generation cache reads them."""
+    gpu = tmp_path / "gpu"
+    (gpu / "bench").mkdir(parents=True)
+    shutil.copytree(ROOT / "bench/device", gpu / "bench/device")
+    (gpu / ".stage/generations").mkdir(parents=True)
+    (gpu / ".stage/generations/abc.safetensors").write_bytes(b"tokens")
+    env = {**os.environ, "STAGE": str(tmp_path / "tmp-stage"), "COMPRESS_CACHE": str(tmp_path / "cache")}
+    run = subprocess.run(["bash", "bench/device/gpu_setup.sh", "stage"], cwd=gpu, env=env, capture_output=True,
+                         text=True)
+    assert run.returncode == 0, run.stderr
+    assert "generations: 1 cached continuation files" in run.stdout
+    assert (tmp_path / "cache/generations/abc.safetensors").read_bytes() == b"tokens"

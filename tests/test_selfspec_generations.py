@@ -184,7 +184,12 @@ def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, t
     assert torch.equal(seen["train"], greedy_continuations(target, windows[:, :10], 14, progress=False))
     assert torch.equal(seen["mask"], continuation_mask(seen["train"], 10, {EOS}))
     assert not torch.equal(seen["train"], windows[:, :24])  # not the corpus text: the target's own
-    again = _run(recipe)  # deterministic: the same generations, so the same heads
+    assert step["training"]["generation_cache"] == {"train": "miss", "held_out": "miss"}
+    calls = []
+    monkeypatch.setattr(selfspec_step, "greedy_fill", lambda *a, **kw: calls.append(1))
+    again = _run(recipe)  # the same generations, read back from the cache, so the same heads
+    assert calls == [] and torch.equal(seen["train"], greedy_continuations(target, windows[:, :10], 14, progress=False))
+    assert again.report["stages"][0]["steps"][0]["training"]["generation_cache"] == {"train": "hit", "held_out": "hit"}
     assert all(torch.equal(v, _weights(again)[k]) for k, v in _weights(result).items())
 
 

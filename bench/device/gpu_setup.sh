@@ -4,7 +4,8 @@
 #   bash bench/device/gpu_setup.sh stage
 # which installs carried wheels (.whl/, .whl-arrow/, .whl-peer/: GPTQModel's, its sdist-only PyPcre built
 # here; .whl-lmeval/: lm-evaluation-harness's) into /tmp/site, copies carried corpus
-# packages (.stage/pkgs/) and lm-eval task data (.stage/lm_eval/) into the cache, adds every carried chunk folder (.stage/<id>/pNN) to
+# packages (.stage/pkgs/), lm-eval task data (.stage/lm_eval/) and an earlier window's greedy continuations
+# (.stage/generations/, the self_spec step's generation cache) into the cache, adds every carried chunk folder (.stage/<id>/pNN) to
 # /tmp/stage with its sha256 checked, and joins every model whose chunks are all there into
 # $COMPRESS_CACHE/sources/<id>-<file> (size and sha256 checked against the manifest), where
 # `python -m compress models fetch ID` finds it. Then, in a call of its own or in `prep`:
@@ -54,6 +55,10 @@ packages() {
   if [ -d .stage/lm_eval ]; then  # extracted task data, where compress/harness/data.py looks before any download
     mkdir -p "$COMPRESS_CACHE/lm_eval" && cp -r .stage/lm_eval/. "$COMPRESS_CACHE/lm_eval/"
     echo "lm_eval data: $(cd .stage/lm_eval && find . -name state.json | wc -l) task folders -> $COMPRESS_CACHE/lm_eval"
+  fi
+  if [ -d .stage/generations ]; then  # an earlier window's greedy continuations (generation_cache.py's files)
+    mkdir -p "$COMPRESS_CACHE/generations" && cp .stage/generations/*.safetensors "$COMPRESS_CACHE/generations/"
+    echo "generations: $(ls .stage/generations | wc -l) cached continuation files -> $COMPRESS_CACHE/generations"
   fi
   [ -d .stage/pkgs ] || return 0
   mkdir -p "$COMPRESS_CACHE/packages" && cp -r .stage/pkgs/. "$COMPRESS_CACHE/packages/"

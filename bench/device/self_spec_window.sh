@@ -15,6 +15,8 @@
 #          (default 3; TREE=default adds tree rows; HEADS=k2,k3 a subset; NAME= the results file's name)
 #   five-train  (bg) the run of 5's self-drafter: the recipe's deep heads (EXITS=[1,2,3] other depths) with
 #          SETS (e.g. --set stages[0].steps[0].train_source=mixed), timed, into /tmp/out/self-spec-five
+#   generations  after five-train: its greedy continuations (the generation cache's files) into $OUT; keep
+#          them here in .stage/generations/ and carry that folder in a later window's first staging call
 #   five-build  (bg) the stock 0.5B at GPTQ W4 (STOCK= leaves it out) and the old width-pruned self-drafter
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
@@ -86,6 +88,9 @@ case $1 in
       | tee $R/five-train-seconds.txt
     cp /tmp/out/self-spec-five/self_spec.json $R/five-manifest.json
     cp /tmp/out/self-spec-five/report.json $R/five-report.json;;
+  generations)  # after five-train, in a call of its own (a call brings back at most 8 files): the greedy
+    # continuations the recipe made, to keep here in .stage/generations/ for a later window's staging
+    ls -la $COMPRESS_CACHE/generations/; cp $COMPRESS_CACHE/generations/*.safetensors "$OUT"/; exit 0;;
   five-build)
     [ -n "${STOCK-x}" ] && { bash bench/device/gpu_setup.sh convert qwen2.5-coder-0.5b
     timeout 300 python3 -m compress run recipes/qwen-coder-0.5b-gptq-w3g128-code.yaml --set 'stages[0].steps[0].bits=4' \
@@ -120,6 +125,6 @@ case $1 in
     timeout ${T:-300} python3 bench/self_spec_profile.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEAD:+--head $HEAD} --prompts bench/draft_bench_prompts/code.txt --max-prompts 2 --gamma ${GAMMA:-2} \
       --device cuda --compile --out $R/${NAME:-profile}.json 2>&1 | quiet | tail -6;;
-  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|teacher|profile" >&2; exit 2;;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|generations|teacher|profile" >&2; exit 2;;
 esac
 [ -z "${OUT:-}" ] || { cp $R/*.json $R/*.txt $R/*.log "$OUT"/ 2>/dev/null; ls "$OUT"; }

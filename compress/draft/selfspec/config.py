@@ -57,6 +57,9 @@ class SelfSpecConfig(UntargetedStepConfig):
                                         "seq_len - prompt_tokens (a sequence as long as a corpus window)")
     generate_batch_size: int = Field(32, ge=1, description="prompts continued together (KV cache, one batch at a "
                                                            "time)")
+    generation_cache: bool = Field(True, description="keep the target's continuations in COMPRESS_CACHE/generations "
+                                   "and read them back when the target, dtype, device type, torch and transformers, "
+                                   "prompts, length and batch size are the same (generation_cache.py)")
     eval_generations: bool = Field(True, description="also report the depth curve on the target's greedy "
                                                      "continuations of the held-out windows' prompts")
     eval_first_tokens: int | None = Field(128, ge=1, description="with eval_generations, the same curve again on "

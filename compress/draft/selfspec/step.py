@@ -39,6 +39,7 @@ from compress.algorithms import StepContext
 from compress.draft.agreement import read_prompts
 from compress.draft.confidence import fit_drafter_calibrator
 from compress.draft.selfspec.config import SelfSpecConfig
+from compress.draft.selfspec.generation_cache import generation_key, load_generations, save_generations
 from compress.draft.selfspec.generations import continuation_mask, greedy_fill, unit_end_prompts, unit_prompts
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
@@ -101,13 +102,22 @@ def _prompts(cfg: SelfSpecConfig, tokenizer, windows: list[torch.Tensor], split:
             for c in cfg.train_corpora]
 
 
-def _continue(cfg: SelfSpecConfig, model, prompts: list, progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _continue(cfg: SelfSpecConfig, model, prompts: list, progress: bool, seen: dict, name: str
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """The target's greedy continuations of every corpus's prompts, in order, and each row's prompt length
-    (``units``: prompts of different lengths, each continued to seq_len tokens in all)."""
+    (``units``: prompts of different lengths, each continued to seq_len tokens in all) — read back from
+    the generation cache when an earlier run made the same ones (``seen[name]``: hit or miss)."""
     p_len, g_len = cfg.generation_shape
     length = cfg.seq_len if cfg.generation_prompts == "units" else p_len + g_len
-    return greedy_fill(model, [p for part in prompts for p in part], length, batch_size=cfg.generate_batch_size,
-                       progress=progress)
+    flat = [p for part in prompts for p in part]
+    key = generation_key(model, flat, length, cfg.generate_batch_size) if cfg.generation_cache else None
+    got = None if key is None else load_generations(key, len(flat), length)
+    seen[name] = "off" if key is None else "hit" if got is not None else "miss"
+    if got is None:
+        got = greedy_fill(model, flat, length, batch_size=cfg.generate_batch_size, progress=progress)
+        if key is not None:
+            save_generations(key, *got)
+    return got
 
 
 def _lengths(p_lens) -> dict:
@@ -172,6 +182,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         mark[0] = now
 
     exclude = _prompt_lines(cfg.exclude_prompts)
+    gen_seen: dict[str, str] = {}  # the generation cache: hit or miss, per text
     train_parts, dropped = _corpus_windows(ctx.tokenizer, cfg.train_corpora, "train", cfg.seq_len, cfg.train_windows,
                                            exclude)
     held_parts, _ = _corpus_windows(ctx.tokenizer, cfg.train_corpora, "validation", cfg.seq_len, cfg.eval_windows,
@@ -188,7 +199,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         # comparison of the two sources a mixture. They still run through the target as context.
         prompts = _prompts(cfg, ctx.tokenizer, train_parts, "train", cfg.train_windows, exclude)
         lap("text")
-        generated, train_p = _continue(cfg, model, prompts, ctx.progress)
+        generated, train_p = _continue(cfg, model, prompts, ctx.progress, gen_seen, "train")
         lap("generations")
         loss_mask = continuation_mask(generated, train_p, eos)
         if cfg.train_source == "mixed":  # corpus windows (every position) beside their continuations
@@ -219,7 +230,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
         gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
-        held_gen, held_p = _continue(cfg, model, gen_prompts, ctx.progress)
+        held_gen, held_p = _continue(cfg, model, gen_prompts, ctx.progress, gen_seen, "held_out")
         lap("held_out_generations")
         events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, held_p, eos), steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
@@ -278,7 +289,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
                 "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
                              "held_out_windows": int(held.shape[0]), "documents_excluded": dropped,
-                             **generation_info, "phase_seconds": phases},
+                             **generation_info, "phase_seconds": phases,
+                             **({"generation_cache": gen_seen} if gen_seen else {})},
                 "depth_curve": curve, "stop": stop}
     if curve_gen is not None:
         manifest["depth_curve_generations"] = curve_gen
