@@ -14,7 +14,8 @@
 #          shallow k2 trained on the same batches (shallow_layers), then benched side by side at GAMMA
 #          (default 3; TREE=default adds tree rows; HEADS=k2,k3 a subset; NAME= the results file's name)
 #   five-train  (bg) the run of 5's self-drafter: the recipe's deep heads (EXITS=[1,2,3] other depths) with
-#          SETS (e.g. --set stages[0].steps[0].train_source=mixed), timed, into /tmp/out/self-spec-five
+#          SETS (e.g. --set stages[0].steps[0].train_source=mixed), timed, into /tmp/out/self-spec-five;
+#          STEPS_BUDGET=S after the teacher phase: as many steps as S seconds hold at its cached rate (3,000-9,000)
 #   generations  after five-train: its greedy continuations (the generation cache's files) into $OUT; keep
 #          them here in .stage/generations/ and carry that folder in a later window's first staging call
 #   five-build  (bg) the stock 0.5B at GPTQ W4 (STOCK= leaves it out) and the old width-pruned self-drafter
@@ -81,9 +82,16 @@ case $1 in
       --device cuda --dtype bfloat16 --compile "${TREE_ARGS[@]}" --out $R/${NAME:-deep-bench}.json 2>&1 | grep "^\[";;
   five-train)
     bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
+    STEPS_SET=""
+    if [ -n "${STEPS_BUDGET:-}" ] && [ -f $R/teacher-cache.json ]; then  # as many steps as STEPS_BUDGET seconds hold at
+      # the teacher phase's cached rate (its two heads), 3,000 to 9,000 in hundreds
+      n=$(python3 -c "import json; r = json.load(open('$R/teacher-cache.json'))['runs']['auto']['steps_per_s']; \
+print(max(3000, min(9000, int($STEPS_BUDGET * r) // 100 * 100)))")
+      STEPS_SET="--set stages[0].steps[0].steps=$n"; echo "five-train: $n steps (STEPS_BUDGET=$STEPS_BUDGET s)" | tee $R/five-steps.txt
+    fi
     t0=$(date +%s)
     timeout ${TT:-900} python3 -m compress run recipes/qwen-coder-1.5b-self-spec.yaml --out /tmp/out/self-spec-five \
-      --force ${EXITS:+--set "stages[0].steps[0].exit_layers=$EXITS"} ${SETS:-} 2>&1 | quiet | tail -12
+      --force ${EXITS:+--set "stages[0].steps[0].exit_layers=$EXITS"} ${SETS:-} $STEPS_SET 2>&1 | quiet | tail -12
     echo "five-train: $(( $(date +%s) - t0 )) s (the recipe run: generation, training, curve, calibrator, export)" \
       | tee $R/five-train-seconds.txt
     cp /tmp/out/self-spec-five/self_spec.json $R/five-manifest.json
