@@ -1,4 +1,4 @@
-"""Peak resident memory of this process on the host (CPU RAM), per phase of a run.
+"""Peak resident memory of this process on the host (CPU RAM), per phase of a run; and what is available.
 
 On Linux the kernel keeps the high-water mark of the resident set (``VmHWM`` in
 ``/proc/self/status``) and resets it when ``5`` is written to ``/proc/self/clear_refs``, so each
@@ -14,6 +14,7 @@ from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_MEMINFO = Path("/proc/meminfo")
 
 
 def reset_peak() -> bool:
@@ -39,3 +40,13 @@ def peak_mb() -> float | None:
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+def available_bytes() -> int | None:
+    """Host memory available to new allocations without swapping (Linux ``MemAvailable``), None where
+    it cannot be read."""
+    try:
+        found = re.search(r"MemAvailable:\s+(\d+)\s+kB", _MEMINFO.read_text())
+    except OSError:
+        return None
+    return int(found.group(1)) * 1024 if found else None

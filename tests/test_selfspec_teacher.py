@@ -55,7 +55,7 @@ def test_placement_off_and_too_large_run_the_target_every_step(monkeypatch):
     ids = _windows()
     assert place(model, ids, [1], "off") is None
     assert place(model, ids, [1], "auto") == torch.device("cpu")
-    monkeypatch.setattr(teacher_mod, "_host_available", lambda: cache_bytes(model, ids, [1]))  # needs half
+    monkeypatch.setattr(teacher_mod, "available_bytes", lambda: cache_bytes(model, ids, [1]))  # needs half
     assert place(model, ids, [1], "auto") is None
     heads, hist = distill_heads(model, ids, {"k1": (1, torch.arange(264))}, steps=1, batch_size=2, progress=False)
     assert hist["teacher_cache"] is None and heads["k1"].exit_layer == 1

@@ -25,22 +25,11 @@ from tqdm.auto import tqdm
 
 from compress.draft.selfspec.head import forward_with_final
 from compress.errors import CompressError
+from compress.host_memory import available_bytes
 
 log = logging.getLogger(__name__)
 
 PLACES = ("auto", "off")
-
-
-def _host_available() -> int | None:
-    """Bytes of host memory available (Linux /proc/meminfo), None where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def cache_bytes(target, windows: torch.Tensor, depths: list[int]) -> int:
@@ -63,7 +52,7 @@ def place(target, windows: torch.Tensor, depths: list[int], where: str = "auto")
         free, _total = torch.cuda.mem_get_info(device)
         if need <= free // 2:
             return device
-    host = _host_available()
+    host = available_bytes()
     if host is not None and need <= host // 2:
         return torch.device("cpu")
     log.warning("teacher cache off: %.1f GB of target outputs fit neither the device nor the host; each step "
