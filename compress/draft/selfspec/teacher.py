@@ -3,7 +3,8 @@
 ``distill_heads`` draws ``batch_size`` windows a step from N; over a run each window is drawn
 steps · batch_size / N times (the Qwen recipe: 3,000 × 16 / ~7,500 ≈ 6.4). The target is frozen, so
 its outputs on a window never change, yet each draw ran all its blocks and a float32 softmax over its
-full vocabulary again — on the H200 about half of a step. The cache keeps, per window position, what
+full vocabulary again — by the H200 runs' step times (127–163 ms with one head, ~53 ms more per further
+head) about half of a one-head step, though never timed apart. The cache keeps, per window position, what
 the heads read (the states after their exit and mid blocks, the final norm's output) and the
 log-normaliser of the target's logits over the full vocabulary; a head's teacher distribution on its
 own ids is then one product with those ids' LM rows, p(v) = exp(final · W_v − lse): the same numbers
