@@ -7,7 +7,8 @@
 The same heads (a deep head after ``--exit-layer``, and with ``--mid-depth`` one that also reads that
 block) are trained twice in one process on the same windows, seed and batches: ``teacher_cache: off``
 (the target's forward and full-vocabulary normaliser every step) and ``auto`` (once per window, then
-read; compress/draft/selfspec/teacher.py). Reported: each run's seconds, the cache's build seconds and
+read; compress/draft/selfspec/teacher.py); on CUDA first as training ran before both changes too
+(``off-fp32``: the target every step, the heads' products in full float32, not TF32). Reported: each run's seconds, the cache's build seconds and
 size, the steps-only rate, the ratio, and how far the two runs' heads lie apart (the same numbers go
 in, so on the CPU they are bit-identical; on a GPU batch composition may round differently). The
 ratio grows with the steps: the cache is built once, so ``--steps`` should be a recipe's share of
@@ -59,12 +60,14 @@ def main(argv=None) -> dict:
     if args.mid_depth is not None:
         specs[f"k{k}-mid"] = (k, vocab, "deep", args.mid_depth)
     runs, heads = {}, {}
-    for mode in ("off", "auto"):
+    # on CUDA also the training as it was before both changes: the target every step, the heads in float32
+    modes = ([("off-fp32", "off", False)] if args.device == "cuda" else []) + [("off", "off", True), ("auto", "auto", True)]
+    for mode, cache, tf32 in modes:
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         heads[mode], hist = distill_heads(model, train, specs, steps=args.steps, batch_size=args.batch_size,
-                                          lr=3e-4, unroll=args.unroll, teacher_cache=mode, progress=False)
+                                          lr=3e-4, unroll=args.unroll, teacher_cache=cache, tf32=tf32, progress=False)
         if args.device == "cuda":
             torch.cuda.synchronize()
         build = (hist["teacher_cache"] or {}).get("seconds", 0.0)
@@ -81,6 +84,9 @@ def main(argv=None) -> dict:
            "runs": runs,
            "training_speedup": round(runs["off"]["training_seconds"] / runs["auto"]["training_seconds"], 3),
            "step_speedup": round(runs["auto"]["steps_per_s"] / runs["off"]["steps_per_s"], 3),
+           **({"tf32_step_speedup": round(runs["off"]["steps_per_s"] / runs["off-fp32"]["steps_per_s"], 3),
+               "both_step_speedup": round(runs["auto"]["steps_per_s"] / runs["off-fp32"]["steps_per_s"], 3)}
+              if "off-fp32" in runs else {}),
            "heads_max_abs_difference": apart,
            "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu"}}
