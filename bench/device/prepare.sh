@@ -12,6 +12,8 @@
 #                     beyond the image and .whl/ (bench/device/lm_eval_stage.py wheels; ~12 MB, 9 of it lm-eval's own)
 #   .stage/lm_eval/   with --lm-eval too: the standard tasks' data of bench/lm_eval_table.py (arc_easy, hellaswag,
 #                     piqa, winogrande: ~12 MB, hellaswag 11), as compress/harness/data.py extracts it into the cache
+#   .stage/generations/  when it holds files (put there by hand from an earlier window's `self_spec_window.sh
+#                     generations`): the self_spec step's cached greedy continuations, carried like the packages
 # and prints how many calls each model needs and what each call carries.
 #   usage: bash bench/device/prepare.sh [--chunk-mib N] [--no-wheels] [--pyarrow VERSION] [--peer VERSION]
 #          [--lm-eval VERSION] MODEL...
@@ -75,5 +77,7 @@ if [ -n "$lmeval" ]; then
   extra+=(.whl-lmeval .stage/lm_eval)
 fi
 extra+=(.stage/pkgs)
+# an earlier window's greedy continuations (self_spec_window.sh generations), kept here: the recipe reads them back
+if compgen -G ".stage/generations/*.safetensors" > /dev/null; then extra+=(.stage/generations); fi
 [ -z "$wheels" ] || ls .whl
 $PY bench/device/stage.py plan "${models[@]}" $(printf -- '--extra %s ' "${extra[@]}")
