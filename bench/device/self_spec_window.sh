@@ -125,7 +125,8 @@ print(max(3000, min(9000, int($STEPS_BUDGET * r) // 100 * 100)))")
       --prompts bench/draft_bench_prompts/code.txt bench/draft_bench_prompts/prose.txt --gamma 2 --also-gamma 3 --device cuda \
       --dtype bfloat16 --compile --out $R/five-repeat-3.json 2>&1 | grep -e "^\[" -e Error | cut -c1-250;;
   teacher)  # exit-head training with the target every step against the teacher cache, side by side
-    # (bench/self_spec_teacher.py; needs the 1.5B converted: after five-train or prep)
+    # (bench/self_spec_teacher.py); converts the staged 1.5B first where no phase has
+    bash bench/device/gpu_setup.sh convert qwen2.5-coder-1.5b
     timeout ${T:-300} python3 bench/self_spec_teacher.py --model qwen2.5-coder-1.5b --device cuda --dtype bfloat16 \
       --seq-len 512 --train-windows 1024 --batch-size 16 --steps ${STEPS:-200} --exit-layer 1 --mid-depth 14 \
       --vocab-size 32768 --out $R/teacher-cache.json 2>&1 | quiet | tail -4;;
