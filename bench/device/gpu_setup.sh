@@ -56,9 +56,9 @@ packages() {
     mkdir -p "$COMPRESS_CACHE/lm_eval" && cp -r .stage/lm_eval/. "$COMPRESS_CACHE/lm_eval/"
     echo "lm_eval data: $(cd .stage/lm_eval && find . -name state.json | wc -l) task folders -> $COMPRESS_CACHE/lm_eval"
   fi
-  if [ -d .stage/generations ]; then  # an earlier window's greedy continuations (generation_cache.py's files)
+  if compgen -G ".stage/generations/*.safetensors" > /dev/null; then  # an earlier window's greedy continuations
     mkdir -p "$COMPRESS_CACHE/generations" && cp .stage/generations/*.safetensors "$COMPRESS_CACHE/generations/"
-    echo "generations: $(ls .stage/generations | wc -l) cached continuation files -> $COMPRESS_CACHE/generations"
+    echo "generations: $(ls .stage/generations/*.safetensors | wc -l) cached continuation files -> $COMPRESS_CACHE/generations"
   fi
   [ -d .stage/pkgs ] || return 0
   mkdir -p "$COMPRESS_CACHE/packages" && cp -r .stage/pkgs/. "$COMPRESS_CACHE/packages/"
