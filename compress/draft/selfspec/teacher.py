@@ -123,7 +123,9 @@ def teacher_outputs(target, ids: torch.Tensor, depths: list[int], check: bool = 
                                 "a bias is not supported")
         first = logits[:1].float()  # one window says it: a scale or a cap applies to every position
         diff = float((F.linear(normed[:1], target.lm_head.weight).float() - first).abs().max())
-        if diff > 1e-3 * float(first.abs().max()) + 1e-4:
+        # 2% of the largest logit: far above bf16's rounding (a product of another shape may differ by an ulp,
+        # 0.4-0.8% of a value), far below a scale or a soft cap
+        if diff > 0.02 * float(first.abs().max()) + 1e-4:
             raise CompressError(f"the target's logits differ from its LM head applied to its final norm's output "
                                 f"by up to {diff:.3g} (scaled or capped logits?): exit-head training does not "
                                 f"support this model")
