@@ -12,7 +12,7 @@ read; compress/draft/selfspec/teacher.py); on CUDA first as training ran before 
 size, the steps-only rate, the ratio, and how far the two runs' heads lie apart (the same numbers go
 in, so on the CPU they are bit-identical; on a GPU batch composition may round differently). The
 ratio grows with the steps: the cache is built once, so ``--steps`` should be a recipe's share of
-its windows (the Qwen recipe: 3,000 steps of 16 over ~7,500 windows, each drawn ~6 times).
+its windows (the Qwen recipe: 3,000 steps of 16 over 7,566 sequences, each drawn ~6.3 times).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The frozen target's outputs over the training text, computed once for every step that draws it.
 
 ``distill_heads`` draws ``batch_size`` windows a step from N; over a run each window is drawn
-steps · batch_size / N times (the Qwen recipe: 3,000 × 16 / ~7,500 ≈ 6.4). The target is frozen, so
+steps · batch_size / N times (the Qwen recipe: 3,000 × 16 / 7,566 ≈ 6.3). The target is frozen, so
 its outputs on a window never change, yet each draw ran all its blocks and a float32 softmax over its
 full vocabulary again — by the H200 runs' step times (127–163 ms with one head, ~53 ms more per further
 head) about half of a one-head step, though never timed apart. The cache keeps, per window position, what
@@ -12,8 +12,8 @@ as the full softmax restricted to the ids, for a fraction of the work.
 
 Where it lives (``where="auto"``): on the training device when it takes at most half of that device's
 free memory, else in host memory when it takes at most half of what is available there, else nowhere
-(each step runs the target, as before). The recipe's text with one mid layer: 3 × 7,504 × 512 × 1,536
-bf16 numbers, 35 GB — on an H200, not on a 24 GB card.
+(each step runs the target, as before). The recipe's text with one mid layer: 3 × 7,566 × 512 × 1,536
+bf16 numbers, 36 GB — on an H200, not on a 24 GB card.
 """
 from __future__ import annotations
 
