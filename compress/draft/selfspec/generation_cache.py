@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -37,18 +36,13 @@ log = logging.getLogger(__name__)
 CODE_VERSION = 1
 
 
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
-
-
 def generation_key(target, prompts: list[torch.Tensor], length: int, batch_size: int, pad_id: int = 0) -> str:
     """The sha256 naming the continuations ``greedy_fill(target, prompts, length, batch_size=...)`` gives."""
+    import transformers  # loaded already: the target is a transformers model
+
     p = next(target.parameters())
     meta = {"code": CODE_VERSION, "target": target_fingerprint(target), "dtype": str(p.dtype),
-            "device": p.device.type, "torch": torch.__version__, "transformers": _version("transformers"),
+            "device": p.device.type, "torch": torch.__version__, "transformers": transformers.__version__,
             "length": int(length), "batch_size": int(batch_size), "pad_id": int(pad_id), "prompts": len(prompts)}
     h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
     for prompt in prompts:

@@ -110,13 +110,20 @@ class TeacherCache:
 
 
 @torch.no_grad()
+def target_outputs(target, ids: torch.Tensor, depths: list[int]
+                   ) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The target on ``ids`` [B, T]: its states after ``depths``, its logits and its final norm's output at
+    every position (what a deep-context head is fed)."""
+    out, normed = forward_with_final(target, input_ids=ids, output_hidden_states=True, use_cache=False)
+    return {k: out.hidden_states[k] for k in depths}, out.logits, normed
+
+
 def teacher_outputs(target, ids: torch.Tensor, depths: list[int], check: bool = False
                     ) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
     """What training reads of the target on ``ids`` [B, T]: its states after ``depths``, its final norm's
     output and the float32 log-normaliser of its logits over the full vocabulary. ``check``: first confirm
     that its logits are its LM head applied to that output, which ``teacher_probs`` takes them to be."""
-    out, normed = forward_with_final(target, input_ids=ids, output_hidden_states=True, use_cache=False)
-    logits = out.logits
+    states, logits, normed = target_outputs(target, ids, depths)
     if check:
         if getattr(target.lm_head, "bias", None) is not None:
             raise CompressError("exit-head training recomputes the target's logits as final · W: an LM head with "
@@ -129,7 +136,7 @@ def teacher_outputs(target, ids: torch.Tensor, depths: list[int], check: bool = 
             raise CompressError(f"the target's logits differ from its LM head applied to its final norm's output "
                                 f"by up to {diff:.3g} (scaled or capped logits?): exit-head training does not "
                                 f"support this model")
-    return {k: out.hidden_states[k] for k in depths}, normed, torch.logsumexp(logits.float(), -1)
+    return states, normed, torch.logsumexp(logits.float(), -1)
 
 
 def teacher_probs(final: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

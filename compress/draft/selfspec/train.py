@@ -8,8 +8,8 @@ trimmed-vocabulary distribution against the target's next-token distribution res
 same ids, Σ_v p_target(v) · −log q_head(v) (mass outside the trimmed vocabulary cannot be drafted
 and carries no gradient). The text is corpus windows, or (self-distillation, generations.py) the
 target's own greedy continuations of their prompts, the loss then on the continuation positions.
-All heads share the target's outputs, so a sweep over depths costs little more than one head. The target's weights never change, so greedy speculative
-output stays the target's own.
+All heads share the target's outputs, so a sweep over depths costs little more than one head. The
+target's weights never change, so greedy speculative output stays the target's own.
 
 Held-out evaluation (windows of another split), per head: greedy agreement (head argmax, mapped
 to vocabulary ids, equals the target's), α = Σ min(p, q) over the full vocabulary, τ(γ) by
@@ -32,8 +32,8 @@ from tqdm.auto import tqdm
 
 from calibration.metrics import expected_calibration_error
 from compress.draft.agreement import replay_greedy_rounds
-from compress.draft.selfspec.head import ExitHead, forward_with_final
-from compress.draft.selfspec.teacher import TeacherCache, place, teacher_outputs, teacher_probs
+from compress.draft.selfspec.head import ExitHead
+from compress.draft.selfspec.teacher import TeacherCache, place, target_outputs, teacher_outputs, teacher_probs
 from compress.errors import CompressError
 
 log = logging.getLogger(__name__)
@@ -43,15 +43,6 @@ def _rope_tables(target, length: int, device, dtype):
     cos, sin = target.model.rotary_emb(torch.zeros(1, device=device, dtype=dtype),
                                        torch.arange(length, device=device)[None])
     return cos[0], sin[0]
-
-
-@torch.no_grad()
-def _teacher(target, ids: torch.Tensor, exit_layers, final: bool = False):
-    """The target's states after each exit depth, its logits and (``final``) the output of its final
-    norm at every position — what a deep-context head is fed."""
-    kw = dict(input_ids=ids, output_hidden_states=True, use_cache=False)
-    out, states = forward_with_final(target, **kw) if final else (target(**kw), None)
-    return {k: out.hidden_states[k] for k in exit_layers}, out.logits, states
 
 
 def _depths(heads) -> list[int]:
@@ -174,7 +165,8 @@ def head_events(target, heads: dict[str, ExitHead], windows: torch.Tensor, *, ba
                **({"agree_steps": []} if h.context == "deep" and steps > 1 else {})} for k, h in heads.items()}
     for s in range(0, windows.shape[0], batch_size):
         ids = windows[s:s + batch_size].to(device)
-        hidden, logits, final = _teacher(target, ids, _depths(heads), final=deep)
+        hidden, logits, normed = target_outputs(target, ids, _depths(heads))
+        final = normed if deep else None
         p = torch.softmax(logits.float()[:, :-1], -1)
         t_arg = p.argmax(-1)
         for k, head in heads.items():
