@@ -9,7 +9,8 @@ so the two differ only in what they read. Held-out: validation windows of the sa
 draft of a round scored (per-draft agreement, τ(γ) by a round-by-round replay, the predicted speedup
 τ / (v + γ·c) of train.py's cost model). A CPU run here says which head agrees more; the speed
 question needs the GPU (compress draft-bench). ``--mid-depth M`` adds a third head, deep and also reading
-the target's state after block M of the previous position (``ExitHead(mid_layer=M)``).
+the target's state after block M of the previous position (``ExitHead(mid_layer=M)``); ``--also-deep 0,1``
+deep heads at other depths (0: the drafter shares no block, as EAGLE's head).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--mid-depth", type=int, default=None, help="add a deep head that also reads block M's state")
     ap.add_argument("--no-shallow", action="store_true", help="leave the shallow head out (deep against mid)")
+    ap.add_argument("--also-deep", default="", help="deep heads at these depths too (comma-separated; 0: no shared "
+                                                     "block, the head reads the token's embedding)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -63,6 +66,7 @@ def main(argv=None) -> dict:
     k = args.exit_layer
     specs = {} if args.no_shallow else {f"shallow-k{k}": (k, vocab, "shallow")}
     specs[f"deep-k{k}"] = (k, vocab, "deep")
+    specs.update({f"deep-k{d}": (d, vocab, "deep") for d in (int(x) for x in args.also_deep.split(",") if x)})
     if args.mid_depth is not None:
         specs[f"mid{args.mid_depth}-k{k}"] = (k, vocab, "deep", args.mid_depth)
     t0 = time.perf_counter()

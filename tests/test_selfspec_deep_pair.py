@@ -78,7 +78,7 @@ def greedy_cases(model):
 def test_deep_head_greedy_is_token_identical_for_every_depth_gamma_vocab_and_stop(arch):
     model = _target(arch)
     for prompt, want, vocab in greedy_cases(model):
-        for k in (1, 2):
+        for k in (0, 1, 2):  # 0: no shared block, the head reads the token's embedding (EAGLE's head)
             for vmap in (None, vocab):
                 pair, _ = _deep_pair(model, k, vmap)
                 for gamma in (1, 2, 3, 4):
@@ -108,7 +108,7 @@ def test_deep_head_sampling_runs_and_a_one_token_prompt_works():
         assert got.tokens.tolist() == want
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [0, 1, 2])
 def test_deep_drafts_equal_the_unrolled_teacher_forced_recurrence(k):
     """The decisive check: a round begun at position r (the newest committed token) drafts, at step s,
     the unrolled forward's step-s argmax at position r + s − 1 on the sequence (committed prefix up to r

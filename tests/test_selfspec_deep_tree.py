@@ -52,7 +52,7 @@ def node_inputs(tree, seq: torch.Tensor, root: int, nodes: list[int]):
 def test_deep_head_tree_drafting_is_token_identical_to_the_targets_greedy_output(arch):
     model = _target(arch)
     for prompt, want, vocab in greedy_cases(model):
-        for k in (1, 2):
+        for k in (0, 1, 2):
             for tree in ("default", SMALL, WIDE):
                 for vmap in (None, vocab):
                     pair, _ = _deep_tree_pair(model, k, tree, vmap)
@@ -73,7 +73,7 @@ def test_a_one_token_prompt_drafts_a_deep_tree_from_position_zero():
         == want
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [0, 1, 2])
 def test_a_chain_tree_with_a_deep_head_is_the_linear_deep_round(k):
     """Same tokens, same rounds and the same drafted tokens per round: the chain is the linear round
     (γ = its depth), so the deep recurrence (the root reads the target's final state, each node its
@@ -99,7 +99,7 @@ def test_a_chain_tree_with_a_deep_head_is_the_linear_deep_round(k):
     assert compared > 0
 
 
-@pytest.mark.parametrize("k", [1, 2])
+@pytest.mark.parametrize("k", [0, 1, 2])
 def test_every_deep_tree_node_is_the_heads_choice_along_its_path(k):
     """Node i at depth d and rank r after the root at position R: the r-th choice of the head run by hand
     (``ExitHead.forward_unrolled``, step d) at position R + d − 1 on the committed prefix up to R followed by

@@ -231,3 +231,38 @@ def test_gpu_compiled_graphs_mid_head_matches_the_target(tree):
             got = run_speculative(pair.target, pair.drafter, prompt, max_new_tokens=NEW, gamma=4, tree=True)
             assert got.tokens.tolist()[:8] == ref[:8]
     assert pair.graphs.enabled and pair.graphs.error is None
+
+
+def test_a_head_at_depth_zero_trains_exports_and_drafts_the_targets_own_output(tmp_path, text_file, capsys):
+    """Depth 0: the drafter runs no target block, the head reads the token's embedding and (deep) the target's
+    final state of the position before, as EAGLE's head does; verification runs every block."""
+    from compress.cli import main
+    from compress.pipeline import run_recipe
+    from compress.recipe import validate_recipe
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    result = run_recipe(validate_recipe(_recipe(mdir, text_file, exit_layers=[0, 1], mid_layers=[0], mid_depth=MID)),
+                        out_dir=tmp_path / "drafter", progress=False, log=lambda *_: None)
+    step = result.report["stages"][0]["steps"][0]
+    assert set(step["depth_curve"]) == {"k0", "k1", "k0-mid"}
+    assert step["depth_curve"]["k0"]["c_layers"] < step["depth_curve"]["k1"]["c_layers"]  # one block fewer a draft
+    trained = result.state.self_spec.heads["k0"]
+    assert trained.exit_layer == 0 and trained.wf.abs().sum() > 0
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("def add(a, b):\n    return\n\nThe quick brown fox\n")
+    for head in ("k0", "k0-mid"):
+        assert main(["draft-bench", "--target", mdir, "--drafter", str(tmp_path / "drafter"), "--prompts",
+                     str(prompts), "--max-new-tokens", "12", "--device", "cpu", "--head", head]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert res["self_spec"]["exit_layer"] == 0 and res["identical"] and res["identical_prompts"] == 2
+
+
+def test_config_refuses_a_shallow_head_at_depth_zero():
+    from compress.recipe import validate_recipe
+    for step in ({"exit_layers": [0]}, {"exit_layers": [1], "context": "deep", "shallow_layers": [0]},
+                 {"exit_layers": [1], "full_vocab_layers": [0]}):
+        with pytest.raises(RecipeError, match="exit layer 0 .* needs context: deep"):
+            validate_recipe({"version": 1, "model": {"id": "smollm2-135m"},
+                             "stages": [{"name": "d", "steps": [{"algorithm": "self_spec", **step}]}]})
+    with pytest.raises(RecipeError, match="exit layers must be >= 0"):
+        validate_recipe({"version": 1, "model": {"id": "smollm2-135m"}, "stages": [{"name": "d", "steps": [
+            {"algorithm": "self_spec", "exit_layers": [-1]}]}]})

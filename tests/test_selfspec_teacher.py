@@ -101,3 +101,16 @@ def test_gpu_cache_on_the_device_and_tf32_only_while_training():
     assert hist["teacher_cache"]["device"].startswith("cuda") and hist["tf32"] is True
     assert torch.get_float32_matmul_precision() == before
     assert all(torch.isfinite(p).all() for p in heads["k1"].parameters())
+
+
+def test_heads_over_one_vocabulary_share_a_teacher_distribution_per_step(monkeypatch):
+    from compress.draft.selfspec import train as train_mod
+    model = tiny_model("llama")
+    calls = []
+    real = train_mod.teacher_probs
+    monkeypatch.setattr(train_mod, "teacher_probs", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    half, other = torch.arange(132), torch.cat([torch.arange(3), torch.arange(100, 227)])  # EOS (2) in both
+    specs = {"deep": (1, half, "deep"), "mid": (1, half, "deep", 2), "other": (2, other)}
+    heads, hist = distill_heads(model, _windows(), specs, steps=3, batch_size=2, progress=False, unroll=2)
+    assert sorted(calls) == [130, 130, 130, 132, 132, 132]  # per step: one for deep and mid, one for other
+    assert set(hist["final_loss"]) == set(specs) and all(v > 0 for v in hist["final_loss"].values())

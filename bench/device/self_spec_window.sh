@@ -23,7 +23,8 @@
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
 #          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's,
 #          UNTRIMMED= the untrimmed head's; ALSO_GAMMA=3 adds the default head at that draft length;
-#          REPEATS=3 times every prompt 3 times a row and keeps the median run)
+#          REPEATS=3 times every prompt 3 times a row and keeps the median run; HEADS=k0,k1 only those heads,
+#          ALSO_GAMMA then for the first of them)
 #   five-more  after five: k1 drafting trees of depth 2 and 3, and the k1 / k2 rows again with k1 at γ = 3
 #   teacher  exit-head training with the target run every step against the teacher cache (STEPS=200)
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
@@ -113,7 +114,7 @@ print(max(3000, min(9000, int($STEPS_BUDGET * r) // 100 * 100)))")
     timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 $OLD \
       --self-spec /tmp/out/self-spec-five ${UNTRIMMED---untrimmed} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
-      ${HF---hf-assisted} "${TREE_ARGS[@]}" ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} ${REPEATS:+--repeats $REPEATS} --out $R/${NAME:-five-bench}.json 2>&1 \
+      ${HF---hf-assisted} "${TREE_ARGS[@]}" ${HEADS:+--heads $HEADS} ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} ${REPEATS:+--repeats $REPEATS} --out $R/${NAME:-five-bench}.json 2>&1 \
       | grep -e "^\[" -e Error | cut -c1-300;;
   five-more)  # after `five`, two more processes on the same exports: trees of depth 2 and 3 for k1, and
     # a repeat of the k1 / k2 rows with k1 at γ 3 (the spread between processes; five-c's README)

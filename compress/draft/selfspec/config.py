@@ -24,7 +24,10 @@ FORMAT = "self-spec"
 class SelfSpecConfig(UntargetedStepConfig):
     algorithm: Literal["self_spec"] = "self_spec"
     untargeted_reason: ClassVar[str] = "the step adds exit heads and changes no module of the target"
-    exit_layers: list[int] = Field(default_factory=lambda: [4], min_length=1)
+    exit_layers: list[int] = Field(default_factory=lambda: [4], min_length=1,
+                                   description="one head per depth k (the target blocks the drafter shares); 0 "
+                                               "(no shared block: the head reads the token's embedding) needs "
+                                               "context: deep")
     vocab_size: int | None = Field(32768, ge=16, description="trimmed LM head size; null for the full vocabulary")
     full_vocab_layers: list[int] = Field(default_factory=list, description="extra full-vocabulary heads")
     train_corpora: list[CorpusName] = Field(default_factory=lambda: ["stdlib"], min_length=1)
@@ -93,11 +96,21 @@ class SelfSpecConfig(UntargetedStepConfig):
 
     @field_validator("exit_layers", "full_vocab_layers", "shallow_layers", "mid_layers")
     @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        bad = [k for k in v if k < 1]
+    def _not_negative(cls, v: list[int]) -> list[int]:
+        bad = [k for k in v if k < 0]
         if bad:
-            raise ValueError(f"exit layers must be >= 1 (blocks the drafter runs), got {bad}")
+            raise ValueError(f"exit layers must be >= 0 (blocks the drafter runs), got {bad}")
         return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _depth_zero_is_deep(self) -> "SelfSpecConfig":
+        # at depth 0 the drafter runs no block: a head there reads the token's embedding, and only a deep
+        # head also reads what the target made of the context (EAGLE's head, on the target's embedding)
+        zero = 0 in self.exit_layers or 0 in self.full_vocab_layers
+        if 0 in self.shallow_layers or (zero and self.context != "deep"):
+            raise ValueError("exit layer 0 (no shared block: the head reads the token's embedding) needs context: "
+                             "deep; a shallow head there is a bigram table")
+        return self
 
     @model_validator(mode="after")
     def _shallow_beside_deep(self) -> "SelfSpecConfig":

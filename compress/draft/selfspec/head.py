@@ -1,7 +1,7 @@
 """The exit head of a shared-prefix self-drafter, its trimmed vocabulary and its files.
 
-A self-drafter is the target's first k blocks (the target's own weights, never copied) followed
-by an *exit head*: one decoder layer of the target's shape (initialised as a copy of the target's
+A self-drafter is the target's first k blocks (the target's own weights, never copied; k = 0 for a
+deep head, which then reads the token's embedding, as EAGLE's head does) followed by an *exit head*: one decoder layer of the target's shape (initialised as a copy of the target's
 last block), an RMSNorm, and the target's LM head restricted to a trimmed vocabulary — the N
 most frequent tokens of the training text (VocabTrim / FR-Spec), EOS always among them. A token
 outside the trimmed vocabulary can never be drafted: when the target wants one, the draft is
@@ -138,9 +138,13 @@ class ExitHead(nn.Module):
         check_engine_model(target)
         cfg = target.config
         layers = target.model.layers
-        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 1 <= exit_layer < len(layers):
-            raise CompressError(f"exit_layer must be an integer in 1..{len(layers) - 1} (the target has "
+        if isinstance(exit_layer, bool) or not isinstance(exit_layer, int) or not 0 <= exit_layer < len(layers):
+            raise CompressError(f"exit_layer must be an integer in 0..{len(layers) - 1} (the target has "
                                 f"{len(layers)} blocks; the drafter runs the first exit_layer of them), got {exit_layer!r}")
+        if exit_layer == 0 and context != "deep":
+            raise CompressError("exit_layer 0 needs context 'deep': a shallow head there reads the token's embedding "
+                                "alone (a bigram table); a deep one also reads the target's final state of the "
+                                "position before, as EAGLE's head does")
         check_vocabulary(vocab_map, target.lm_head.weight.shape[0], eos_ids(target))
         self.exit_layer = exit_layer
         if mid_layer is not None and (context != "deep" or isinstance(mid_layer, bool) or not isinstance(mid_layer, int)

@@ -129,7 +129,8 @@ def teacher_outputs(target, ids: torch.Tensor, depths: list[int], check: bool = 
             raise CompressError("exit-head training recomputes the target's logits as final · W: an LM head with "
                                 "a bias is not supported")
         first = logits[:1].float()  # one window says it: a scale or a cap applies to every position
-        diff = float((F.linear(normed[:1], target.lm_head.weight).float() - first).abs().max())
+        with torch.no_grad():
+            diff = float((F.linear(normed[:1], target.lm_head.weight).float() - first).abs().max())
         # 2% of the largest logit: far above bf16's rounding (a product of another shape may differ by an ulp,
         # 0.4-0.8% of a value), far below a scale or a soft cap
         if diff > 0.02 * float(first.abs().max()) + 1e-4:

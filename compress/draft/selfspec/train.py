@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 
 import torch
 import torch.nn.functional as F
@@ -104,12 +105,14 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     cos, sin = _rope_tables(target, train.shape[1], device, dtype)
     gen = torch.Generator().manual_seed(seed)
-    losses = {k: [] for k in heads}
+    losses = {k: deque(maxlen=20) for k in heads}  # the final loss is the last 20 steps' mean
     start = time.perf_counter()  # the cache's build counts: it is training time
     where = place(target, train, depths, teacher_cache)
     cache = None if where is None else TeacherCache.build(target, train, depths, where, batch_size=batch_size,
                                                           progress=progress)
-    rows = {k: target.lm_head.weight.detach()[h.vocab_map.to(device)] for k, h in heads.items()}
+    # heads over one vocabulary (k1 and k1-mid: the same trimmed ids) share one teacher distribution a step
+    vocab_of = {k: tuple(h.vocab_map.tolist()) for k, h in heads.items()}
+    rows = {ids: target.lm_head.weight.detach()[torch.tensor(ids, device=device)] for ids in set(vocab_of.values())}
     precision = torch.get_float32_matmul_precision()
     if tf32 and device.type == "cuda":
         torch.set_float32_matmul_precision("high")
@@ -121,12 +124,13 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
             final = normed if deep else None
             mask = None if loss_mask is None else loss_mask[idx].to(device=device, dtype=torch.float32)
             opt.zero_grad(set_to_none=True)
+            probs = {ids: teacher_probs(normed, lse, r) for ids, r in rows.items()}  # the target's mass on the ids
             for name, head in heads.items():  # backward head by head: one head's activations at a time
-                p = teacher_probs(normed, lse, rows[name])  # the target's mass on this head's ids
-                loss = _drafts_loss(head, hidden, cos, sin, final, p, mask, unroll)
+                loss = _drafts_loss(head, hidden, cos, sin, final, probs[vocab_of[name]], mask, unroll)
                 loss.backward()
-                losses[name].append(float(loss.detach()))
-                del p, loss
+                losses[name].append(loss.detach())  # read at the end: a read per step would sync the device
+                del loss
+            del probs
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
@@ -144,7 +148,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
                "teacher_cache": teacher_info, "tf32": bool(tf32 and device.type == "cuda"),
                **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
-               "final_loss": {k: sum(v[-20:]) / len(v[-20:]) for k, v in losses.items()}}
+               "final_loss": {k: float(torch.stack(list(v)).mean()) for k, v in losses.items()}}
     return heads, history
 
 
