@@ -8,7 +8,6 @@ writes every block as it finishes and resumes at the first block not written (``
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 from typing import Any
 

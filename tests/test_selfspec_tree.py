@@ -106,12 +106,12 @@ def test_tree_drafting_refuses_what_it_cannot_do():
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-@pytest.mark.parametrize("context", ["shallow", "deep"])
-def test_gpu_compiled_graphs_tree_drafting_matches_the_target(arch, context):
+@pytest.mark.parametrize("context, k", [("shallow", 1), ("deep", 2), ("deep", 0)])
+def test_gpu_compiled_graphs_tree_drafting_matches_the_target(arch, context, k):
     """bf16, compiled layers, CUDA graphs (a deep head's final-state reads and writes record too)."""
     model = copy.deepcopy(_target(arch)).to("cuda", torch.bfloat16)
     vocab = trimmed_vocabulary([list(range(40, 120))], 64, vocab_size=264, always=[EOS])
-    head = _head(model, 1 if context == "shallow" else 2, vocab, context).cuda()
+    head = _head(model, k, vocab, context).cuda()
     pair = SelfSpecPair(BlockEngine(model, 160, compile=True), head, graphs=True, tree="default")
     for prompt in _prompts():
         prompt = prompt.cuda()
