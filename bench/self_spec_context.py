@@ -10,7 +10,8 @@ draft of a round scored (per-draft agreement, τ(γ) by a round-by-round replay,
 τ / (v + γ·c) of train.py's cost model). A CPU run here says which head agrees more; the speed
 question needs the GPU (compress draft-bench). ``--mid-depth M`` adds a third head, deep and also reading
 the target's state after block M of the previous position (``ExitHead(mid_layer=M)``); ``--also-deep 0,1``
-deep heads at other depths (0: the drafter shares no block, as EAGLE's head).
+deep heads at other depths (0: the drafter shares no block, as EAGLE's head); ``--inits last,next`` each head
+twice, started as the target's last block and as its block k.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-shallow", action="store_true", help="leave the shallow head out (deep against mid)")
     ap.add_argument("--also-deep", default="", help="deep heads at these depths too (comma-separated; 0: no shared "
                                                      "block, the head reads the token's embedding)")
+    ap.add_argument("--inits", default="last", help="the block each head starts as, comma-separated (last, next: "
+                                                     "block k); with two, every head is trained once per init")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -69,6 +72,9 @@ def main(argv=None) -> dict:
     specs.update({f"deep-k{d}": (d, vocab, "deep") for d in (int(x) for x in args.also_deep.split(",") if x)})
     if args.mid_depth is not None:
         specs[f"mid{args.mid_depth}-k{k}"] = (k, vocab, "deep", args.mid_depth)
+    inits = args.inits.split(",")
+    specs = {(n if len(inits) == 1 else f"{n}-{init}"): (*spec, *(None,) * (4 - len(spec)), init)
+             for init in inits for n, spec in specs.items()}
     t0 = time.perf_counter()
     heads, history = distill_heads(model, train, specs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    seed=args.seed, unroll=args.unroll)

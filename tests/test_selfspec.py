@@ -116,6 +116,27 @@ def test_the_last_block_as_exit_head_drafts_the_target_exactly():
     assert res.acceptance_rate == 1.0 and res.target_calls == NEW // 4
 
 
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_head_started_as_block_k_is_the_targets_early_exit_after_block_k_plus_one(arch, k):
+    """init "next": the untrained head is block k itself, so its logits are the target's final norm and LM
+    head on the state after block k + 1 (the logit lens there); the default starts as the last block."""
+    model = _target(arch)
+    seq = _prompts()[0][None]
+    with torch.no_grad():
+        out = model(input_ids=seq, output_hidden_states=True)
+        states = out.hidden_states
+        cos, sin = model.model.rotary_emb(states[k], torch.arange(seq.shape[1])[None])
+        head = ExitHead(model, k, torch.arange(264), init="next")
+        got = head.forward_sequence(states[k], cos[0], sin[0])
+        lens = model.lm_head(model.model.norm(states[k + 1])).float() if k + 1 < 3 else out.logits.float()
+    assert torch.allclose(got, lens, atol=1e-4)
+    assert torch.equal(head.wo, model.model.layers[k].self_attn.o_proj.weight.float())
+    assert torch.equal(ExitHead(model, k, torch.arange(264)).wo, model.model.layers[-1].self_attn.o_proj.weight.float())
+    with pytest.raises(CompressError, match="head init must be one of last, next, got 'first'"):
+        ExitHead(model, k, torch.arange(264), init="first")
+
+
 @pytest.mark.parametrize("arch, k, context", [("qwen2", 1, "shallow"), ("llama", 2, "deep")])
 def test_verification_reuses_the_shallow_blocks_of_every_drafted_token(arch, k, context):
     model = _target(arch)

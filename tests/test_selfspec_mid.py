@@ -240,9 +240,11 @@ def test_a_head_at_depth_zero_trains_exports_and_drafts_the_targets_own_output(t
     from compress.pipeline import run_recipe
     from compress.recipe import validate_recipe
     mdir = tiny_model_dir(tmp_path / "tiny", "llama")
-    result = run_recipe(validate_recipe(_recipe(mdir, text_file, exit_layers=[0, 1], mid_layers=[0], mid_depth=MID)),
+    result = run_recipe(validate_recipe(_recipe(mdir, text_file, exit_layers=[0, 1], mid_layers=[0], mid_depth=MID,
+                                                head_init="next")),
                         out_dir=tmp_path / "drafter", progress=False, log=lambda *_: None)
     step = result.report["stages"][0]["steps"][0]
+    assert step["config"]["head_init"] == "next"
     assert set(step["depth_curve"]) == {"k0", "k1", "k0-mid"}
     assert step["depth_curve"]["k0"]["c_layers"] < step["depth_curve"]["k1"]["c_layers"]  # one block fewer a draft
     trained = result.state.self_spec.heads["k0"]
@@ -263,6 +265,9 @@ def test_config_refuses_a_shallow_head_at_depth_zero():
         with pytest.raises(RecipeError, match="exit layer 0 .* needs context: deep"):
             validate_recipe({"version": 1, "model": {"id": "smollm2-135m"},
                              "stages": [{"name": "d", "steps": [{"algorithm": "self_spec", **step}]}]})
+    with pytest.raises(RecipeError, match="head_init"):
+        validate_recipe({"version": 1, "model": {"id": "smollm2-135m"}, "stages": [{"name": "d", "steps": [
+            {"algorithm": "self_spec", "exit_layers": [1], "head_init": "first"}]}]})
     with pytest.raises(RecipeError, match="exit layers must be >= 0"):
         validate_recipe({"version": 1, "model": {"id": "smollm2-135m"}, "stages": [{"name": "d", "steps": [
             {"algorithm": "self_spec", "exit_layers": [-1]}]}]})

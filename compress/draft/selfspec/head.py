@@ -1,11 +1,13 @@
 """The exit head of a shared-prefix self-drafter, its trimmed vocabulary and its files.
 
 A self-drafter is the target's first k blocks (the target's own weights, never copied; k = 0 for a
-deep head, which then reads the token's embedding, as EAGLE's head does) followed by an *exit head*: one decoder layer of the target's shape (initialised as a copy of the target's
-last block), an RMSNorm, and the target's LM head restricted to a trimmed vocabulary — the N
-most frequent tokens of the training text (VocabTrim / FR-Spec), EOS always among them. A token
-outside the trimmed vocabulary can never be drafted: when the target wants one, the draft is
-rejected there and the target's own token is committed, as with any rejection.
+deep head, which then reads the token's embedding, as EAGLE's head does) followed by an *exit head*:
+one decoder layer of the target's shape (it starts as a copy of the target's last block, or with
+``init="next"`` of block k, the block it stands in for), an RMSNorm, and the target's LM head
+restricted to a trimmed vocabulary — the N most frequent tokens of the training text (VocabTrim /
+FR-Spec), EOS always among them. A token outside the trimmed vocabulary can never be drafted: when
+the target wants one, the draft is rejected there and the target's own token is committed, as with
+any rejection.
 
 Context. A ``shallow`` head reads h_k alone. A ``deep`` head (EAGLE's lesson, on Kangaroo's shared
 prefix) also reads the target's *final* state of the previous position — the output of its final
@@ -44,6 +46,7 @@ from compress.errors import CompressError
 
 MANIFEST = "self_spec.json"
 CONTEXTS = ("shallow", "deep")
+INITS = ("last", "next")
 FORMAT = "self-spec"
 
 
@@ -130,10 +133,12 @@ class ExitHead(nn.Module):
     block ``exit_layer`` (parameters float32 for training; cast for inference)."""
 
     def __init__(self, target, exit_layer: int, vocab_map: torch.Tensor, context: str = "shallow",
-                 mid_layer: int | None = None):
+                 mid_layer: int | None = None, init: str = "last"):
         super().__init__()
         if context not in CONTEXTS:
             raise CompressError(f"head context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+        if init not in INITS:
+            raise CompressError(f"head init must be one of {', '.join(INITS)}, got {init!r}")
         self.context = context
         check_engine_model(target)
         cfg = target.config
@@ -156,7 +161,10 @@ class ExitHead(nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.act = getattr(cfg, "hidden_act", "silu")
-        src = layers[-1]  # the last block: its output is what the final norm and the head expect
+        # the block the head starts as: "last", whose output is what the final norm and the LM head expect;
+        # "next", block exit_layer, the one the head stands in for, whose input is what the head reads (h_k:
+        # at depth 0 the token's embedding, which the last block never sees)
+        src = layers[-1] if init == "last" else layers[exit_layer]
         a, m = src.self_attn, src.mlp
         f32 = lambda t: nn.Parameter(t.detach().float().clone())  # noqa: E731
         self.ln1, self.ln2 = f32(src.input_layernorm.weight), f32(src.post_attention_layernorm.weight)

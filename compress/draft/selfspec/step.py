@@ -210,10 +210,12 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     full = torch.arange(lm_rows)
     trimmed = (full if cfg.vocab_size is None or cfg.vocab_size >= lm_rows else
                trimmed_vocabulary(train.tolist(), cfg.vocab_size, vocab_size=lm_rows, always=eos_ids(model)))
-    specs = {f"k{k}": (k, trimmed, cfg.context) for k in cfg.exit_layers}
-    specs.update({f"k{k}-full": (k, full, cfg.context) for k in cfg.full_vocab_layers if trimmed.numel() < lm_rows})
-    specs.update({f"k{k}-shallow": (k, trimmed, "shallow") for k in cfg.shallow_layers})
-    specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth) for k in cfg.mid_layers})
+    init = cfg.head_init
+    specs = {f"k{k}": (k, trimmed, cfg.context, None, init) for k in cfg.exit_layers}
+    specs.update({f"k{k}-full": (k, full, cfg.context, None, init) for k in cfg.full_vocab_layers
+                  if trimmed.numel() < lm_rows})
+    specs.update({f"k{k}-shallow": (k, trimmed, "shallow", None, init) for k in cfg.shallow_layers})
+    specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth, init) for k in cfg.mid_layers})
     lap("text")
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                    seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll,

@@ -76,7 +76,8 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
                   seed: int = 0, progress: bool = True, unroll: int = 1,
                   loss_mask: torch.Tensor | None = None, teacher_cache: str = "auto",
                   tf32: bool = True) -> tuple[dict[str, ExitHead], dict]:
-    """Heads ``{name: (exit_layer, vocab_map[, context])}`` trained jointly on windows ``train`` [N, T].
+    """Heads ``{name: (exit_layer, vocab_map[, context[, mid_layer[, init]]])}`` (``ExitHead``'s arguments)
+    trained jointly on windows ``train`` [N, T].
 
     ``loss_mask`` [N, T] bool: the positions the loss averages over (None: all, the mean over the
     batch's every position as always). ``unroll``: a deep-context head's loss is the mean over a
