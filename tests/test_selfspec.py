@@ -133,7 +133,11 @@ def test_a_head_started_as_block_k_is_the_targets_early_exit_after_block_k_plus_
     assert torch.allclose(got, lens, atol=1e-4)
     assert torch.equal(head.wo, model.model.layers[k].self_attn.o_proj.weight.float())
     assert torch.equal(ExitHead(model, k, torch.arange(264)).wo, model.model.layers[-1].self_attn.o_proj.weight.float())
-    with pytest.raises(CompressError, match="head init must be one of last, next, got 'first'"):
+    # auto (the default): block 0 at depth 0, where the last block would read an embedding it never sees
+    assert torch.equal(ExitHead(model, 0, torch.arange(264), "deep").wo, model.model.layers[0].self_attn.o_proj.weight.float())
+    assert torch.equal(ExitHead(model, 0, torch.arange(264), "deep", init="last").wo,
+                       model.model.layers[-1].self_attn.o_proj.weight.float())
+    with pytest.raises(CompressError, match="head init must be one of auto, last, next, got 'first'"):
         ExitHead(model, k, torch.arange(264), init="first")
 
 

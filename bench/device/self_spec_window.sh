@@ -22,7 +22,7 @@
 #   five   the run of 5 (issue 14), alone on the GPU: target alone, every head at GAMMA (default 2), the
 #          default head with its stop and untrimmed, stock bf16 / W4, the old self-drafter, HF assisted
 #          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's,
-#          UNTRIMMED= the untrimmed head's; ALSO_GAMMA=3 adds the default head at that draft length;
+#          UNTRIMMED= the untrimmed head's, OLDSELF= the old self-drafter's; ALSO_GAMMA=3 adds the default head at that draft length;
 #          REPEATS=3 times every prompt 3 times a row and keeps the median run; HEADS=k0,k1 only those heads,
 #          ALSO_GAMMA then for the first of them)
 #   five-more  after five: k1 drafting trees of depth 2 and 3, and the k1 / k2 rows again with k1 at γ = 3
@@ -109,7 +109,7 @@ print(max(3000, min(9000, int($STEPS_BUDGET * r) // 100 * 100)))")
       --quiet 2>&1 | quiet | tail -3
     cp /tmp/out/old-self/report.json $R/five-old-self-report.json;;
   five)
-    OLD=""; [ -d /tmp/out/old-self ] && OLD="--old-self /tmp/out/old-self"
+    OLD=""; [ -n "${OLDSELF-x}" ] && [ -d /tmp/out/old-self ] && OLD="--old-self /tmp/out/old-self"
     W4=""; [ -n "${STOCK-x}" ] && [ -d /tmp/out/q05-w4 ] && W4="--stock-w4 /tmp/out/q05-w4"
     timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 $OLD \
       --self-spec /tmp/out/self-spec-five ${UNTRIMMED---untrimmed} --prompts bench/draft_bench_prompts/code.txt \

@@ -72,10 +72,10 @@ class SelfSpecConfig(UntargetedStepConfig):
         "shallow", description="what the exit heads read: shallow, the state after the exit block only (Kangaroo); "
                                "deep, also the target's final state of the previous position, which verification "
                                "has computed (EAGLE's features on the shared prefix; head.py)")
-    head_init: Literal["last", "next"] = Field(
-        "last", description="the target block each head starts as: last, whose output the final norm and LM head "
+    head_init: Literal["auto", "last", "next"] = Field(
+        "auto", description="the target block each head starts as: last, whose output the final norm and LM head "
                             "read; next, block k itself (the one the head stands in for), whose input is the h_k "
-                            "the head reads (at depth 0 the token's embedding)")
+                            "the head reads (at depth 0 the token's embedding); auto: next at depth 0, last deeper")
     unroll: int = Field(3, ge=1, le=8, description="deep context: drafts of a round trained together (the later ones "
                                                    "read the head's own states, as at decode time)")
     shallow_layers: list[int] = Field(default_factory=list, description="deep context: extra shallow heads (named "
