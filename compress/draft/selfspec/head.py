@@ -2,10 +2,10 @@
 
 A self-drafter is the target's first k blocks (the target's own weights, never copied; k = 0 for a
 deep head, which then reads the token's embedding, as EAGLE's head does) followed by an *exit head*:
-one decoder layer of the target's shape (it starts as a copy of the target's last block, or of block
-k, the block it stands in for: ``init="next"``, and by default at depth 0), an RMSNorm, and the target's LM head
-restricted to a trimmed vocabulary — the N most frequent tokens of the training text (VocabTrim /
-FR-Spec), EOS always among them. A token outside the trimmed vocabulary can never be drafted: when
+one decoder layer of the target's shape (it starts as a copy of the target's last block, or of
+block k, the block it stands in for: ``init="next"``, and by default at depth 0), an RMSNorm, and
+the target's LM head restricted to a trimmed vocabulary — the N most frequent tokens of the
+training text (VocabTrim / FR-Spec), EOS always among them. A token outside the trimmed vocabulary can never be drafted: when
 the target wants one, the draft is rejected there and the target's own token is committed, as with
 any rejection.
 
@@ -164,8 +164,8 @@ class ExitHead(nn.Module):
         # the block the head starts as: "last", whose output is what the final norm and the LM head expect;
         # "next", block exit_layer, the one the head stands in for, whose input is what the head reads (h_k:
         # at depth 0 the token's embedding, which the last block never sees); "auto", next at depth 0 and last
-        # deeper (a CPU probe, bench/results/draft/README.md "Where the head starts": from the last block a
-        # depth-0 head agrees 0.19 after 300 steps, from block 0 0.25, as a depth-1 head from either)
+        # deeper (a CPU probe, bench/results/draft/README.md, "Depth 0, and where the head starts": from the
+        # last block a depth-0 head agrees 0.19 after 300 steps, from block 0 0.25, as a depth-1 head does)
         nxt = init == "next" or (init == "auto" and exit_layer == 0)
         src = layers[exit_layer] if nxt else layers[-1]
         a, m = src.self_attn, src.mlp

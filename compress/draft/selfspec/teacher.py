@@ -93,6 +93,8 @@ class TeacherCache:
             final[s:s + batch_size] = normed.to(device)
             lse[s:s + batch_size] = norm.to(device)
             del got, normed, norm
+        if run_on.type == "cuda":  # the copies and products are queued: the time is theirs too
+            torch.cuda.synchronize(run_on)
         cache = cls(states, final, lse, time.perf_counter() - start)
         log.info("teacher cache: %d windows x %d positions, %.1f GB on %s in %.1f s", n, t, cache.nbytes / 1e9,
                  device, cache.seconds)

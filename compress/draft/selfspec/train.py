@@ -137,6 +137,8 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
             sched.step()
     finally:
         torch.set_float32_matmul_precision(precision)
+    if device.type == "cuda":  # no step reads the device: its queued work belongs to the time
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start  # with the cache's build (its share: teacher_cache.seconds)
     teacher_info = None if cache is None else cache.describe()
     del cache, rows
