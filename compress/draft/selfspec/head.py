@@ -165,7 +165,7 @@ class ExitHead(nn.Module):
         # "next", block exit_layer, the one the head stands in for, whose input is what the head reads (h_k:
         # at depth 0 the token's embedding, which the last block never sees); "auto", next at depth 0 and last
         # deeper (a CPU probe, bench/results/draft/README.md, "Depth 0, and where the head starts": from the
-        # last block a depth-0 head agrees 0.19 after 300 steps, from block 0 0.25, as a depth-1 head does)
+        # last block a depth-0 head agrees 0.19 after 300 steps, from block 0 0.25, as a depth-1 head then did)
         nxt = init == "next" or (init == "auto" and exit_layer == 0)
         src = layers[exit_layer] if nxt else layers[-1]
         a, m = src.self_attn, src.mlp
