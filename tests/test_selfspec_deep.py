@@ -176,3 +176,28 @@ def test_config_names_a_bad_context_and_unroll():
         with pytest.raises(RecipeError, match=field):
             validate_recipe({"version": 1, "model": {"id": "smollm2-135m"},
                              "stages": [{"name": "d", "steps": [{**base, **bad}]}]})
+
+
+def test_a_stop_counts_drafts_past_a_rejection_and_pays_for_its_reads():
+    from compress.draft.agreement import replay_greedy_rounds
+    from compress.draft.selfspec.train import STOP_READ_OVERHEAD, choose_threshold
+
+    # γ = 3, sure of everything: a stop cuts nothing, and the rejected round's last two drafts count
+    agree, sure = [True, False, True, True, True, True], [0.9] * 6
+    fixed, stop = replay_greedy_rounds(agree, 3), replay_greedy_rounds(agree, 3, sure, 0.5)
+    assert stop["drafted"] == fixed["drafted"] and stop["rounds"] == fixed["rounds"]
+    # unsure after an accepted draft: that round stops there (the draft itself is verified)
+    cut = replay_greedy_rounds([True, True, True, True], 3, [0.1, 0.9, 0.9, 0.9], 0.5)
+    assert cut["drafted"][:2] == [2, 0] and cut["accepted"][0] == 2
+
+    agrees = [[True, False, True, True, False, True, True, True] * 4] * 3
+    confs = [[0.9] * 32] * 3
+    # nothing to cut: the fixed γ wins once reads cost anything, and ties it when they are free
+    assert choose_threshold(agrees, confs, 3, 0.12)["threshold"] is None
+    free = choose_threshold(agrees, confs, 3, 0.12, candidates=[0.05, 0.5], read_cost=0.0)
+    assert {round(r["predicted_speedup"], 12) for r in free["table"]} == {round(free["predicted_speedup"], 12)}
+    # a head unsure exactly where it is rejected: a stop cuts the wasted drafts and, if reads are cheap, wins
+    unsure = [[0.9 if a else 0.05 for a in row] for row in agrees]
+    assert choose_threshold(agrees, unsure, 3, 0.5, read_cost=0.01)["threshold"] is not None
+    assert choose_threshold(agrees, unsure, 3, 0.12)["threshold"] is None  # 0.12 + 0.16 a draft: it does not
+    assert STOP_READ_OVERHEAD > 0

@@ -77,9 +77,12 @@ def replay_greedy_rounds(agree: Sequence[bool], gamma: int, confidence: Sequence
                          threshold: float | None = None) -> dict:
     """The greedy loop on one agreement sequence: tokens, rounds, per-draft-position counts.
 
-    With a fixed γ every round drafts its whole budget (as the loop does); with a threshold,
-    ``drafted`` counts drafts up to the first rejection only — how long the loop drafts after a
-    rejected token depends on confidences off the sequence, which one pass does not see.
+    With a fixed γ every round drafts its whole budget (as the loop does). With a threshold a round
+    stops drafting after a draft whose confidence is below it, accepted or not; after a rejected draft
+    the loop was sure of, it drafts on until a confidence off the sequence (which one pass does not see)
+    drops, so ``drafted`` counts the rest of the budget as drafted: an upper bound, never the
+    optimistic count that makes a stop look cheap (a GPU run drafted every position of the budget with the stop it chose, the same as
+    without it: bench/results/draft/h200-selfspec-five-f/).
     """
     n, i, rounds = len(agree), 0, 0
     drafted, accepted = [0] * gamma, [0] * gamma
@@ -92,6 +95,9 @@ def replay_greedy_rounds(agree: Sequence[bool], gamma: int, confidence: Sequence
             if threshold is not None:
                 drafted[j] += 1
             if not agree[i + j]:
+                if threshold is not None and confidence[i + j] >= threshold:
+                    for rest in range(j + 1, budget):  # drafts on, off the sequence (see above)
+                        drafted[rest] += 1
                 break
             accepted[j] += 1
             k += 1

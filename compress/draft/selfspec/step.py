@@ -267,7 +267,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     else:
         stop["acceptance_calibration"] = {"events": int(conf_rep.numel()), "before": before}
     # the threshold is chosen on first drafts' confidences (for a deep head, later drafts are surer of
-    # less: an optimistic choice there, like the replay's own, said in choose_threshold)
+    # less: optimistic there); a stop is charged its host reads on the replay's upper count of drafts
+    # (choose_threshold), so it is chosen only where it cuts enough drafts to pay for them
     choice = choose_threshold(fit_a, thr_confs, gamma, cost_per_draft(heads[best].exit_layer, layers))
     stop.update(threshold=choice["threshold"], predicted=choice)
     lap("calibrator_and_stop")

@@ -284,17 +284,27 @@ def summarise_heads(events: dict, heads: dict[str, ExitHead], num_layers: int, g
     return curve
 
 
-def choose_threshold(agrees, confs, gamma: int, c: float, candidates=None) -> dict:
-    """The stopping threshold with the highest predicted speedup τ_t / (1 + c · drafts per round) on
-    held-out sequences (drafts after a first rejection are not seen by a replay: an optimistic count
-    for thresholds that keep drafting past it); ``None`` (fixed γ) competes too."""
+# What a confidence stop adds to a draft, in target steps: the round reads each draft's confidence on
+# the host, so it cannot run as one fused CUDA graph. Fitted to the H200 rows of Qwen2.5-Coder-1.5B's
+# k1 head with and without the stop (c 0.24-0.38 against 0.12-0.14, +0.12 to +0.24 a draft over eight
+# rows; bench/results/draft/h200-selfspec-five-e/ and -five-f/): the median, rounded.
+STOP_READ_OVERHEAD = 0.16
+
+
+def choose_threshold(agrees, confs, gamma: int, c: float, candidates=None,
+                     read_cost: float = STOP_READ_OVERHEAD) -> dict:
+    """The stopping threshold with the highest predicted speedup τ_t / (1 + c_t · drafts per round) on
+    held-out sequences, where a stop's draft costs ``c + read_cost`` and a replay counts the drafts after
+    a rejection as drafted (``replay_greedy_rounds``); ``None`` (fixed γ, draft cost ``c``) competes too.
+    A stop wins only where it cuts enough drafts to pay for reading every one."""
     candidates = candidates or [round(0.05 * i, 2) for i in range(1, 20)]
     tau0, drafts0 = _tau(agrees, gamma)
     best = {"threshold": None, "tau": tau0, "drafts_per_round": drafts0, "predicted_speedup": tau0 / (1 + c * drafts0)}
     table = [dict(best)]
     for t in candidates:
         tau, drafts = _tau(agrees, gamma, confs, t)
-        row = {"threshold": t, "tau": tau, "drafts_per_round": drafts, "predicted_speedup": tau / (1 + c * drafts)}
+        row = {"threshold": t, "tau": tau, "drafts_per_round": drafts,
+               "predicted_speedup": tau / (1 + (c + read_cost) * drafts)}
         table.append(row)
         if row["predicted_speedup"] > best["predicted_speedup"]:
             best = row
