@@ -170,7 +170,7 @@ def test_recipe_set_override_trains_on_the_targets_own_continuations(tmp_path, t
     assert set(step["depth_curve"]) == set(step["depth_curve_generations"]) == {"k1", "k2"}
     assert step["training"]["held_out_generations"]["sequences"] == 4
     assert list(step["training"]["phase_seconds"]) == [  # where the step's time went, in its order
-        "text", "generations", "training", "held_out_windows", "held_out_generations",
+        "text", "generations", "held_out_generations", "training", "held_out_windows",
         "held_out_generation_curves", "calibrator_and_stop"]
     assert step["training"]["teacher_cache"]["device"] == "cpu"  # the recipe's default: auto
     # the curve on each continuation's first 128 tokens: here all 14 of them, so the whole curve again
@@ -408,3 +408,43 @@ def test_unit_prompts_feed_the_generations_of_a_recipe(tmp_path, text_file, monk
     assert training["held_out_generations"]["prompts"] == "units"
     with pytest.raises(RecipeError, match="generate_tokens \\(300\\): with generation_prompts: units"):
         SelfSpecConfig(generation_prompts="units", generate_tokens=300)
+
+
+def test_the_learning_curve_scores_the_heads_as_they_train_and_changes_none(tmp_path, text_file):
+    """learning_curve_every: first-draft agreement and α on the held-out continuations and on as many
+    training ones after every N steps; its last point is the finished heads' held-out score, and the heads
+    are the ones trained without it."""
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    kw = dict(train_source="mixed", prompt_tokens=10, generate_tokens=22, steps=5)
+    plain = _run(_recipe(mdir, text_file, **kw))
+    curved = _run(_recipe(mdir, text_file, learning_curve_every=2, **kw))
+    a, b = _weights(plain), _weights(curved)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    training = curved.report["stages"][0]["steps"][0]["training"]
+    curve = training["learning_curve"]
+    assert [p["step"] for p in curve] == [2, 4, 5] and training["probe_seconds"] >= 0
+    for point in curve:
+        for text in ("held_out", "train"):
+            assert set(point[text]) == {"k1", "k2"}
+            assert all(0 <= v["greedy_agreement"] <= 1 and 0 <= v["alpha"] <= 1 for v in point[text].values())
+    step = curved.report["stages"][0]["steps"][0]
+    for k in ("k1", "k2"):  # the last point is the finished heads on the same positions as the report's curve
+        assert curve[-1]["held_out"][k]["greedy_agreement"] == pytest.approx(
+            step["depth_curve_generations_first"][k]["greedy_agreement"], abs=1e-12)
+        assert curve[-1]["held_out"][k]["alpha"] == pytest.approx(
+            step["depth_curve_generations_first"][k]["alpha"], abs=1e-6)
+    assert "learning_curve" not in plain.report["stages"][0]["steps"][0]["training"]
+    with pytest.raises(RecipeError, match="learning_curve_every \\(100\\) scores the heads on the held-out"):
+        SelfSpecConfig(learning_curve_every=100, eval_generations=False)
+
+
+def test_the_learning_curves_training_sample_is_continuations_fixed_by_the_seed():
+    train = torch.arange(8 * 6).reshape(8, 6)
+    mask = torch.ones(8, 6, dtype=torch.bool)
+    mask[4:, :2] = False  # rows 4..7: continuations (their prompts are not scored); rows 0..3 corpus windows
+    rows, keep = selfspec_step._train_sample(train, mask, 3, seed=1)
+    assert rows.shape == (3, 6) and bool((rows[:, 0] >= 24).all()) and torch.equal(keep, mask[rows[:, 0] // 6])
+    again, _ = selfspec_step._train_sample(train, mask, 3, seed=1)
+    assert torch.equal(rows, again)
+    every, none = selfspec_step._train_sample(train, None, 20, seed=0)
+    assert none is None and sorted(every[:, 0].tolist()) == list(range(0, 48, 6))

@@ -68,6 +68,11 @@ class SelfSpecConfig(UntargetedStepConfig):
     eval_first_tokens: int | None = Field(128, ge=1, description="with eval_generations, the same curve again on "
                                           "each continuation's first N tokens (a draft bench's length: long "
                                           "greedy continuations settle into repeats); null skips it")
+    learning_curve_every: int = Field(0, ge=0, description="every N training steps (and the last), each head's "
+                                      "first-draft agreement and alpha on the held-out continuations and on as many "
+                                      "training ones, each cut to eval_first_tokens (training.learning_curve: does "
+                                      "acceptance still climb, and does the training text pull away from the "
+                                      "held-out?); 0: off. Needs eval_generations")
     context: Literal["shallow", "deep"] = Field(
         "shallow", description="what the exit heads read: shallow, the state after the exit block only (Kangaroo); "
                                "deep, also the target's final state of the previous position, which verification "
@@ -114,6 +119,13 @@ class SelfSpecConfig(UntargetedStepConfig):
         if 0 in self.shallow_layers or (zero and self.context != "deep"):
             raise ValueError("exit layer 0 (no shared block: the head reads the token's embedding) needs context: "
                              "deep; a shallow head there is a bigram table")
+        return self
+
+    @model_validator(mode="after")
+    def _curve_needs_held_out(self) -> "SelfSpecConfig":
+        if self.learning_curve_every and not self.eval_generations:
+            raise ValueError(f"learning_curve_every ({self.learning_curve_every}) scores the heads on the held-out "
+                             f"continuations during training: set eval_generations: true, or learning_curve_every: 0")
         return self
 
     @model_validator(mode="after")

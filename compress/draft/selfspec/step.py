@@ -43,8 +43,8 @@ from compress.draft.selfspec.generation_cache import generation_key, load_genera
 from compress.draft.selfspec.generations import continuation_mask, greedy_fill, unit_end_prompts, unit_prompts
 from compress.draft.selfspec.head import (FORMAT, ExitHead, eos_ids, read_manifest, target_fingerprint,
                                           trimmed_vocabulary, write_manifest)
-from compress.draft.selfspec.train import (choose_threshold, cost_per_draft, distill_heads, first_events,
-                                           head_events, summarise_heads)
+from compress.draft.selfspec.train import (agreement_probe, choose_threshold, cost_per_draft, distill_heads,
+                                           first_events, head_events, summarise_heads)
 from compress.errors import CompressError
 from compress.formats.calibrator import load_lm_calibrator
 
@@ -118,6 +118,18 @@ def _continue(cfg: SelfSpecConfig, model, prompts: list, progress: bool, seen: d
         if key is not None:
             save_generations(key, *got)
     return got
+
+
+def _train_sample(train: torch.Tensor, loss_mask: torch.Tensor | None, n: int, seed: int
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` training sequences for the learning curve, fixed by ``seed`` (its own generator: the training
+    draws are untouched), from the continuations where there are any (the rows whose loss mask is not
+    all true: a mixed text's corpus windows keep every position), with their kept positions."""
+    rows = torch.arange(train.shape[0])
+    if loss_mask is not None and not bool(loss_mask.all()):
+        rows = rows[~loss_mask.all(1)]
+    pick = rows[torch.randperm(rows.numel(), generator=torch.Generator().manual_seed(seed))[:n]].sort().values
+    return train[pick], None if loss_mask is None else loss_mask[pick]
 
 
 def _lengths(p_lens) -> dict:
@@ -217,9 +229,20 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     specs.update({f"k{k}-shallow": (k, trimmed, "shallow", None, init) for k in cfg.shallow_layers})
     specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth, init) for k in cfg.mid_layers})
     lap("text")
+    if cfg.eval_generations:  # before training: the learning curve reads them (the tokens do not depend on it)
+        gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
+        held_gen, held_p = _continue(cfg, model, gen_prompts, ctx.progress, gen_seen, "held_out")
+        held_keep = continuation_mask(held_gen, held_p, eos)
+        lap("held_out_generations")
+    probe = None
+    if cfg.learning_curve_every:
+        probe = agreement_probe(model, {"held_out": (held_gen, held_keep),
+                                        "train": _train_sample(train, loss_mask, held_gen.shape[0], cfg.seed)},
+                                first=cfg.eval_first_tokens)
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                    seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll,
-                                   teacher_cache=cfg.teacher_cache, tf32=cfg.tf32)
+                                   teacher_cache=cfg.teacher_cache, tf32=cfg.tf32, probe=probe,
+                                   probe_every=cfg.learning_curve_every)
     lap("training")
     # a deep head's later drafts read its own states: score every draft of the longest round considered
     steps = max(cfg.gammas) if cfg.context == "deep" else 1
@@ -231,10 +254,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     lap("held_out_windows")
     curve_gen = None
     if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
-        gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
-        held_gen, held_p = _continue(cfg, model, gen_prompts, ctx.progress, gen_seen, "held_out")
-        lap("held_out_generations")
-        events_gen = head_events(model, heads, held_gen, keep=continuation_mask(held_gen, held_p, eos), steps=steps)
+        events_gen = head_events(model, heads, held_gen, keep=held_keep, steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
         more_curves["depth_curve_generations_by_corpus"] = _curves_by_corpus(
             events_gen, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)

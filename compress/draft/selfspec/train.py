@@ -26,6 +26,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +76,8 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
                   batch_size: int = 8, lr: float = 3e-4, weight_decay: float = 0.0, warmup: int = 20,
                   seed: int = 0, progress: bool = True, unroll: int = 1,
                   loss_mask: torch.Tensor | None = None, teacher_cache: str = "auto",
-                  tf32: bool = True) -> tuple[dict[str, ExitHead], dict]:
+                  tf32: bool = True, probe: Callable[[dict], dict] | None = None,
+                  probe_every: int = 0) -> tuple[dict[str, ExitHead], dict]:
     """Heads ``{name: (exit_layer, vocab_map[, context[, mid_layer[, init]]])}`` (``ExitHead``'s arguments)
     trained jointly on windows ``train`` [N, T].
 
@@ -85,7 +87,11 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
     states as well as from the target's. ``teacher_cache``: ``auto`` runs the target over the windows
     once and keeps what the steps read (teacher.py), ``off`` runs it every step; the same numbers either
     way. ``tf32``: on CUDA the heads' float32 products run on TF32 tensor cores (10 bits of mantissa
-    in a product's inputs; the target states the heads read are bf16, 8 bits)."""
+    in a product's inputs; the target states the heads read are bf16, 8 bits).
+
+    ``probe(heads) -> dict``, called after every ``probe_every`` steps and the last, gives the history's
+    ``learning_curve`` (e.g. ``agreement_probe``); it reads no training randomness, so the heads are the
+    same with or without it, and its time (``probe_seconds``) is not training time."""
     if unroll < 1:
         raise CompressError(f"unroll must be >= 1, got {unroll}")
     if steps < 1:
@@ -107,6 +113,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
     cos, sin = _rope_tables(target, train.shape[1], device, dtype)
     gen = torch.Generator().manual_seed(seed)
     losses = {k: deque(maxlen=20) for k in heads}  # the final loss is the last 20 steps' mean
+    curve, probe_seconds = [], 0.0
     start = time.perf_counter()  # the cache's build counts: it is training time
     where = place(target, train, depths, teacher_cache)
     cache = None if where is None else TeacherCache.build(target, train, depths, where, batch_size=batch_size,
@@ -135,11 +142,21 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
+            if probe is not None and probe_every and ((step + 1) % probe_every == 0 or step + 1 == steps):
+                if device.type == "cuda":  # the steps queued so far are training time, not the probe's
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                torch.set_float32_matmul_precision(precision)  # scored as the heads are after training
+                with torch.no_grad():
+                    curve.append({"step": step + 1, **probe(heads)})
+                if tf32 and device.type == "cuda":
+                    torch.set_float32_matmul_precision("high")
+                probe_seconds += time.perf_counter() - t0
     finally:
         torch.set_float32_matmul_precision(precision)
     if device.type == "cuda":  # no step reads the device: its queued work belongs to the time
         torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - start  # with the cache's build (its share: teacher_cache.seconds)
+    seconds = time.perf_counter() - start - probe_seconds  # with the cache's build (teacher_cache.seconds)
     teacher_info = None if cache is None else cache.describe()
     del cache, rows
     for h in heads.values():
@@ -152,7 +169,28 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
                "teacher_cache": teacher_info, "tf32": bool(tf32 and device.type == "cuda"),
                **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
                "final_loss": {k: float(torch.stack(list(v)).mean()) for k, v in losses.items()}}
+    if curve:
+        history.update(learning_curve=curve, probe_seconds=round(probe_seconds, 2))
     return heads, history
+
+
+def agreement_probe(target, windows: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                    first: int | None = None) -> Callable[[dict], dict]:
+    """A ``distill_heads`` probe: per named text (windows [N, T] and the kept positions, or None for all),
+    each head's first-draft greedy agreement and α (expected acceptance, Σ min(p, q)) over the kept
+    positions — the first ``first`` of each window's, when given."""
+    def probe(heads: dict) -> dict:
+        out = {}
+        for name, (w, keep) in windows.items():
+            events = head_events(target, heads, w, keep=keep)
+            if first is not None:
+                events = first_events(events, first)
+            out[name] = {k: {"greedy_agreement": float(torch.tensor([a for row in ev["agree"] for a in row],
+                                                                    dtype=torch.float64).mean()),
+                             "alpha": float(torch.cat(ev["overlap"]).double().mean())}
+                         for k, ev in events.items()}
+        return out
+    return probe
 
 
 @torch.no_grad()
