@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import MutableMapping
@@ -51,6 +50,7 @@ from safetensors.torch import save_file
 from compress.checkpoint import Checkpoint, materialise, to_meta
 from compress.distributed import barrier, gather_json, is_main
 from compress.errors import CompressError
+from compress.fs import write_atomic
 from compress.fs import write_json_atomic
 from compress.quantize.grid import QuantSpec
 from compress.quantize.solvers import QuantResult
@@ -255,9 +255,9 @@ class StreamSource:
                 t, meta[name] = _quant_tensors(name, res)
                 tensors.update(t)
             tensors.update({f"float_weight::{n}": w.contiguous() for n, w in floats.items()})
-            tmp = self._block_file(i).with_suffix(".tmp")
-            save_file(tensors, str(tmp), metadata={"quant": json.dumps(meta)})
-            os.replace(tmp, self._block_file(i))  # atomic: a crash leaves the old version or the new one
+            # atomic: a crash leaves the old version or the new one
+            write_atomic(self._block_file(i),
+                         lambda tmp: save_file(tensors, str(tmp), metadata={"quant": json.dumps(meta)}))
         else:
             self._block_file(i).unlink(missing_ok=True)
         if self.last_pass and not self.keep_blocks:

@@ -28,6 +28,7 @@ from compress.formats.gptq import _module_spec, check_zero_points, gptq_quantiza
 from compress.formats.packed import quantized_linears, write_config_files
 from compress.formats.safetensors_stream import save_file_streamed
 from compress.fs import make_readable, replace_dir, temp_dir_beside, write_json_atomic
+from compress.fs import write_atomic
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -73,9 +74,7 @@ class ShardWriter:
         partial = any(linear.in_features % res.spec.group_size_for(linear.in_features)
                       for linear, res in quantized.values())
         name = shard_name(i + 2, self.n)  # shard 1 holds the tensors outside the blocks
-        tmp = self.folder / (name + ".tmp")
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, self.folder / name)
+        write_atomic(self.folder / name, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
         return {"file": name, "specs": specs, "excluded": excluded, "partial": partial, "keys": sorted(tensors),
                 "bytes": (self.folder / name).stat().st_size}
 

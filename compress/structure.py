@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 from compress.cache import cache_dir
+from compress.fs import write_text_atomic
 from compress.models.fetch import converted_dir, is_fetched
 from compress.models.zoo import ZOO
 
@@ -89,9 +89,7 @@ def remember_structure(folder: str | Path, structure: Structure) -> None:
     if not (Path(folder) / "config.json").is_file():
         return  # a hub id: nothing local to key the cache by
     cached = _cache_file(Path(folder))
-    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")  # two processes may write it at once
-    tmp.write_text(json.dumps({"model_type": structure.model_type, "linears": structure.linears}))
-    tmp.replace(cached)
+    write_text_atomic(cached, json.dumps({"model_type": structure.model_type, "linears": structure.linears}))
 
 
 def _cache_file(folder: Path) -> Path:

@@ -215,6 +215,21 @@ def test_report_json_is_written_once_and_carries_the_export_time(tmp_path, text_
     assert on_disk["timings"]["export"] > 0 and on_disk["timings"] == res.report["timings"]
 
 
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from compress.fs import write_atomic, write_text_atomic
+    path = tmp_path / "cache.json"
+    write_text_atomic(path, "old")
+
+    def broken(tmp):
+        tmp.write_text("half of the new")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(path, broken)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["cache.json"]
+    write_text_atomic(path, "new")
+    assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["cache.json"]
+
+
 def test_eval_checks_the_text_before_loading_the_model(tmp_path, capsys):
     model_dir = tiny_model_dir(tmp_path / "m")
     (tmp_path / "m" / "model.safetensors").unlink()  # loading the model would fail: it must not get that far

