@@ -157,7 +157,7 @@ def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_
     assert manifest["default"] == "k1"  # the comparison heads are reported, never chosen
     # no gamma in the recipe: the export ships the corpus curve's best draft length
     assert manifest["gamma"] == step["gamma"] == step["depth_curve"]["k1"]["best_gamma"]
-    assert step["stop"]["gamma_from"] == "held-out corpus curve"
+    assert step["stop"]["gamma_from"] == manifest["chosen_on"] == "depth_curve"  # no held-out continuations
     target = load_model(mdir).model
     head, _, _ = load_self_spec(tmp_path / "drafter", target)
     assert head.context == "deep"

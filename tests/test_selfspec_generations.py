@@ -448,3 +448,20 @@ def test_the_learning_curves_training_sample_is_continuations_fixed_by_the_seed(
     assert torch.equal(rows, again)
     every, none = selfspec_step._train_sample(train, None, 20, seed=0)
     assert none is None and sorted(every[:, 0].tolist()) == list(range(0, 48, 6))
+
+
+def test_depth_and_draft_length_are_chosen_on_the_continuations_first_tokens(tmp_path, text_file):
+    """With held-out continuations the choice follows their first eval_first_tokens (the curve that predicted
+    the GPU bench), not the corpus windows; without them, the windows."""
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    result = _run(_recipe(mdir, text_file, train_source="mixed", prompt_tokens=10, generate_tokens=22,
+                          eval_first_tokens=6, gammas=[1, 2, 3]))
+    step = result.report["stages"][0]["steps"][0]
+    first = step["depth_curve_generations_first"]
+    assert step["chosen_on"] == step["stop"]["gamma_from"] == "depth_curve_generations_first"
+    assert step["default"] == max(("k1", "k2"), key=lambda k: max(first[k]["predicted_speedup"].values()))
+    assert step["gamma"] == first[step["default"]]["best_gamma"]
+    assert first != step["depth_curve_generations"]  # cut to 6 tokens: another curve than the whole continuations
+    windows = _run(_recipe(mdir, text_file, eval_generations=False)).report["stages"][0]["steps"][0]
+    assert windows["chosen_on"] == "depth_curve"
+    assert windows["gamma"] == windows["depth_curve"][windows["default"]]["best_gamma"]

@@ -99,7 +99,8 @@ class SelfSpecConfig(UntargetedStepConfig):
     lr: float = Field(3e-4, gt=0, le=1)
     gammas: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6], min_length=1)
     gamma: int | None = Field(None, description="the draft length the export ships (one of gammas); null: the one "
-                                                "with the best predicted speedup on the held-out corpus windows")
+                                                "with the best predicted speedup on the held-out continuations' first "
+                                                "eval_first_tokens (on the corpus windows without eval_generations)")
     calibrator: Literal["platt", "isotonic", "temperature", "hcal"] | None = "platt"
     seed: int = 0
 

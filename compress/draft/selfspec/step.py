@@ -19,7 +19,8 @@ The step leaves the target unchanged. It trains the heads (compress/draft/selfsp
 measures the depth curve on held-out windows (validation split) and, reported beside it, on the
 target's greedy continuations of held-out prompts (the text a drafter meets when decoding;
 ``eval_generations``; again on their first ``eval_first_tokens``; all also per corpus), picks the
-depth and draft length with the best predicted speedup on the windows (``gamma`` pins the length),
+depth and draft length with the best predicted speedup on the continuations' first tokens where
+there are any, else on the windows (``chosen_on`` says which; ``gamma`` pins the length),
 fits a calibrator of the chosen head's confidence against acceptance on one half of the held-out
 events (reporting ECE / AUROC on the other half, before and after) and picks the stopping threshold
 there. ``export: {format: self-spec}`` writes the heads, the manifest and the calibrator — no copy of
@@ -265,10 +266,17 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 events_first, cfg.train_corpora, [len(p) for p in gen_prompts], heads, layers, cfg.gammas)
         lap("held_out_generation_curves")
     trimmed_names = [f"k{k}" for k in cfg.exit_layers]
-    best = max(trimmed_names, key=lambda n: max(curve[n]["predicted_speedup"].values()))
-    gamma = curve[best]["best_gamma"] if cfg.gamma is None else cfg.gamma
+    # depth and γ from the curve nearest decode time: the held-out continuations' first tokens (on the
+    # H200 it predicted 1.72x for k1 at γ 3 and 1.34x for k0, measured 1.60-1.78x and 1.36-1.43x, where
+    # the corpus windows said 1.29x and 1.07x; bench/results/draft/h200-selfspec-five-f/), else their
+    # whole, else the corpus windows
+    curves = {"depth_curve_generations_first": more_curves.get("depth_curve_generations_first"),
+              "depth_curve_generations": curve_gen, "depth_curve": curve}
+    choice_curve, picked = next((name, c) for name, c in curves.items() if c is not None)
+    best = max(trimmed_names, key=lambda n: max(picked[n]["predicted_speedup"].values()))
+    gamma = picked[best]["best_gamma"] if cfg.gamma is None else cfg.gamma
     (fit_a, fit_c), (rep_a, rep_c) = _split_events(events[best]["agree"], events[best]["confidence"])
-    stop = {"gamma": gamma, "gamma_from": "held-out corpus curve" if cfg.gamma is None else "recipe",
+    stop = {"gamma": gamma, "gamma_from": choice_curve if cfg.gamma is None else "recipe",
             "calibrator": None}
     calibrator = None
     conf_rep = torch.tensor(_flat(rep_c), dtype=torch.float64)
@@ -309,7 +317,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                 "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "context": h.context,
                               **({} if h.mid_layer is None else {"mid_layer": h.mid_layer}),
                               "file": f"head-{n}.safetensors"} for n, h in heads.items()},
-                "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
+                "default": best, "gamma": gamma, "chosen_on": choice_curve,
+                "confidence_threshold": choice["threshold"],
                 "training": {**history, "corpora": cfg.train_corpora, "windows": int(train.shape[0]),
                              "held_out_windows": int(held.shape[0]), "documents_excluded": dropped,
                              **generation_info, "phase_seconds": phases,
@@ -319,7 +328,8 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
         manifest["depth_curve_generations"] = curve_gen
     manifest.update(more_curves)
     ctx.state.self_spec = SelfSpecResult(heads, manifest, calibrator, curve)
-    return {"heads": list(heads), "default": best, "gamma": gamma, "confidence_threshold": choice["threshold"],
+    return {"heads": list(heads), "default": best, "gamma": gamma, "chosen_on": choice_curve,
+            "confidence_threshold": choice["threshold"],
             "training": manifest["training"], "depth_curve": curve,
             **({} if curve_gen is None else {"depth_curve_generations": curve_gen}), **more_curves, "stop": stop}
 
