@@ -81,8 +81,8 @@ def replay_greedy_rounds(agree: Sequence[bool], gamma: int, confidence: Sequence
     stops drafting after a draft whose confidence is below it, accepted or not; after a rejected draft
     the loop was sure of, it drafts on until a confidence off the sequence (which one pass does not see)
     drops, so ``drafted`` counts the rest of the budget as drafted: an upper bound, never the
-    optimistic count that makes a stop look cheap (a GPU run drafted every position of the budget with the stop it chose, the same as
-    without it: bench/results/draft/h200-selfspec-five-f/).
+    optimistic count that makes a stop look cheap (on the GPU the stop chosen on that count drafted
+    every position of the budget, as without it: bench/results/draft/h200-selfspec-five-f/).
     """
     n, i, rounds = len(agree), 0, 0
     drafted, accepted = [0] * gamma, [0] * gamma

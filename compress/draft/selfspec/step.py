@@ -254,7 +254,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                                                               cfg.gammas)}
     lap("held_out_windows")
     curve_gen = None
-    if cfg.eval_generations:  # reported beside the corpus curve; the choices below stay on the corpus windows
+    if cfg.eval_generations:  # beside the corpus curve; depth and γ are chosen on these (below)
         events_gen = head_events(model, heads, held_gen, keep=held_keep, steps=steps)
         curve_gen = summarise_heads(events_gen, heads, layers, cfg.gammas)
         more_curves["depth_curve_generations_by_corpus"] = _curves_by_corpus(
