@@ -96,7 +96,11 @@ print(max(3000, min(9000, int($STEPS_BUDGET * r) // 100 * 100)))")
     echo "five-train: $(( $(date +%s) - t0 )) s (the recipe run: generation, training, curve, calibrator, export)" \
       | tee $R/five-train-seconds.txt
     cp /tmp/out/self-spec-five/self_spec.json $R/five-manifest.json
-    cp /tmp/out/self-spec-five/report.json $R/five-report.json;;
+    cp /tmp/out/self-spec-five/report.json $R/five-report.json
+    python3 -c "import json; t = json.load(open('$R/five-report.json'))['stages'][0]['steps'][0]['training']
+for p in t.get('learning_curve', []):  # held-out and training agreement as the heads trained
+    print('step', p['step'], *(f\"{s} {k} {v['greedy_agreement']:.3f}\" for s in ('held_out', 'train') for k, v in p[s].items()))
+" | tee $R/five-learning-curve.txt;;
   generations)  # after five-train, in a call of its own (a call brings back at most 8 files): the greedy
     # continuations the recipe made, to keep here in .stage/generations/ for a later window's staging
     ls -la $COMPRESS_CACHE/generations/; cp $COMPRESS_CACHE/generations/*.safetensors "$OUT"/; exit 0;;
