@@ -185,12 +185,15 @@ def agreement_probe(target, windows: dict[str, tuple[torch.Tensor, torch.Tensor 
             events = head_events(target, heads, w, keep=keep)
             if first is not None:
                 events = first_events(events, first)
-            out[name] = {k: {"greedy_agreement": float(torch.tensor([a for row in ev["agree"] for a in row],
-                                                                    dtype=torch.float64).mean()),
-                             "alpha": float(torch.cat(ev["overlap"]).double().mean())}
-                         for k, ev in events.items()}
+            out[name] = {k: _agreement_and_alpha(ev) for k, ev in events.items()}
         return out
     return probe
+
+
+def _agreement_and_alpha(ev: dict) -> dict:
+    """A head's first-draft greedy agreement and α over the positions of its ``head_events``."""
+    agree = torch.tensor([a for row in ev["agree"] for a in row], dtype=torch.float64)
+    return {"greedy_agreement": float(agree.mean()), "alpha": float(torch.cat(ev["overlap"]).double().mean())}
 
 
 @torch.no_grad()
@@ -312,9 +315,7 @@ def summarise_heads(events: dict, heads: dict[str, ExitHead], num_layers: int, g
             float(torch.tensor([x for row in ev["agree_steps"] for x in row[j][j:]]).double().mean())
             for j in range(len(ev["agree_steps"][0]))]} if "agree_steps" in ev else {})
         curve[k] = {"exit_layer": heads[k].exit_layer, "vocab_size": heads[k].vocab_size,
-                    "context": heads[k].context, **by_step,
-                    "greedy_agreement": float(agree.double().mean()),
-                    "alpha": float(torch.cat(ev["overlap"]).double().mean()),
+                    "context": heads[k].context, **by_step, **_agreement_and_alpha(ev),
                     "confidence_auroc": float(roc_auc_score(agree.numpy(), conf.numpy())) if both else None,
                     "confidence_ece": expected_calibration_error(conf, agree),
                     "c_layers": c, "tau": taus, "predicted_speedup": pred,
