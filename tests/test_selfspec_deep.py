@@ -128,6 +128,29 @@ def test_unroll_below_one_is_refused():
                       unroll=0)
 
 
+def test_argmax_weight_mixes_the_hard_cross_entropy_on_the_targets_top_id():
+    from compress.draft.selfspec.train import _drafts_loss, distill_heads
+
+    model, head, h, final, cos, sin = _setup()
+    p = torch.softmax(torch.randn(2, h.shape[1], head.vocab_map.numel()) * 3, -1)
+    mask = torch.ones(2, h.shape[1])
+    args = (head, {1: h}, cos, sin, final, p, mask, 2)
+    soft, hard = _drafts_loss(*args), _drafts_loss(*args, argmax_weight=1.0)
+    steps = head.forward_unrolled(h, cos, sin, final, 2)
+    top = p.argmax(-1)
+    want = sum(F.cross_entropy(lg[:, s:].flatten(0, 1), top[:, s:].flatten()) for s, lg in enumerate(steps)) / 2
+    assert hard.item() == pytest.approx(want.item(), rel=1e-5)
+    assert _drafts_loss(*args, argmax_weight=0.25).item() == pytest.approx(0.75 * soft.item() + 0.25 * hard.item(),
+                                                                           rel=1e-5)
+    ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(2))
+    vocab = torch.arange(model.lm_head.weight.shape[0])
+    _, hist = distill_heads(model, ids, {"k1": (1, vocab, "deep")}, steps=2, batch_size=2, progress=False,
+                            argmax_weight=0.5)
+    assert hist["argmax_weight"] == 0.5
+    with pytest.raises(CompressError, match=r"argmax_weight must be in \[0, 1\], got 1.5"):
+        distill_heads(model, ids, {"k1": (1, vocab)}, steps=1, argmax_weight=1.5)
+
+
 @pytest.mark.parametrize("source", ["corpus", "generations"])
 def test_recipe_with_deep_context_reports_each_draft_and_exports_deep_heads(tmp_path, text_file, source):
     import json
@@ -171,6 +194,7 @@ def test_config_names_a_bad_context_and_unroll():
 
     base = {"algorithm": "self_spec", "exit_layers": [1]}
     for bad, field in (({"context": "middle"}, "context"), ({"unroll": 0}, "unroll"),
+                       ({"argmax_weight": 1.5}, "argmax_weight"),
                        ({"shallow_layers": [1]}, "shallow_layers adds shallow heads beside deep ones"),
                        ({"gamma": 7}, r"gamma \(7\) must be one of gammas \[2, 3, 4, 5, 6\]")):
         with pytest.raises(RecipeError, match=field):

@@ -97,6 +97,9 @@ class SelfSpecConfig(UntargetedStepConfig):
     tf32: bool = Field(True, description="on CUDA, the heads' float32 training products on TF32 tensor cores")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(3e-4, gt=0, le=1)
+    argmax_weight: float = Field(0.0, ge=0, le=1, description="share of the loss on the target's most likely token "
+                                 "(hard cross-entropy) beside its whole distribution (soft): greedy verification "
+                                 "accepts on that token alone")
     gammas: list[int] = Field(default_factory=lambda: [2, 3, 4, 5, 6], min_length=1)
     gamma: int | None = Field(None, description="the draft length the export ships (one of gammas); null: the one "
                                                 "with the best predicted speedup on the held-out continuations' first "

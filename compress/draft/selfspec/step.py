@@ -243,7 +243,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     heads, history = distill_heads(model, train, specs, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                    seed=cfg.seed, progress=ctx.progress, loss_mask=loss_mask, unroll=cfg.unroll,
                                    teacher_cache=cfg.teacher_cache, tf32=cfg.tf32, probe=probe,
-                                   probe_every=cfg.learning_curve_every)
+                                   probe_every=cfg.learning_curve_every, argmax_weight=cfg.argmax_weight)
     lap("training")
     # a deep head's later drafts read its own states: score every draft of the longest round considered
     steps = max(cfg.gammas) if cfg.context == "deep" else 1

@@ -58,14 +58,21 @@ def _unrolled(head, hidden: dict, cos, sin, final, steps: int) -> list[torch.Ten
     return head.forward_unrolled(hidden[head.exit_layer], cos, sin, final, steps, mid=mid)
 
 
-def _drafts_loss(head, hidden: dict, cos, sin, final, p, mask, unroll: int) -> torch.Tensor:
+def _drafts_loss(head, hidden: dict, cos, sin, final, p, mask, unroll: int,
+                 argmax_weight: float = 0.0) -> torch.Tensor:
     """Cross-entropy against the target's distribution ``p``, averaged over a round's first ``unroll``
     drafts (deep context; a shallow head's drafts are all its first): step s counts at positions
-    p >= s − 1, where its round begins inside the window."""
+    p >= s − 1, where its round begins inside the window. ``argmax_weight`` w mixes in the cross-entropy
+    on the target's most likely id of the head's vocabulary: (1 − w)·soft + w·hard. Greedy verification
+    accepts a draft on that id alone; the soft term spends the head's capacity on the whole ranking."""
     steps = _unrolled(head, hidden, cos, sin, final, unroll if head.context == "deep" else 1)
+    top = p.argmax(-1, keepdim=True) if argmax_weight else None  # [B, T, 1]
     total = 0.0
     for s, logits in enumerate(steps, start=1):
-        ce = -(p * F.log_softmax(logits, -1)).sum(-1)  # [B, T]
+        logp = F.log_softmax(logits, -1)
+        ce = -(p * logp).sum(-1)  # [B, T]
+        if top is not None:
+            ce = (1 - argmax_weight) * ce - argmax_weight * logp.gather(-1, top)[..., 0]
         w = torch.ones_like(ce) if mask is None else mask.clone()
         w[:, :s - 1] = 0
         total = total + (ce * w).sum() / w.sum().clamp(min=1)
@@ -77,7 +84,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
                   seed: int = 0, progress: bool = True, unroll: int = 1,
                   loss_mask: torch.Tensor | None = None, teacher_cache: str = "auto",
                   tf32: bool = True, probe: Callable[[dict], dict] | None = None,
-                  probe_every: int = 0) -> tuple[dict[str, ExitHead], dict]:
+                  probe_every: int = 0, argmax_weight: float = 0.0) -> tuple[dict[str, ExitHead], dict]:
     """Heads ``{name: (exit_layer, vocab_map[, context[, mid_layer[, init]]])}`` (``ExitHead``'s arguments)
     trained jointly on windows ``train`` [N, T].
 
@@ -91,9 +98,12 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
 
     ``probe(heads) -> dict``, called after every ``probe_every`` steps and the last, gives the history's
     ``learning_curve`` (e.g. ``agreement_probe``); it reads no training randomness, so the heads are the
-    same with or without it, and its time (``probe_seconds``) is not training time."""
+    same with or without it, and its time (``probe_seconds``) is not training time. ``argmax_weight``:
+    the share of the loss on the target's top id (``_drafts_loss``)."""
     if unroll < 1:
         raise CompressError(f"unroll must be >= 1, got {unroll}")
+    if not 0.0 <= argmax_weight <= 1.0:
+        raise CompressError(f"argmax_weight must be in [0, 1], got {argmax_weight}")
     if steps < 1:
         raise CompressError(f"steps must be >= 1, got {steps}")
     if train.dim() != 2 or train.shape[0] == 0:
@@ -134,7 +144,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
             opt.zero_grad(set_to_none=True)
             probs = {ids: teacher_probs(normed, lse, r) for ids, r in rows.items()}  # the target's mass on the ids
             for name, head in heads.items():  # backward head by head: one head's activations at a time
-                loss = _drafts_loss(head, hidden, cos, sin, final, probs[vocab_of[name]], mask, unroll)
+                loss = _drafts_loss(head, hidden, cos, sin, final, probs[vocab_of[name]], mask, unroll, argmax_weight)
                 loss.backward()
                 losses[name].append(loss.detach())  # read at the end: a read per step would sync the device
                 del loss
@@ -165,6 +175,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
              train.shape[1], seconds)
     history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
                **({"unroll": unroll} if deep else {}),
+               **({"argmax_weight": argmax_weight} if argmax_weight else {}),
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
                "teacher_cache": teacher_info, "tf32": bool(tf32 and device.type == "cuda"),
                **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
