@@ -410,14 +410,18 @@ def test_unit_prompts_feed_the_generations_of_a_recipe(tmp_path, text_file, monk
         SelfSpecConfig(generation_prompts="units", generate_tokens=300)
 
 
-def test_the_learning_curve_scores_the_heads_as_they_train_and_changes_none(tmp_path, text_file):
+def test_the_learning_curve_scores_the_heads_as_they_train_and_changes_none(tmp_path, text_file, caplog):
     """learning_curve_every: first-draft agreement and α on the held-out continuations and on as many
     training ones after every N steps; its last point is the finished heads' held-out score, and the heads
     are the ones trained without it."""
     mdir = tiny_model_dir(tmp_path / "tiny", "llama")
     kw = dict(train_source="mixed", prompt_tokens=10, generate_tokens=22, steps=5)
     plain = _run(_recipe(mdir, text_file, **kw))
-    curved = _run(_recipe(mdir, text_file, learning_curve_every=2, **kw))
+    with caplog.at_level("INFO", logger="compress.draft.selfspec.train"):
+        curved = _run(_recipe(mdir, text_file, learning_curve_every=2, **kw))
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+    assert [m.split(":")[0] for m in logged] == ["step 2", "step 4", "step 5"]  # readable before the run ends
+    assert "held_out k1 " in logged[0] and "train k2 " in logged[0]
     a, b = _weights(plain), _weights(curved)
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     training = curved.report["stages"][0]["steps"][0]["training"]

@@ -159,6 +159,9 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
                 torch.set_float32_matmul_precision(precision)  # scored as the heads are after training
                 with torch.no_grad():
                     curve.append({"step": step + 1, **probe(heads)})
+                log.info("step %d: %s", step + 1, "; ".join(  # a long run's curve, readable before its end
+                    f"{part} {k} {v['greedy_agreement']:.3f}" for part, hv in curve[-1].items() if part != "step"
+                    for k, v in hv.items()))
                 if tf32 and device.type == "cuda":
                     torch.set_float32_matmul_precision("high")
                 probe_seconds += time.perf_counter() - t0
