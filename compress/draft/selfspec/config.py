@@ -81,6 +81,10 @@ class SelfSpecConfig(UntargetedStepConfig):
         "auto", description="the target block each head starts as: last, whose output the final norm and LM head "
                             "read; next, block k itself (the one the head stands in for), whose input is the h_k "
                             "the head reads (at depth 0 the token's embedding); auto: next at depth 0, last deeper")
+    lm_rows: Literal["frozen", "trained"] = Field(
+        "frozen", description="the heads' trimmed LM-head rows: frozen, the target's (re-gathered at load time); "
+                              "trained, starting as the target's and trained with the head, then saved with it "
+                              "(vocab_size x hidden more per head file): capacity a draft does not pay for")
     unroll: int = Field(3, ge=1, le=8, description="deep context: drafts of a round trained together (the later ones "
                                                    "read the head's own states, as at decode time)")
     shallow_layers: list[int] = Field(default_factory=list, description="deep context: extra shallow heads (named "

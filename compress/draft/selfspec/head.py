@@ -24,7 +24,7 @@ term is zero there.
 
 Files (an export folder, ``self_spec.json`` naming everything): ``head-<name>.safetensors`` per
 head (layer, norm and the vocabulary map; the trimmed LM-head rows are re-gathered from the
-target at load time), the target's fingerprint (a head only runs on the target it was trained
+target at load time, or saved with the head where they were trained: ``lm_rows="trained"``), the target's fingerprint (a head only runs on the target it was trained
 for), and the chosen depth, draft length and confidence threshold.
 """
 from __future__ import annotations
@@ -47,6 +47,7 @@ from compress.errors import CompressError
 MANIFEST = "self_spec.json"
 CONTEXTS = ("shallow", "deep")
 INITS = ("auto", "last", "next")
+LM_ROWS = ("frozen", "trained")
 FORMAT = "self-spec"
 
 
@@ -133,12 +134,14 @@ class ExitHead(nn.Module):
     block ``exit_layer`` (parameters float32 for training; cast for inference)."""
 
     def __init__(self, target, exit_layer: int, vocab_map: torch.Tensor, context: str = "shallow",
-                 mid_layer: int | None = None, init: str = "auto"):
+                 mid_layer: int | None = None, init: str = "auto", lm_rows: str = "frozen"):
         super().__init__()
         if context not in CONTEXTS:
             raise CompressError(f"head context must be one of {', '.join(CONTEXTS)}, got {context!r}")
         if init not in INITS:
             raise CompressError(f"head init must be one of {', '.join(INITS)}, got {init!r}")
+        if lm_rows not in LM_ROWS:
+            raise CompressError(f"head lm_rows must be one of {', '.join(LM_ROWS)}, got {lm_rows!r}")
         self.context = context
         check_engine_model(target)
         cfg = target.config
@@ -184,23 +187,41 @@ class ExitHead(nn.Module):
         self.wm = nn.Parameter(torch.zeros_like(self.wo, dtype=torch.float32)) if mid_layer is not None else None
         self.n_q, self.n_kv = a.q_proj.out_features // self.head_dim, a.k_proj.out_features // self.head_dim
         self.register_buffer("vocab_map", vocab_map.long().clone())
-        # the trimmed LM head: rows of the target's head, frozen (not a parameter, not saved)
-        self.register_buffer("lm_rows", target.lm_head.weight.detach()[vocab_map.to(target.lm_head.weight.device)]
-                             .float().clone(), persistent=False)
+        # the trimmed LM head: rows of the target's head, frozen (a buffer, not saved: re-gathered from the
+        # target at load time), or trained with the head (a parameter, saved): capacity a draft does not pay
+        # for, since a draft multiplies by its rows either way
+        rows = target.lm_head.weight.detach()[vocab_map.to(target.lm_head.weight.device)].float().clone()
+        if lm_rows == "trained":
+            self.lm_rows = nn.Parameter(rows)
+        else:
+            self.register_buffer("lm_rows", rows, persistent=False)
         self.fingerprint = target_fingerprint(target)
 
     @property
     def vocab_size(self) -> int:
         return int(self.vocab_map.numel())
 
+    @property
+    def lm_rows_trained(self) -> bool:
+        return isinstance(self.lm_rows, nn.Parameter)
+
     def with_vocabulary(self, target, vocab_map: torch.Tensor) -> "ExitHead":
-        """The same trained head over another vocabulary (e.g. ``torch.arange(V)``, untrimmed): its
-        LM rows are the target's, frozen, so only the rows it scores change."""
-        head = ExitHead(target, self.exit_layer, vocab_map, context=self.context, mid_layer=self.mid_layer)
-        missing, unexpected = head.load_state_dict({k: v for k, v in self.state_dict().items() if k != "vocab_map"},
-                                                   strict=False)
-        if missing != ["vocab_map"] or unexpected:
+        """The same trained head over another vocabulary (e.g. ``torch.arange(V)``, untrimmed): frozen LM
+        rows are the target's, so only the rows it scores change; trained ones keep their values for the
+        ids of this head's vocabulary, the target's rows elsewhere."""
+        head = ExitHead(target, self.exit_layer, vocab_map, context=self.context, mid_layer=self.mid_layer,
+                        lm_rows="trained" if self.lm_rows_trained else "frozen")
+        own = {k: v for k, v in self.state_dict().items() if k not in ("vocab_map", "lm_rows")}
+        missing, unexpected = head.load_state_dict(own, strict=False)
+        if sorted(missing) != sorted(["vocab_map"] + (["lm_rows"] if self.lm_rows_trained else [])) or unexpected:
             raise CompressError(f"internal: a head over another vocabulary lacks {missing} or has {unexpected}")
+        if self.lm_rows_trained:
+            where = {int(t): i for i, t in enumerate(vocab_map.tolist())}
+            pairs = [(where[int(t)], i) for i, t in enumerate(self.vocab_map.tolist()) if int(t) in where]
+            if pairs:
+                dst, src = (torch.tensor(x, device=head.lm_rows.device) for x in zip(*pairs))
+                with torch.no_grad():
+                    head.lm_rows[dst] = self.lm_rows.detach()[src.to(self.lm_rows.device)].to(head.lm_rows)
         return head.to(self.ln1.device)
 
     def trainable(self) -> list[nn.Parameter]:
@@ -320,7 +341,8 @@ class ExitHead(nn.Module):
 
     def save_as(self, folder: Path, name: str, dtype: torch.dtype = torch.bfloat16) -> str:
         tensors = {k: (v.to(dtype) if v.is_floating_point() else v).cpu() for k, v in self.state().items()}
-        meta = {"exit_layer": str(self.exit_layer), "context": self.context,
+        meta = {"exit_layer": str(self.exit_layer), "context": self.context, "lm_rows": "trained" if
+                self.lm_rows_trained else "frozen",
                 **({} if self.mid_layer is None else {"mid_layer": str(self.mid_layer)})}
         save_file(tensors, str(Path(folder) / name), metadata=meta)
         return name
@@ -336,7 +358,7 @@ class ExitHead(nn.Module):
             raise CompressError(f"{path}: the manifest gives mid_layer {mid_layer}, the file "
                                 f"{'has' if 'wm' in tensors else 'lacks'} its map (wm)")
         head = cls(target, exit_layer, tensors.pop("vocab_map"), context="deep" if "wf" in tensors else context,
-                   mid_layer=mid_layer)
+                   mid_layer=mid_layer, lm_rows="trained" if "lm_rows" in tensors else "frozen")
         own = dict(head.named_parameters())
         if set(tensors) != set(own):
             raise CompressError(f"{path}: head tensors {sorted(tensors)} do not match {sorted(own)}")

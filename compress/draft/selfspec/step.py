@@ -223,12 +223,12 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
     full = torch.arange(lm_rows)
     trimmed = (full if cfg.vocab_size is None or cfg.vocab_size >= lm_rows else
                trimmed_vocabulary(train.tolist(), cfg.vocab_size, vocab_size=lm_rows, always=eos_ids(model)))
-    init = cfg.head_init
-    specs = {f"k{k}": (k, trimmed, cfg.context, None, init) for k in cfg.exit_layers}
-    specs.update({f"k{k}-full": (k, full, cfg.context, None, init) for k in cfg.full_vocab_layers
+    how = (cfg.head_init, cfg.lm_rows)
+    specs = {f"k{k}": (k, trimmed, cfg.context, None, *how) for k in cfg.exit_layers}
+    specs.update({f"k{k}-full": (k, full, cfg.context, None, *how) for k in cfg.full_vocab_layers
                   if trimmed.numel() < lm_rows})
-    specs.update({f"k{k}-shallow": (k, trimmed, "shallow", None, init) for k in cfg.shallow_layers})
-    specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth, init) for k in cfg.mid_layers})
+    specs.update({f"k{k}-shallow": (k, trimmed, "shallow", None, *how) for k in cfg.shallow_layers})
+    specs.update({f"k{k}-mid": (k, trimmed, "deep", mid_depth, *how) for k in cfg.mid_layers})
     lap("text")
     if cfg.eval_generations:  # before training: the learning curve reads them (the tokens do not depend on it)
         gen_prompts = _prompts(cfg, ctx.tokenizer, held_parts, "validation", cfg.eval_windows, exclude)
@@ -316,6 +316,7 @@ def apply_self_spec(model: torch.nn.Module, cfg: SelfSpecConfig, ctx: StepContex
                                              **target_fingerprint(model)},
                 "heads": {n: {"exit_layer": h.exit_layer, "vocab_size": h.vocab_size, "context": h.context,
                               **({} if h.mid_layer is None else {"mid_layer": h.mid_layer}),
+                              **({"lm_rows": "trained"} if h.lm_rows_trained else {}),
                               "file": f"head-{n}.safetensors"} for n, h in heads.items()},
                 "default": best, "gamma": gamma, "chosen_on": choice_curve,
                 "confidence_threshold": choice["threshold"],

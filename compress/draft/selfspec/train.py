@@ -85,7 +85,7 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
                   loss_mask: torch.Tensor | None = None, teacher_cache: str = "auto",
                   tf32: bool = True, probe: Callable[[dict], dict] | None = None,
                   probe_every: int = 0, argmax_weight: float = 0.0) -> tuple[dict[str, ExitHead], dict]:
-    """Heads ``{name: (exit_layer, vocab_map[, context[, mid_layer[, init]]])}`` (``ExitHead``'s arguments)
+    """Heads ``{name: (exit_layer, vocab_map[, context[, mid_layer[, init[, lm_rows]]]])}`` (``ExitHead``'s arguments)
     trained jointly on windows ``train`` [N, T].
 
     ``loss_mask`` [N, T] bool: the positions the loss averages over (None: all, the mean over the
@@ -179,6 +179,8 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
     history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
                **({"unroll": unroll} if deep else {}),
                **({"argmax_weight": argmax_weight} if argmax_weight else {}),
+               **({"lm_rows_trained": sorted(k for k, h in heads.items() if h.lm_rows_trained)}
+                  if any(h.lm_rows_trained for h in heads.values()) else {}),
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
                "teacher_cache": teacher_info, "tf32": bool(tf32 and device.type == "cuda"),
                **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
