@@ -24,8 +24,9 @@ term is zero there.
 
 Files (an export folder, ``self_spec.json`` naming everything): ``head-<name>.safetensors`` per
 head (layer, norm and the vocabulary map; the trimmed LM-head rows are re-gathered from the
-target at load time, or saved with the head where they were trained: ``lm_rows="trained"``), the target's fingerprint (a head only runs on the target it was trained
-for), and the chosen depth, draft length and confidence threshold.
+target at load time, or saved with the head where they were trained: ``lm_rows="trained"``),
+the target's fingerprint (a head only runs on the target it was trained for), and the chosen
+depth, draft length and confidence threshold.
 """
 from __future__ import annotations
 
