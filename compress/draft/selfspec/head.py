@@ -214,15 +214,16 @@ class ExitHead(nn.Module):
                         lm_rows="trained" if self.lm_rows_trained else "frozen")
         own = {k: v for k, v in self.state_dict().items() if k not in ("vocab_map", "lm_rows")}
         missing, unexpected = head.load_state_dict(own, strict=False)
-        if sorted(missing) != sorted(["vocab_map"] + (["lm_rows"] if self.lm_rows_trained else [])) or unexpected:
+        if set(missing) != ({"vocab_map", "lm_rows"} if self.lm_rows_trained else {"vocab_map"}) or unexpected:
             raise CompressError(f"internal: a head over another vocabulary lacks {missing} or has {unexpected}")
-        if self.lm_rows_trained:
-            where = {int(t): i for i, t in enumerate(vocab_map.tolist())}
-            pairs = [(where[int(t)], i) for i, t in enumerate(self.vocab_map.tolist()) if int(t) in where]
-            if pairs:
-                dst, src = (torch.tensor(x, device=head.lm_rows.device) for x in zip(*pairs))
-                with torch.no_grad():
-                    head.lm_rows[dst] = self.lm_rows.detach()[src.to(self.lm_rows.device)].to(head.lm_rows)
+        if self.lm_rows_trained:  # each of this head's ids to its row in the new vocabulary (-1: not there)
+            row = torch.full((int(max(vocab_map.max(), self.vocab_map.max())) + 1,), -1, dtype=torch.long)
+            row[vocab_map.cpu()] = torch.arange(vocab_map.numel())
+            dst = row[self.vocab_map.cpu()]
+            kept = dst >= 0
+            with torch.no_grad():
+                head.lm_rows[dst[kept].to(head.lm_rows.device)] = \
+                    self.lm_rows.detach()[kept.to(self.lm_rows.device)].to(head.lm_rows)
         return head.to(self.ln1.device)
 
     def trainable(self) -> list[nn.Parameter]:

@@ -176,11 +176,11 @@ def distill_heads(target, train: torch.Tensor, specs: dict[str, tuple], *, steps
         h.requires_grad_(False)
     log.info("exit heads %s: %d steps x %d x %d tokens in %.1f s", ", ".join(heads), steps, batch_size,
              train.shape[1], seconds)
+    rows_trained = sorted(k for k, h in heads.items() if h.lm_rows_trained)
     history = {"steps": steps, "batch_size": batch_size, "seq_len": int(train.shape[1]), "lr": lr,
                **({"unroll": unroll} if deep else {}),
                **({"argmax_weight": argmax_weight} if argmax_weight else {}),
-               **({"lm_rows_trained": sorted(k for k, h in heads.items() if h.lm_rows_trained)}
-                  if any(h.lm_rows_trained for h in heads.values()) else {}),
+               **({"lm_rows_trained": rows_trained} if rows_trained else {}),
                "seconds": round(seconds, 2), "tokens": steps * batch_size * int(train.shape[1]),
                "teacher_cache": teacher_info, "tf32": bool(tf32 and device.type == "cuda"),
                **({} if loss_mask is None else {"loss_positions": round(float(loss_mask.float().mean()), 4)}),
