@@ -11,7 +11,8 @@ draft of a round scored (per-draft agreement, τ(γ) by a round-by-round replay,
 question needs the GPU (compress draft-bench). ``--mid-depth M`` adds a third head, deep and also reading
 the target's state after block M of the previous position (``ExitHead(mid_layer=M)``); ``--also-deep 0,1``
 deep heads at other depths (0: the drafter shares no block, as EAGLE's head); ``--inits last,next`` each head
-twice, started as the target's last block and as its block k.
+twice, started as the target's last block and as its block k; ``--lm-rows frozen,trained`` each head twice, with
+the target's trimmed LM rows and with its own trained copy of them.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def main(argv=None) -> dict:
                                                      "block, the head reads the token's embedding)")
     ap.add_argument("--inits", default="last", help="the block each head starts as, comma-separated (last, next: "
                                                      "block k); with two, every head is trained once per init")
+    ap.add_argument("--lm-rows", default="frozen", help="each head once per entry, comma-separated (frozen, trained: "
+                    "its trimmed LM rows trained with it, ExitHead(lm_rows=...))")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
@@ -73,8 +76,13 @@ def main(argv=None) -> dict:
     if args.mid_depth is not None:
         specs[f"mid{args.mid_depth}-k{k}"] = (k, vocab, "deep", args.mid_depth)
     inits = args.inits.split(",")
-    specs = {(n if len(inits) == 1 else f"{n}-{init}"): (*spec, *(None,) * (4 - len(spec)), init)
-             for init in inits for n, spec in specs.items()}
+    rows = args.lm_rows.split(",")
+    bad = sorted(set(rows) - {"frozen", "trained"})
+    if bad:
+        ap.error(f"--lm-rows: {', '.join(bad)} is not frozen or trained")
+    specs = {(n if len(inits) == 1 else f"{n}-{init}") + ("" if len(rows) == 1 else f"-rows-{r}"):
+             (*spec, *(None,) * (4 - len(spec)), init, r)
+             for r in rows for init in inits for n, spec in specs.items()}
     t0 = time.perf_counter()
     heads, history = distill_heads(model, train, specs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                                    seed=args.seed, unroll=args.unroll)
