@@ -137,7 +137,6 @@ def main(argv=None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
 
-    drafters = []  # (name, factory -> (target decoder, drafter, teacher model, matched reference key, info))
     heads, trained, base = {}, [], None  # trained: the export's heads, without the untrimmed variant
     if args.self_spec:
         manifest = json.loads((Path(args.self_spec) / "self_spec.json").read_text())
