@@ -60,6 +60,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    rows = args.lm_rows.split(",")
+    bad = sorted(set(rows) - {"frozen", "trained"})
+    if bad:  # before the model loads
+        ap.error(f"--lm-rows: {', '.join(bad)}: each entry is frozen or trained")
     torch.manual_seed(args.seed)
     loaded = load_model(args.model, device=args.device, dtype=getattr(torch, args.dtype))
     model, tok = loaded.model, loaded.tokenizer
@@ -76,10 +80,6 @@ def main(argv=None) -> dict:
     if args.mid_depth is not None:
         specs[f"mid{args.mid_depth}-k{k}"] = (k, vocab, "deep", args.mid_depth)
     inits = args.inits.split(",")
-    rows = args.lm_rows.split(",")
-    bad = sorted(set(rows) - {"frozen", "trained"})
-    if bad:
-        ap.error(f"--lm-rows: {', '.join(bad)} is not frozen or trained")
     specs = {(n if len(inits) == 1 else f"{n}-{init}") + ("" if len(rows) == 1 else f"-rows-{r}"):
              (*spec, *(None,) * (4 - len(spec)), init, r)
              for r in rows for init in inits for n, spec in specs.items()}
