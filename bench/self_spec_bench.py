@@ -99,6 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", default=None, help="comma-separated heads of the export (default: all)")
     ap.add_argument("--untrimmed", action="store_true",
                     help="also the default head over the target's whole vocabulary (the same trained head)")
+    ap.add_argument("--fuse-head", action="store_true",
+                    help="also the default head with its rounds' head step compiled as one program (SelfSpecPair's "
+                         "fuse_head; needs --compile): a row beside the plain one, the same weights")
     ap.add_argument("--prompts", nargs="+", required=True)
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--gamma", type=int, default=4)
@@ -117,6 +120,8 @@ def main(argv=None) -> int:
                          'a JSON list of rank paths, e.g. "[[0],[1],[0,0]]"; repeat for several trees')
     ap.add_argument("--out", required=True, help="JSON file, rewritten after every row")
     args = ap.parse_args(argv)
+    if args.fuse_head and not (args.compile and args.self_spec):
+        ap.error("--fuse-head needs --compile and --self-spec (it compiles the export's default head's step)")
 
     device, gamma, n_new, reps = resolve_device(args.device), args.gamma, args.max_new_tokens, args.repeats
     t0 = time.perf_counter()
@@ -150,6 +155,8 @@ def main(argv=None) -> int:
             head, cal = heads[base]
             full = head.with_vocabulary(t.model, torch.arange(t.model.lm_head.weight.shape[0]))
             heads[f"{base} untrimmed"] = (full, cal)
+        if args.fuse_head:  # what fusing the head step's small kernels saves: the same head, another program
+            heads[f"{base} fused head"] = heads[base]
         result["self_spec"] = {k: manifest[k] for k in ("default", "gamma", "confidence_threshold", "stop",
                                                           "training", "depth_curve")}
     stock = load_model(args.stock, dtype=args.dtype, device=device).model if args.stock else None
@@ -166,7 +173,8 @@ def main(argv=None) -> int:
 
     pairs = {}
     for name, (head, cal) in heads.items():
-        pairs[name] = self_spec_pair(engine, head, compile=args.compile) + (HeadAsModel(t.model, head), cal)
+        pairs[name] = self_spec_pair(engine, head, compile=args.compile, fuse_head=name.endswith(" fused head")) + \
+            (HeadAsModel(t.model, head), cal)
     # trees for the trained heads only: the trim's effect is measured on linear rounds
     tree_pairs = {(name, i): (tree, *self_spec_pair(engine, heads[name][0], compile=args.compile, tree=tree))
                   for i, tree in enumerate(trees) for name in trained}

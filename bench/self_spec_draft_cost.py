@@ -21,6 +21,13 @@ position ``--position``:
   round_G      a round of G drafts (``--gamma``), per draft
   target_step  one target decode step: embedding, every block, final norm, full LM head, argmax
   launch       a graph of one tiny kernel: the floor a part's copy pays for being a kernel
+  head_step    the draft minus its shallow blocks: fuse, head layer and tail (drafts only: no target state)
+
+``--fused`` adds the same programs compiled whole by torch.compile (one program, kernels fused across the
+calls' boundaries; the engine compiles one layer at a time): ``head_step_fused``, ``round_G_fused`` and
+``target_step_fused``. They say what fusing would save; the loop does not run them (a fused round would
+also compute the shallow blocks' states, which verification reuses, with other kernels than the target
+alone: token identity would have to be shown again).
 
 On the CPU (no graphs) the same parts run eagerly and are timed by the wall clock: mechanics only.
 Random weights of a real shape (``random:SHAPE``, bench/self_spec_smoke.py's) cost the same as real
@@ -91,8 +98,9 @@ def time_part(fn, device, repeats: int, replays: int) -> float:
     return start.elapsed_time(end) * 1e3 / (repeats * replays)
 
 
-def parts(pair, position: int, gamma: int) -> dict:
-    """The parts' closures, on static inputs at ``position`` (every write lands where the real step's would)."""
+def parts(pair, position: int, gamma: int, fused: str | None = None) -> dict:
+    """The parts' closures, on static inputs at ``position`` (every write lands where the real step's would);
+    ``fused``: a torch.compile backend for the ``*_fused`` parts (None: none)."""
     e = pair.engine
     dev = e.device
     tok = torch.tensor([1], device=dev)
@@ -113,10 +121,25 @@ def parts(pair, position: int, gamma: int) -> dict:
         "draft": lambda: pair.vocab_map.index_select(
             0, pair._head(pair._shallow(tok, pos), pos, write=True).argmax(-1, keepdim=True)),
         f"round_{gamma}": lambda: pair._round(tok, pos, gamma),
-        "target_step": lambda: e.lm_head(e.norm(e.run_layers(e.embed(tok), pos, 0, e.num_layers))).argmax(-1),
     }
     if pair.deep:
         out["fuse"] = lambda: pair._fuse(h, pos)
+
+    def head_step(hk, p):
+        return pair.vocab_map.index_select(0, pair._head(hk, p, write=True).argmax(-1, keepdim=True))
+
+    def target_step(t, p):
+        return e.lm_head(e.norm(e.run_layers(e.embed(t), p, 0, e.num_layers))).argmax(-1)
+    hk = e.run_layers(h, pos, 0, pair.k)
+    out["head_step"] = lambda: head_step(hk, pos)
+    out["target_step"] = lambda: target_step(tok, pos)
+    if fused:
+        def whole(fn):
+            return torch.compile(fn, fullgraph=True, dynamic=False, backend=fused)
+        fused_head, fused_round, fused_target = whole(head_step), whole(pair._round), whole(target_step)
+        out["head_step_fused"] = lambda: fused_head(hk, pos)
+        out[f"round_{gamma}_fused"] = lambda: fused_round(tok, pos, gamma)
+        out["target_step_fused"] = lambda: fused_target(tok, pos)
     for n in (16384, full_lm.shape[0]):
         if n != pair.lm_rows.shape[0] and n <= full_lm.shape[0]:
             out[f"lm_rows_{n}"] = (lambda w: lambda: torch.nn.functional.linear(state, w))(full_lm[:n].contiguous())
@@ -139,6 +162,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--fused", action="store_true",
+                    help="also the head step, a round and a target step compiled whole (inductor with --compile, "
+                         "else dynamo's eager backend)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if not 0 <= args.position < args.max_len - args.gamma:
@@ -151,10 +177,13 @@ def main(argv=None) -> dict:
     pair = drafter.pair
     us = {}
     with torch.no_grad():
-        for name, fn in parts(pair, args.position, args.gamma).items():
+        fused = ("inductor" if args.compile else "eager") if args.fused else None
+        for name, fn in parts(pair, args.position, args.gamma, fused).items():
+            t0 = time.perf_counter()
             us[name] = time_part(fn, device, args.repeats, args.replays)
             if name.startswith("round_"):
                 us[name] /= args.gamma  # per draft
+            print(f"  {name}: {us[name]:.2f} us ({time.perf_counter() - t0:.0f} s with its warm-up)", flush=True)
     step = us["target_step"]
     k = head.exit_layer
     parts_sum = us["embed"] + k * us["block"] + us.get("fuse", 0.0) + us["head_layer"] + us["head_tail"]

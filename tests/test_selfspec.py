@@ -173,6 +173,33 @@ def test_fused_greedy_rounds_and_stepwise_rounds_agree(k, context):
     assert fused.tokens.tolist() == stepwise.tokens.tolist() and fused.accepted == stepwise.accepted
 
 
+@pytest.mark.parametrize("k, context", [(1, "shallow"), (2, "deep"), (0, "deep")])
+def test_a_fused_head_step_drafts_what_the_unfused_one_does(k, context):
+    """fuse_head compiles a round's head step whole (aot_eager here: the mutations of the head's keys and
+    final states go through functionalisation as under inductor); the drafts, the accepted counts and the
+    output are the unfused pair's, and the output is the target alone's."""
+    from compress.draft.decoders import self_spec_pair
+    model = _target("llama")
+    head = _head(model, k, None, context)
+    prompt = _prompts()[1]
+    runs = []
+    for fuse in (False, True):
+        target, drafter = self_spec_pair(BlockEngine(model, 128, fuse=False, compile="aot_eager"), head,
+                                         compile="aot_eager", fuse_head=fuse)
+        assert drafter.pair.fuse_head is fuse
+        runs.append(run_speculative(target, drafter, prompt, max_new_tokens=NEW, gamma=3, pad_verify=True))
+        assert drafter.rounds_fused > 0
+    assert runs[0].tokens.tolist() == runs[1].tokens.tolist() and runs[0].accepted == runs[1].accepted
+    assert runs[1].tokens.tolist() == run_target(target, prompt, NEW).tokens.tolist()
+
+
+def test_a_fused_head_step_needs_compile():
+    from compress.draft.decoders import self_spec_pair
+    model = _target("llama")
+    with pytest.raises(CompressError, match="fuse_head.*needs compile"):
+        self_spec_pair(BlockEngine(model, 64, fuse=False), _head(model, 1, None, "shallow"), fuse_head=True)
+
+
 def test_self_drafter_sampling_is_exact_on_the_first_token():
     """Drafting from a trimmed head (q zero off its 24 ids) and rejection sampling must still emit
     tokens distributed as the target's (processed) distribution."""
@@ -302,3 +329,21 @@ def test_gpu_compiled_graphs_self_drafter_is_identical_to_the_matched_reference(
     # prefills ran padded to their buckets as recorded graphs of their own (engine.prefill_bucket)
     assert pair.prefill_buckets and pair.prefill_graphs.enabled and pair.prefill_graphs.error is None
     assert {key[0] for key in pair.prefill_graphs._graphs} >= ({"shallow", "deep"} if k else {"deep"})
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("context, k", [("deep", 1), ("shallow", 2)])
+def test_gpu_fused_head_step_is_identical_to_the_matched_reference(context, k):
+    """fuse_head under inductor and the round's CUDA graphs, bf16: the output stays the target alone's."""
+    from compress.draft.decoders import self_spec_pair
+    model = copy.deepcopy(_target("llama")).to("cuda", torch.bfloat16)
+    vocab = trimmed_vocabulary([list(range(40, 120))], 64, vocab_size=264, always=[EOS])
+    head = _head(model, k, vocab, context).cuda()
+    target, drafter = self_spec_pair(BlockEngine(model, 128, compile=True), head, compile=True, fuse_head=True)
+    for prompt in _prompts():
+        prompt = prompt.cuda()
+        ref = run_target(target, prompt, NEW, pad_to=5).tokens.tolist()
+        got = run_speculative(target, drafter, prompt, max_new_tokens=NEW, gamma=4, pad_verify=True)
+        assert got.tokens.tolist() == ref
+    assert drafter.rounds_fused > 0 and drafter.pair.graphs.enabled and drafter.pair.graphs.error is None

@@ -24,11 +24,15 @@
 #          (TREE=default adds tree rows; HF= leaves the assisted rows out, STOCK= the stock 0.5B's,
 #          UNTRIMMED= the untrimmed head's, OLDSELF= the old self-drafter's; ALSO_GAMMA=3 adds the default
 #          head at that draft length; REPEATS=3 times every prompt 3 times a row and keeps the median run;
-#          HEADS=k0,k1 only those heads; ALSO_GAMMA is for the export's default head if listed, else the first)
+#          HEADS=k0,k1 only those heads; ALSO_GAMMA is for the export's default head if listed, else the first;
+#          FUSE=1 adds that head with its head step compiled whole, SelfSpecPair's fuse_head)
 #   five-more  after five: k1 drafting trees of depth 2 and 3, and the k1 / k2 rows again with k1 at γ = 3
 #   teacher  exit-head training with the target run every step against the teacher cache (STEPS=200)
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
+#   draft-cost  where a draft's time goes (bench/self_spec_draft_cost.py): each part of a draft step as its own
+#          CUDA graph against a target step, on random weights of the 1.5B's shape (no staging: the first call may
+#          carry .whl alone), heads after blocks 1 and 0 (EXITS="1 0"), and the parts compiled whole (--fused)
 # Results go to /tmp/results and back as files in $OUT after every phase.
 set -uo pipefail
 # TREE: trees, space-separated (JSON without spaces); set -f: brackets are not globs here
@@ -118,7 +122,8 @@ for p in t.get('learning_curve', []):  # held-out and training agreement as the 
     timeout ${T:-580} python3 bench/self_spec_bench.py --target qwen2.5-coder-1.5b ${STOCK---stock qwen2.5-coder-0.5b} $W4 $OLD \
       --self-spec /tmp/out/self-spec-five ${UNTRIMMED---untrimmed} --prompts bench/draft_bench_prompts/code.txt \
       bench/draft_bench_prompts/prose.txt --gamma ${GAMMA:-2} --device cuda --dtype bfloat16 --compile \
-      ${HF---hf-assisted} "${TREE_ARGS[@]}" ${HEADS:+--heads $HEADS} ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} ${REPEATS:+--repeats $REPEATS} --out $R/${NAME:-five-bench}.json 2>&1 \
+      ${HF---hf-assisted} "${TREE_ARGS[@]}" ${HEADS:+--heads $HEADS} ${ALSO_GAMMA:+--also-gamma $ALSO_GAMMA} ${REPEATS:+--repeats $REPEATS} \
+      ${FUSE:+--fuse-head} --out $R/${NAME:-five-bench}.json 2>&1 \
       | grep -e "^\[" -e Error | cut -c1-300;;
   five-more)  # after `five`, two more processes on the same exports: trees of depth 2 and 3 for k1, and
     # a repeat of the k1 / k2 rows with k1 at γ 3 (the spread between processes; five-c's README)
@@ -139,6 +144,12 @@ for p in t.get('learning_curve', []):  # held-out and training agreement as the 
     timeout ${T:-300} python3 bench/self_spec_profile.py --target qwen2.5-coder-1.5b --self-spec /tmp/out/self-spec-deep \
       ${HEAD:+--head $HEAD} --prompts bench/draft_bench_prompts/code.txt --max-prompts 2 --gamma ${GAMMA:-2} \
       --device cuda --compile --out $R/${NAME:-profile}.json 2>&1 | quiet | tail -6;;
-  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|generations|teacher|profile" >&2; exit 2;;
+  draft-cost)
+    bash bench/device/gpu_setup.sh install 2>&1 | tail -1
+    for k in ${EXITS:-1 0}; do
+      timeout ${T:-280} python3 bench/self_spec_draft_cost.py --target random:qwen2.5-coder-1.5b --exit-layer $k \
+        --gamma ${GAMMA:-3} --device cuda --compile --fused --out $R/draft-cost-random-k$k.json 2>&1 | quiet | tail -18
+    done;;
+  *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|generations|teacher|profile|draft-cost" >&2; exit 2;;
 esac
 [ -z "${OUT:-}" ] || { cp $R/*.json $R/*.txt $R/*.log "$OUT"/ 2>/dev/null; ls "$OUT"; }

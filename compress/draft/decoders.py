@@ -51,10 +51,14 @@ def model_decoder(model, max_len: int, *, compile: bool | str = False, engine: B
     return dec
 
 
-def self_spec_pair(engine: BlockEngine, head, *, compile: bool | str = False, tree=None):
+def self_spec_pair(engine: BlockEngine, head, *, compile: bool | str = False, tree=None, fuse_head: bool = False):
     """(target, drafter) views of a self-spec head on the target's engine (``tree``: a static draft
-    tree, compress/draft/selfspec/tree.py, whose scratch slots take the engine's last positions)."""
-    pair = SelfSpecPair(engine, head, graphs=compile is not False and engine.device.type == "cuda", tree=tree)
+    tree, compress/draft/selfspec/tree.py, whose scratch slots take the engine's last positions;
+    ``fuse_head``: with ``compile``, a greedy round's head step compiled as one program, SelfSpecPair)."""
+    if fuse_head and compile is False:
+        raise CompressError("fuse_head compiles the head step: it needs compile (True or a backend name)")
+    pair = SelfSpecPair(engine, head, graphs=compile is not False and engine.device.type == "cuda", tree=tree,
+                        fuse_head=compile if fuse_head else False)
     return pair.target, pair.drafter
 
 

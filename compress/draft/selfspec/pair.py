@@ -58,7 +58,7 @@ class SelfSpecPair:
     """The shared state; ``.drafter`` and ``.target`` are its two views for the loop."""
 
     def __init__(self, engine: BlockEngine, head: ExitHead, *, graphs: bool = False, tree=None,
-                 prefill_buckets: bool | None = None):
+                 prefill_buckets: bool | None = None, fuse_head: bool | str = False):
         self.deep = getattr(head, "wf", None) is not None
         if head.fingerprint["num_hidden_layers"] != engine.num_layers:
             raise CompressError(f"the head was trained for a {head.fingerprint['num_hidden_layers']}-block target, "
@@ -91,6 +91,16 @@ class SelfSpecPair:
         self.tree_buf = None if self.tree is None else TreeBuffers(self.tree, e.max_len, e.device)
         self.context = e.max_len - (self.tree.size if self.tree else 0)
         self.drafter, self.target = _Drafter(self), _Verifier(self)
+        # fuse_head: a greedy round's head step (the deep map, the head block, its norm, the trimmed LM rows,
+        # argmax and the id map) compiled as one program, so its small kernels fuse across the calls'
+        # boundaries (a torch.compile backend; True: inductor). Drafts only: the shallow blocks stay the
+        # engine's own compiled layer, because verification reuses their states and keys, which must be
+        # the target alone's to the bit.
+        self.fuse_head = bool(fuse_head)
+        self._head_token = self._head_token_eager
+        if fuse_head:
+            backend = fuse_head if isinstance(fuse_head, str) else "inductor"
+            self._head_token = torch.compile(self._head_token_eager, fullgraph=True, dynamic=False, backend=backend)
 
     # ---------------------------------------------------------------- programs (graph-safe)
 
@@ -184,11 +194,14 @@ class SelfSpecPair:
         drafts = []
         for j in range(gamma):
             pos = pos0 + j
-            logits = self._head(self._shallow(tok, pos), pos, write=True)
-            idx = logits.argmax(-1, keepdim=True)
-            tok = self.vocab_map.index_select(0, idx)  # a 1-d index: a 0-d one would read it on the host
+            tok = self._head_token(self._shallow(tok, pos), pos)
             drafts.append(tok)
         return torch.cat(drafts)
+
+    def _head_token_eager(self, h: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """A draft step's head on one row: its greedy token id [1], its final state kept (``_head``)."""
+        idx = self._head(h, pos, write=True).argmax(-1, keepdim=True)
+        return self.vocab_map.index_select(0, idx)  # a 1-d index: a 0-d one would read it on the host
 
     def _bucket(self, start: int, n: int) -> int | None:
         """A prefill's padded row count (engine.prefill_bucket), below the tree's scratch slots; None: unpadded."""
