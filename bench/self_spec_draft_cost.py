@@ -110,39 +110,38 @@ def parts(pair, position: int, gamma: int, fused: str | None = None) -> dict:
     state = _rms(x, pair.norm, e.eps)
     full_lm = e.lm_head.weight
     scratch = torch.zeros(1, device=dev)
-    out = {
-        "launch": lambda: scratch.add_(1),
-        "embed": lambda: e.embed(tok),
-        "block": lambda: e.run_layers(h, pos, 0, 1),
-        "head_layer": lambda: pair._head_layer(x, pos, pos, e.mask(pos)),
-        "head_tail": lambda: pair.vocab_map.index_select(
-            0, torch.nn.functional.linear(_rms(x, pair.norm, e.eps), pair.lm_rows).float()[0].argmax(-1, keepdim=True)),
-        f"lm_rows_{pair.lm_rows.shape[0]}": lambda: torch.nn.functional.linear(state, pair.lm_rows),
-        "draft": lambda: pair.vocab_map.index_select(
-            0, pair._head(pair._shallow(tok, pos), pos, write=True).argmax(-1, keepdim=True)),
-        f"round_{gamma}": lambda: pair._round(tok, pos, gamma),
-    }
-    if pair.deep:
-        out["fuse"] = lambda: pair._fuse(h, pos)
-
     def head_step(hk, p):
         return pair.vocab_map.index_select(0, pair._head(hk, p, write=True).argmax(-1, keepdim=True))
 
     def target_step(t, p):
         return e.lm_head(e.norm(e.run_layers(e.embed(t), p, 0, e.num_layers))).argmax(-1)
     hk = e.run_layers(h, pos, 0, pair.k)
+    out = {
+        "launch": lambda: scratch.add_(1),
+        "embed": lambda: e.embed(tok),
+        "block": lambda: e.run_layers(h, pos, 0, 1),
+    }
+    if pair.deep:
+        out["fuse"] = lambda: pair._fuse(h, pos)
+    out["head_layer"] = lambda: pair._head_layer(x, pos, pos, e.mask(pos))
+    out["head_tail"] = lambda: pair.vocab_map.index_select(
+        0, torch.nn.functional.linear(_rms(x, pair.norm, e.eps), pair.lm_rows).float()[0].argmax(-1, keepdim=True))
+    out[f"lm_rows_{pair.lm_rows.shape[0]}"] = lambda: torch.nn.functional.linear(state, pair.lm_rows)
+    for n in (16384, full_lm.shape[0]):
+        if n != pair.lm_rows.shape[0] and n <= full_lm.shape[0]:
+            out[f"lm_rows_{n}"] = (lambda w: lambda: torch.nn.functional.linear(state, w))(full_lm[:n].contiguous())
     out["head_step"] = lambda: head_step(hk, pos)
+    out["draft"] = lambda: pair.vocab_map.index_select(
+        0, pair._head(pair._shallow(tok, pos), pos, write=True).argmax(-1, keepdim=True))
+    out[f"round_{gamma}"] = lambda: pair._round(tok, pos, gamma)
     out["target_step"] = lambda: target_step(tok, pos)
-    if fused:
+    if fused:  # last: the whole target step's compilation is the slowest part of a run
         def whole(fn):
             return torch.compile(fn, fullgraph=True, dynamic=False, backend=fused)
         fused_head, fused_round, fused_target = whole(head_step), whole(pair._round), whole(target_step)
         out["head_step_fused"] = lambda: fused_head(hk, pos)
         out[f"round_{gamma}_fused"] = lambda: fused_round(tok, pos, gamma)
         out["target_step_fused"] = lambda: fused_target(tok, pos)
-    for n in (16384, full_lm.shape[0]):
-        if n != pair.lm_rows.shape[0] and n <= full_lm.shape[0]:
-            out[f"lm_rows_{n}"] = (lambda w: lambda: torch.nn.functional.linear(state, w))(full_lm[:n].contiguous())
     return out
 
 
@@ -175,29 +174,28 @@ def main(argv=None) -> dict:
     engine = target_engine(model, args.max_len, compile=args.compile)
     _, drafter = self_spec_pair(engine, head, compile=args.compile)
     pair = drafter.pair
-    us = {}
+    k, full = head.exit_layer, model.lm_head.weight.shape[0]
+    us: dict[str, float] = {}
+    result = {"command": " ".join(sys.argv), "machine": versions(), "target": args.target,
+              "exit_layer": k, "context": head.context, "vocab": int(pair.lm_rows.shape[0]),
+              "layers": engine.num_layers, "gamma": args.gamma, "max_len": args.max_len, "position": args.position,
+              "repeats": args.repeats, "replays": args.replays, "graphs": device.type == "cuda", "us": us}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         fused = ("inductor" if args.compile else "eager") if args.fused else None
         for name, fn in parts(pair, args.position, args.gamma, fused).items():
             t0 = time.perf_counter()
-            us[name] = time_part(fn, device, args.repeats, args.replays)
-            if name.startswith("round_"):
-                us[name] /= args.gamma  # per draft
+            per_copy = time_part(fn, device, args.repeats, args.replays)
+            us[name] = round(per_copy / args.gamma if name.startswith("round_") else per_copy, 2)  # a round: per draft
             print(f"  {name}: {us[name]:.2f} us ({time.perf_counter() - t0:.0f} s with its warm-up)", flush=True)
+            out.write_text(json.dumps(result, indent=2) + "\n")  # after every part: a timeout keeps what ran
     step = us["target_step"]
-    k = head.exit_layer
     parts_sum = us["embed"] + k * us["block"] + us.get("fuse", 0.0) + us["head_layer"] + us["head_tail"]
-    result = {"command": " ".join(sys.argv), "machine": versions(), "target": args.target,
-              "exit_layer": k, "context": head.context, "vocab": int(pair.lm_rows.shape[0]),
-              "layers": engine.num_layers, "gamma": args.gamma, "max_len": args.max_len, "position": args.position,
-              "repeats": args.repeats, "replays": args.replays, "graphs": device.type == "cuda",
-              "us": {n: round(v, 2) for n, v in us.items()},
-              "of_target_step": {n: round(v / step, 4) for n, v in us.items()},
-              "draft_parts_sum_us": round(parts_sum, 2),
-              "target_per_block_us": round((step - us[f"lm_rows_{model.lm_head.weight.shape[0]}"]) / engine.num_layers, 2)
-              if f"lm_rows_{model.lm_head.weight.shape[0]}" in us else None}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    result.update({"of_target_step": {n: round(v / step, 4) for n, v in us.items()},
+                   "draft_parts_sum_us": round(parts_sum, 2),
+                   "target_per_block_us": round((step - us[f"lm_rows_{full}"]) / engine.num_layers, 2)})
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.target}: k {k}, {head.context} context, vocab {result['vocab']}, {engine.num_layers} blocks, "
           f"{'graphs' if result['graphs'] else 'eager, wall clock'}")
     for n, v in us.items():

@@ -32,7 +32,8 @@
 #          time of a draft call and a verify pass (HEAD=k3 another head, GAMMA=, NAME=)
 #   draft-cost  where a draft's time goes (bench/self_spec_draft_cost.py): each part of a draft step as its own
 #          CUDA graph against a target step, on random weights of the 1.5B's shape (no staging: the first call may
-#          carry .whl alone), heads after blocks 1 and 0 (EXITS="1 0"), and the parts compiled whole (--fused)
+#          carry .whl alone), a head after block 1 (EXITS="1 0": also one after block 0, in a call of its own
+#          time: each process compiles the fused parts again), and the parts compiled whole (--fused)
 # Results go to /tmp/results and back as files in $OUT after every phase.
 set -uo pipefail
 # TREE: trees, space-separated (JSON without spaces); set -f: brackets are not globs here
@@ -146,8 +147,8 @@ for p in t.get('learning_curve', []):  # held-out and training agreement as the 
       --device cuda --compile --out $R/${NAME:-profile}.json 2>&1 | quiet | tail -6;;
   draft-cost)
     bash bench/device/gpu_setup.sh install 2>&1 | tail -1
-    for k in ${EXITS:-1 0}; do
-      timeout ${T:-280} python3 bench/self_spec_draft_cost.py --target random:qwen2.5-coder-1.5b --exit-layer $k \
+    for k in ${EXITS:-1}; do
+      timeout ${T:-450} python3 bench/self_spec_draft_cost.py --target random:qwen2.5-coder-1.5b --exit-layer $k \
         --gamma ${GAMMA:-3} --device cuda --compile --fused --out $R/draft-cost-random-k$k.json 2>&1 | quiet | tail -18
     done;;
   *) echo "usage: self_spec_window.sh smoke|prep|w4|bench|long|deep-train|deep|five-train|five-build|five|five-more|generations|teacher|profile|draft-cost" >&2; exit 2;;
