@@ -54,3 +54,19 @@ def test_a_position_past_the_cache_is_refused_before_loading(tmp_path):
     with pytest.raises(SystemExit, match="--position 70"):
         self_spec_draft_cost.main(["--target", "random:tiny", "--max-len", "64", "--position", "70",
                                    "--out", str(tmp_path / "c.json")])
+
+
+def test_an_exported_head_on_its_target(tmp_path):
+    from compress.draft.selfspec.head import eos_ids, trimmed_vocabulary
+    from compress.models import load_model
+    from tests.test_selfspec import _export, _head
+    from tests.tiny import tiny_model_dir
+    mdir = tiny_model_dir(tmp_path / "tiny", "llama")
+    target = load_model(mdir).model
+    vocab = trimmed_vocabulary([list(range(32, 127))], 64, vocab_size=264, always=eos_ids(target))
+    out = _export(mdir, target, _head(target, 2, vocab, "deep"), tmp_path / "drafter", "k2", 2)
+    res = self_spec_draft_cost.main(["--target", str(mdir), "--self-spec", str(out), "--device", "cpu",
+                                     "--dtype", "float32", "--max-len", "64", "--position", "20", "--repeats", "1",
+                                     "--replays", "1", "--out", str(tmp_path / "c.json")])
+    assert res["exit_layer"] == 2 and res["context"] == "deep" and res["vocab"] == vocab.numel() < 264
+    assert "fuse" in res["us"] and res["draft_parts_sum_us"] > 0
