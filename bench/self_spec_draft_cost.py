@@ -110,8 +110,7 @@ def parts(pair, position: int, gamma: int, fused: str | None = None) -> dict:
     state = _rms(x, pair.norm, e.eps)
     full_lm = e.lm_head.weight
     scratch = torch.zeros(1, device=dev)
-    def head_step(hk, p):
-        return pair.vocab_map.index_select(0, pair._head(hk, p, write=True).argmax(-1, keepdim=True))
+    head_step = pair._head_token_eager  # the head, argmax and id map of one draft (what fuse_head compiles)
 
     def target_step(t, p):
         return e.lm_head(e.norm(e.run_layers(e.embed(t), p, 0, e.num_layers))).argmax(-1)
@@ -131,8 +130,7 @@ def parts(pair, position: int, gamma: int, fused: str | None = None) -> dict:
         if n != pair.lm_rows.shape[0] and n <= full_lm.shape[0]:
             out[f"lm_rows_{n}"] = (lambda w: lambda: torch.nn.functional.linear(state, w))(full_lm[:n].contiguous())
     out["head_step"] = lambda: head_step(hk, pos)
-    out["draft"] = lambda: pair.vocab_map.index_select(
-        0, pair._head(pair._shallow(tok, pos), pos, write=True).argmax(-1, keepdim=True))
+    out["draft"] = lambda: head_step(pair._shallow(tok, pos), pos)
     out[f"round_{gamma}"] = lambda: pair._round(tok, pos, gamma)
     out["target_step"] = lambda: target_step(tok, pos)
     if fused:  # last: the whole target step's compilation is the slowest part of a run
