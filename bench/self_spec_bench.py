@@ -101,7 +101,9 @@ def main(argv=None) -> int:
                     help="also the default head over the target's whole vocabulary (the same trained head)")
     ap.add_argument("--fuse-head", action="store_true",
                     help="also the default head with its rounds' head step compiled as one program (SelfSpecPair's "
-                         "fuse_head; needs --compile): a row beside the plain one, the same weights")
+                         "fuse_head, the library's default under compile on a GPU; needs --compile): a row beside "
+                         "the plain one, the same weights. The plain rows keep the unfused step, as every window "
+                         "before h100-selfspec-five-h ran it")
     ap.add_argument("--prompts", nargs="+", required=True)
     ap.add_argument("--max-prompts", type=int, default=None)
     ap.add_argument("--gamma", type=int, default=4)

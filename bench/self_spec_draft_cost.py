@@ -170,7 +170,7 @@ def main(argv=None) -> dict:
     device = resolve_device(args.device)
     model, head = _model_and_head(args, device)
     engine = target_engine(model, args.max_len, compile=args.compile)
-    _, drafter = self_spec_pair(engine, head, compile=args.compile)
+    _, drafter = self_spec_pair(engine, head, compile=args.compile, fuse_head=False)  # round_G: the unfused head
     pair = drafter.pair
     k, full = head.exit_layer, model.lm_head.weight.shape[0]
     us: dict[str, float] = {}

@@ -193,11 +193,16 @@ def test_a_fused_head_step_drafts_what_the_unfused_one_does(k, context):
     assert runs[1].tokens.tolist() == run_target(target, prompt, NEW).tokens.tolist()
 
 
-def test_a_fused_head_step_needs_compile():
+def test_a_fused_head_step_needs_compile_and_is_the_default_only_for_graphed_rounds():
     from compress.draft.decoders import self_spec_pair
     model = _target("llama")
+    head = _head(model, 1, None, "shallow")
     with pytest.raises(CompressError, match="fuse_head.*needs compile"):
-        self_spec_pair(BlockEngine(model, 64, fuse=False), _head(model, 1, None, "shallow"), fuse_head=True)
+        self_spec_pair(BlockEngine(model, 64, fuse=False), head, fuse_head=True)
+    # unset: on only where the round is a CUDA graph (compile on a GPU); a CPU pair keeps the eager step
+    for compile in (False, "aot_eager"):
+        _, drafter = self_spec_pair(BlockEngine(model, 64, fuse=False), head, compile=compile)
+        assert drafter.pair.fuse_head is False
 
 
 def test_self_drafter_sampling_is_exact_on_the_first_token():
