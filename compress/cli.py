@@ -331,7 +331,7 @@ def _draft_bench(args) -> dict:
         target, drafter = self_spec_pair(engine, head, compile=compile, tree=tree)
         teacher = HeadAsModel(t.model, head)
         info["self_spec"] = {"head": args.head or manifest["default"], "exit_layer": head.exit_layer,
-                             "vocab_size": head.vocab_size,
+                             "vocab_size": head.vocab_size, "fused_head": drafter.pair.fuse_head,
                              "tree": None if tree is None else [list(c) for c in tree.choices]}
     else:
         d = load_model(args.drafter, dtype=args.dtype, device=device)

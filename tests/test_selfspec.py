@@ -302,6 +302,7 @@ def test_cli_draft_bench_with_a_self_spec_drafter(tmp_path, text_file, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["gamma"] == 3 and len(res["speculative"]["drafted"]) == 3  # the export's draft length
     assert res["self_spec"]["exit_layer"] == 2 and res["identical"] and res["identical_prompts"] == 2
+    assert res["self_spec"]["fused_head"] is False  # on the CPU the head step stays eager
     assert res["decoders"] == {"target": "_Verifier", "drafter": "_Drafter"}
     assert set(res["time_split"]) == {"draft", "verify", "prefill", "bookkeeping"}
     assert 0 <= res["alpha"] <= 1 and res["c"] > 0
