@@ -25,7 +25,8 @@
 #          UNTRIMMED= the untrimmed head's, OLDSELF= the old self-drafter's; ALSO_GAMMA=3 adds the default
 #          head at that draft length; REPEATS=3 times every prompt 3 times a row and keeps the median run;
 #          HEADS=k0,k1 only those heads; ALSO_GAMMA is for the export's default head if listed, else the first;
-#          FUSE=1 adds that head with its head step compiled whole, SelfSpecPair's fuse_head)
+#          FUSE=1 adds that head with its head step compiled whole, SelfSpecPair's fuse_head: the library's
+#          default under compile on a GPU; the plain rows keep the unfused step)
 #   five-more  after five: k1 drafting trees of depth 2 and 3, and the k1 / k2 rows again with k1 at γ = 3
 #   teacher  exit-head training with the target run every step against the teacher cache (STEPS=200)
 #   profile  the deep export's rounds under torch.profiler (bench/self_spec_profile.py): kernels and device
