@@ -122,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     db.add_argument("--max-new-tokens", type=int, default=128, help="tokens generated per prompt")
     db.add_argument("--max-prompts", type=int, default=None, help="use at most N prompts (default: all)")
     db.add_argument("--int4-drafter", action="store_true", help="run a gptq drafter's 4-bit linears on the int4 kernel")
-    db.add_argument("--compile", action="store_true", help="compiled decode steps (CUDA graphs on GPU)")
+    db.add_argument("--compile", action="store_true",
+                    help="compiled decode steps (CUDA graphs on GPU; a self-spec head step compiled as one program there)")
     db.add_argument("--hf-baseline", action="store_true", help="also time generate(cache_implementation='static')")
     db.add_argument("--confidence-threshold", type=float, default=None,
                     help="stop a round's drafting when the drafter's top-1 probability (through the calibrator a "
