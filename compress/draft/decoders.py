@@ -60,10 +60,10 @@ def self_spec_pair(engine: BlockEngine, head, *, compile: bool | str = False, tr
     target step per draft on an H100, bench/results/draft/h100-selfspec-five-h/; off elsewhere)."""
     if fuse_head and compile is False:
         raise CompressError("fuse_head compiles the head step: it needs compile (True or a backend name)")
+    graphs = compile is not False and engine.device.type == "cuda"
     if fuse_head is None:
-        fuse_head = compile is not False and engine.device.type == "cuda"
-    pair = SelfSpecPair(engine, head, graphs=compile is not False and engine.device.type == "cuda", tree=tree,
-                        fuse_head=compile if fuse_head else False)
+        fuse_head = graphs
+    pair = SelfSpecPair(engine, head, graphs=graphs, tree=tree, fuse_head=compile if fuse_head else False)
     return pair.target, pair.drafter
 
 
